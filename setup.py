@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="trilemma_moe",
+    version="0.1.0",
+    description=("Dynamic expert clustering with structured compression for MoE training "
+                 "(arXiv 2510.02345) as a DeepSpeed / Megatron-core plugin"),
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["trilemma_moe", "trilemma_moe.*"]),
+    # A range, not a pin: cluster users keep the CUDA build of torch they already have.
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "tensorboard"],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.14"],
+        "megatron": ["megatron-core>=0.9"],
+        "plots": ["matplotlib"],
+        "test": ["pytest", "pytest-timeout", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["trilemma-moe=trilemma_moe.cli:main"]},
+)

@@ -1,0 +1,178 @@
+"""Every knob of the method in one validated dataclass.
+
+Defaults follow the paper (arXiv 2510.02345, section 3) where it gives one; where it is silent
+the default is ours and says so.  Load from YAML (``from_yaml``), from a plain dict
+(``from_dict``), or from the ``"trilemma_moe"`` section of a DeepSpeed JSON config
+(``from_deepspeed_config``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+DEEPSPEED_SECTION = "trilemma_moe"
+
+_COMBINE = ("product",)
+
+
+@dataclass
+class TrilemmaMoEConfig:
+    # --- structure -------------------------------------------------------------------------
+    num_experts: int = 32          # E
+    num_groups: int = 8            # G; K = E / G experts per group
+    rank: int = 16                 # r, rank of each expert's residual factors
+    top_k: int = 2                 # k, experts per token inside the chosen group
+    group_top_k: int = 1           # g1, groups per token
+    # --- online dual-similarity clustering (3.1) -------------------------------------------
+    alpha: float = 0.7             # weight of S_param in S = a*S_param + (1-a)*S_task
+    beta: float = 0.05             # EMA rate of activation centroids (Eq. 5)
+    tau: Optional[float] = None    # neighbour pruning: drop pairs with S < tau (paper: 0.1); None = off
+    neighbor_top_n: Optional[int] = None  # keep only each expert's top-n neighbours (paper: 32); None = off
+    delta: float = 0.01            # skip a regroup whose mean intra-group similarity gain < delta
+    recluster_interval: Optional[int] = None  # T; None -> 100 when E <= 256, else 200 (Eq. 11)
+    burn_in: int = 200             # T0: steps with full experts before the first clustering
+    dynamic_regroup: bool = True   # False = cluster once after burn-in, never again (static baseline)
+    sim_cache_lifetime: int = 500  # m: S_param cache lifetime in steps (ours; paper gives no value)
+    sim_cache_eps: float = 0.02    # epsilon: recompute S_param rows whose relative weight change > eps (ours)
+    kmeans_iters: int = 30         # Lloyd-style refinement rounds after k-means++ seeding (ours)
+    # --- compression (3.2) ----------------------------------------------------------------
+    gamma: Optional[float] = 0.05  # residual gate: zero residuals with |dW| <= gamma*|W_base| (see docs); None = off
+    # --- routing (3.3) and training protocol (3.5) -----------------------------------------
+    router_temperature_start: float = 1.0
+    router_temperature_end: float = 0.7
+    router_temperature_steps: int = 1000   # linear decay horizon (ours; paper gives the end points)
+    router_freeze_steps: int = 1   # router gets no gradient for this many steps after a regroup
+    aux_loss_coef: float = 0.01    # Switch-style load-balancing loss at group and expert level
+    z_loss_coef: float = 0.001     # router z-loss (ST-MoE)
+    combine: str = "product"       # combine weight of expert i: p_g * p_i (both softmaxes, no renorm)
+    grad_clip: float = 1.0         # gradient-norm clip used by our trainer / DeepSpeed "gradient_clipping"
+    gradient_accumulation_steps: int = 1  # forwards per optimizer step (regroups happen on step boundaries)
+    seed: int = 1234               # expert init, k-means++ and cache sketches derive from it
+
+    def __post_init__(self) -> None:
+        self._check_int("num_experts", 1)
+        self._check_int("num_groups", 1)
+        self._check_int("rank", 1)
+        self._check_int("top_k", 1)
+        self._check_int("group_top_k", 1)
+        self._check_int("burn_in", 0)
+        self._check_int("sim_cache_lifetime", 1)
+        self._check_int("kmeans_iters", 0)
+        self._check_int("router_temperature_steps", 0)
+        self._check_int("router_freeze_steps", 0)
+        self._check_int("gradient_accumulation_steps", 1)
+        self._check_int("seed", 0)
+        E, G = self.num_experts, self.num_groups
+        if G > E:
+            raise ValueError(f"num_groups ({G}) must not exceed num_experts ({E})")
+        if E % G != 0:
+            raise ValueError(f"num_experts ({E}) must be divisible by num_groups ({G}): "
+                             f"groups hold exactly K = E/G experts")
+        K = E // G
+        if self.top_k > K:
+            raise ValueError(f"top_k ({self.top_k}) must be <= experts per group K = num_experts/num_groups = {K}")
+        if self.group_top_k > G:
+            raise ValueError(f"group_top_k ({self.group_top_k}) must be <= num_groups ({G})")
+        for name in ("alpha",):
+            self._check_range(name, 0.0, 1.0)
+        self._check_range("beta", 0.0, 1.0, low_open=True)
+        if self.tau is not None:
+            self._check_range("tau", -1.0, 1.0)
+        if self.neighbor_top_n is not None:
+            self._check_int("neighbor_top_n", 1)
+        self._check_range("delta", 0.0, float("inf"))
+        self._check_range("sim_cache_eps", 0.0, float("inf"))
+        if self.gamma is not None:
+            self._check_range("gamma", 0.0, float("inf"))
+        for name in ("router_temperature_start", "router_temperature_end"):
+            self._check_range(name, 0.0, float("inf"), low_open=True)
+        self._check_range("aux_loss_coef", 0.0, float("inf"))
+        self._check_range("z_loss_coef", 0.0, float("inf"))
+        self._check_range("grad_clip", 0.0, float("inf"))
+        if self.combine not in _COMBINE:
+            raise ValueError(f"combine must be one of {_COMBINE}, got {self.combine!r}")
+        if self.recluster_interval is None:
+            self.recluster_interval = 100 if E <= 256 else 200
+        self._check_int("recluster_interval", 1)
+
+    # --- validation helpers ---------------------------------------------------------------
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+    def _check_range(self, name: str, low: float, high: float, low_open: bool = False) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if value < low or value > high or (low_open and value == low):
+            bracket = "(" if low_open else "["
+            raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.num_groups
+
+    def check_dims(self, d_in: int, d_out: int) -> None:
+        """Rank must fit inside every expert matrix (d_model x d_ff and back)."""
+        if self.rank > min(d_in, d_out):
+            raise ValueError(f"rank ({self.rank}) must be <= min(d_in, d_out) = {min(d_in, d_out)} "
+                             f"of the expert matrices ({d_in} x {d_out})")
+
+    def temperature(self, step: int) -> float:
+        """Router temperature at an optimizer step: linear from start to end, then flat."""
+        if self.router_temperature_steps == 0 or step >= self.router_temperature_steps:
+            return self.router_temperature_end
+        frac = step / self.router_temperature_steps
+        return self.router_temperature_start + frac * (self.router_temperature_end - self.router_temperature_start)
+
+    # --- loading ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> "TrilemmaMoEConfig":
+        merged = dict(values or {})
+        merged.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown trilemma_moe config key(s): {', '.join(unknown)}; "
+                             f"known keys: {', '.join(sorted(known))}")
+        return cls(**merged)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, os.PathLike], **overrides: Any) -> "TrilemmaMoEConfig":
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of trilemma_moe knobs, got {type(data).__name__}")
+        if DEEPSPEED_SECTION in data and isinstance(data[DEEPSPEED_SECTION], dict):
+            data = data[DEEPSPEED_SECTION]
+        return cls.from_dict(data, **overrides)
+
+    @classmethod
+    def from_deepspeed_config(cls, config: Union[str, os.PathLike, Mapping[str, Any]],
+                              **overrides: Any) -> "TrilemmaMoEConfig":
+        """Read the ``"trilemma_moe"`` section of a DeepSpeed config (path or dict).
+
+        ``gradient_accumulation_steps`` and ``gradient_clipping`` are taken from the DeepSpeed
+        config itself unless the section sets them, so regroups land on optimizer-step boundaries.
+        """
+        if not isinstance(config, Mapping):
+            with open(config) as f:
+                config = json.load(f)
+        section = dict(config.get(DEEPSPEED_SECTION) or {})
+        if "gradient_accumulation_steps" not in section and "gradient_accumulation_steps" in config:
+            section["gradient_accumulation_steps"] = int(config["gradient_accumulation_steps"])
+        if "grad_clip" not in section and "gradient_clipping" in config:
+            section["grad_clip"] = float(config["gradient_clipping"])
+        return cls.from_dict(section, **overrides)
