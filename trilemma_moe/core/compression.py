@@ -1,0 +1,70 @@
+"""Shared base + rank-r residual factors per group (paper section 3.2, Eqs. 6-8).
+
+Weight matrices are stored ``(d_in, d_out)`` so an expert applies ``x @ W``; the residual of
+expert i is ``A_i @ B_i.T`` with ``A_i: (d_in, r)`` and ``B_i: (d_out, r)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class GroupDecomposition:
+    base: torch.Tensor          # (..., d_in, d_out): mean of the group's experts (Eq. 6)
+    a: torch.Tensor             # (..., K, d_in, r)
+    b: torch.Tensor             # (..., K, d_out, r)
+    rel_error: torch.Tensor     # (..., K): ||W_i - W~_i||_F / ||W_i||_F after truncation (and gate)
+    gated: torch.Tensor         # (..., K) bool: residual zeroed by the gamma gate
+
+
+def decompose_groups(weights: torch.Tensor, rank: int, gamma: Optional[float] = None) -> GroupDecomposition:
+    """Decompose ``weights`` of shape ``(..., K, d_in, d_out)`` group-wise.
+
+    base = mean over K (Eq. 6); residual factors from the truncated SVD of ``W_i - base``
+    (Eq. 7), which is the Frobenius-optimal rank-r residual (Eckart-Young). The singular values
+    are split evenly, ``A = U sqrt(S)``, ``B = V sqrt(S)``, so both factors start at the same
+    scale and receive comparable gradients.
+
+    gamma gate: an expert whose residual is negligible, ``||W_i - base|| <= gamma * ||base||``,
+    gets an exactly-zero residual. Only ``A`` is zeroed: with ``B`` kept, ``dL/dA = G B`` is
+    non-zero, so the residual can grow back in training (zeroing both would be a saddle).
+    We gate on the relative norm, not on the cosine to the base named in the paper: residuals
+    of independently initialised experts are nearly orthogonal to the base, so the literal
+    cosine criterion would zero all of them.
+    """
+    if weights.dim() < 3:
+        raise ValueError(f"weights must be (..., K, d_in, d_out), got shape {tuple(weights.shape)}")
+    d_in, d_out = weights.shape[-2:]
+    if rank > min(d_in, d_out):
+        raise ValueError(f"rank ({rank}) must be <= min(d_in, d_out) = {min(d_in, d_out)}")
+    base = weights.mean(dim=-3)
+    residual = weights - base.unsqueeze(-3)
+    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = s[..., :rank].sqrt()
+    a = u[..., :, :rank] * root.unsqueeze(-2)
+    b = vh[..., :rank, :].transpose(-1, -2) * root.unsqueeze(-2)
+    if gamma is not None:
+        res_norm = residual.flatten(-2).norm(dim=-1)
+        base_norm = base.flatten(-2).norm(dim=-1).unsqueeze(-1)
+        gated = res_norm <= gamma * base_norm
+        a = a * (~gated).to(a.dtype)[..., None, None]
+    else:
+        gated = torch.zeros(weights.shape[:-2], dtype=torch.bool, device=weights.device)
+    approx = base.unsqueeze(-3) + a @ b.transpose(-1, -2)
+    w_norm = weights.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(weights.dtype).tiny)
+    rel_error = (weights - approx).flatten(-2).norm(dim=-1) / w_norm
+    return GroupDecomposition(base=base, a=a, b=b, rel_error=rel_error, gated=gated)
+
+
+def reconstruct(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Effective expert weights ``base + A B^T``: base ``(..., d_in, d_out)``, factors ``(..., K, d, r)``."""
+    return base.unsqueeze(-3) + a @ b.transpose(-1, -2)
+
+
+def compression_ratio(experts_per_group: int, d_in: int, d_out: int, rank: int) -> float:
+    """Eq. 8: ``K d_in d_out / (d_in d_out + K r (d_in + d_out))`` (biases ignored)."""
+    k = experts_per_group
+    return k * d_in * d_out / (d_in * d_out + k * rank * (d_in + d_out))

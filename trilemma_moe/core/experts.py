@@ -1,0 +1,257 @@
+"""Clustered experts in fixed-shape slot tensors (paper section 3.2).
+
+Slot ``s = g * K + j`` is position j of group g. Which expert sits in which slot is a table
+kept by the layer; a regroup rewrites slot *contents* (never the module structure), so the
+optimizer keeps the same parameters for the whole run.
+
+Two phases:
+* burn-in: each slot holds a full expert (``w1_full``, ``w2_full`` [, ``w3_full``]);
+* compressed: each group holds a base per matrix, each slot rank-r factors, ``W = base + A B^T``.
+
+Matrices are stored ``(d_in, d_out)`` (``x @ W``). Gated experts (SwiGLU-style) have a gate
+``w1``, an up projection ``w3`` and a down projection ``w2``: ``w2(act(x w1) * (x w3))``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+_ACT_MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu"}
+
+
+@dataclass
+class ExpertSpec:
+    """What one expert FFN looks like."""
+    hidden_size: int
+    ffn_hidden_size: int
+    activation: str = "gelu"
+    gated: bool = False
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        for name in ("hidden_size", "ffn_hidden_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def matrices(self) -> Dict[str, tuple]:
+        d, f = self.hidden_size, self.ffn_hidden_size
+        shapes = {"w1": (d, f), "w2": (f, d)}
+        if self.gated:
+            shapes["w3"] = (d, f)
+        return shapes
+
+    @property
+    def biases(self) -> Dict[str, int]:
+        if not self.bias:
+            return {}
+        d, f = self.hidden_size, self.ffn_hidden_size
+        out = {"b1": f, "b2": d}
+        if self.gated:
+            out["b3"] = f
+        return out
+
+
+_SUPPORTED = ("an nn.Sequential or module whose children are Linear(d, f), an activation "
+              "(GELU/ReLU/SiLU), optional Dropout, Linear(f, d); or a gated FFN with Linear layers "
+              "named w1/w3/w2 or gate_proj/up_proj/down_proj (act(w1 x) * w3 x, then w2)")
+
+
+def spec_from_module(expert: nn.Module, hidden_size: int):
+    """Read an expert FFN module as DeepSpeed users pass it.
+
+    Returns ``(spec, weights)`` where weights maps matrix/bias names to tensors in our
+    ``(d_in, d_out)`` layout. Anything else raises one ValueError saying what is supported.
+    """
+    if not isinstance(expert, nn.Module):
+        raise ValueError(f"expert must be an nn.Module FFN, got {type(expert).__name__}; supported: {_SUPPORTED}")
+    named = dict(expert.named_children())
+    linears = [(n, m) for n, m in named.items() if isinstance(m, nn.Linear)]
+    acts = [m for m in named.values() if type(m) in _ACT_MODULES]
+    others = [m for m in named.values()
+              if not isinstance(m, (nn.Linear, nn.Dropout)) and type(m) not in _ACT_MODULES]
+    gate_names = [("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")]
+    for g, u, dn in gate_names:
+        if all(n in named and isinstance(named[n], nn.Linear) for n in (g, u, dn)) and len(linears) == 3:
+            gate, up, down = named[g], named[u], named[dn]
+            act = getattr(expert, "activation", None) or (acts[0] if acts else nn.SiLU())
+            act_name = _ACT_MODULES.get(type(act))
+            if act_name is None:
+                raise ValueError(f"expert activation {type(act).__name__} is not supported; supported: {_SUPPORTED}")
+            f = gate.out_features
+            _check_linear(gate, hidden_size, f, g)
+            _check_linear(up, hidden_size, f, u)
+            _check_linear(down, f, hidden_size, dn)
+            bias = gate.bias is not None
+            spec = ExpertSpec(hidden_size, f, act_name, gated=True, bias=bias)
+            weights = {"w1": gate.weight.t(), "w3": up.weight.t(), "w2": down.weight.t()}
+            if bias:
+                weights.update(b1=gate.bias, b3=up.bias, b2=down.bias)
+            return spec, weights
+    if len(linears) == 2 and len(acts) == 1 and not others:
+        (n1, l1), (n2, l2) = linears
+        f = l1.out_features
+        _check_linear(l1, hidden_size, f, n1)
+        _check_linear(l2, f, hidden_size, n2)
+        if (l1.bias is None) != (l2.bias is None):
+            raise ValueError("expert Linear layers must both have a bias or both have none")
+        bias = l1.bias is not None
+        spec = ExpertSpec(hidden_size, f, _ACT_MODULES[type(acts[0])], gated=False, bias=bias)
+        weights = {"w1": l1.weight.t(), "w2": l2.weight.t()}
+        if bias:
+            weights.update(b1=l1.bias, b2=l2.bias)
+        return spec, weights
+    raise ValueError(f"unsupported expert module {type(expert).__name__} "
+                     f"(children: {[type(m).__name__ for m in named.values()]}); supported: {_SUPPORTED}")
+
+
+def _check_linear(lin: nn.Linear, d_in: int, d_out: int, name: str) -> None:
+    if lin.in_features != d_in or lin.out_features != d_out:
+        raise ValueError(f"expert layer {name!r} is Linear({lin.in_features}, {lin.out_features}); "
+                         f"expected Linear({d_in}, {d_out}) for hidden_size={d_in}")
+
+
+def expert_generator(seed: int, layer_index: int, expert: int) -> torch.Generator:
+    """Initialisation depends only on (seed, layer, expert index): never on rank or ep_size."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + layer_index * 10_007 + expert * 101 + 17) % (2 ** 63 - 1))
+    return g
+
+
+class ExpertSlots(nn.Module):
+    """Parameters of all E experts of one layer, in slot order."""
+
+    def __init__(self, spec: ExpertSpec, num_groups: int, experts_per_group: int, rank: int,
+                 seed: int, layer_index: int = 0):
+        super().__init__()
+        self.spec, self.G, self.K, self.rank = spec, num_groups, experts_per_group, rank
+        E = num_groups * experts_per_group
+        self.num_experts = E
+        self.full = nn.ParameterDict()
+        self.base = nn.ParameterDict()
+        self.fa = nn.ParameterDict()   # A factors (E, d_in, r)
+        self.fb = nn.ParameterDict()   # B factors (E, d_out, r)
+        self.bias = nn.ParameterDict()
+        for name, (di, do) in spec.matrices.items():
+            self.full[name] = nn.Parameter(torch.empty(E, di, do))
+            self.base[name] = nn.Parameter(torch.zeros(num_groups, di, do))
+            self.fa[name] = nn.Parameter(torch.zeros(E, di, rank))
+            self.fb[name] = nn.Parameter(torch.zeros(E, do, rank))
+        for name, n in spec.biases.items():
+            self.bias[name] = nn.Parameter(torch.empty(E, n))
+        with torch.no_grad():
+            for e in range(E):
+                gen = expert_generator(seed, layer_index, e)
+                for name, (di, do) in spec.matrices.items():
+                    bound = 1.0 / math.sqrt(di)  # nn.Linear's kaiming-uniform bound
+                    self.full[name][e] = (torch.rand(di, do, generator=gen) * 2 - 1) * bound
+                for name, n in spec.biases.items():
+                    fan_in = spec.ffn_hidden_size if name == "b2" else spec.hidden_size
+                    self.bias[name][e] = (torch.rand(n, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+
+    def load_expert_weights(self, per_expert: List[Dict[str, torch.Tensor]]) -> None:
+        """Copy weights of existing experts (expert e -> slot e) in our (d_in, d_out) layout."""
+        with torch.no_grad():
+            for e, w in enumerate(per_expert):
+                for name in self.spec.matrices:
+                    self.full[name][e].copy_(w[name])
+                for name in self.spec.biases:
+                    self.bias[name][e].copy_(w[name])
+
+    def expert_parameters(self, compressed: bool) -> List[nn.Parameter]:
+        mats = list(self.base.values()) + list(self.fa.values()) + list(self.fb.values()) \
+            if compressed else list(self.full.values())
+        return mats + list(self.bias.values())
+
+    @torch.no_grad()
+    def effective_weights(self, compressed: bool, read=lambda p: p.detach()) -> Dict[str, torch.Tensor]:
+        """Each slot's current weights ``(E, d_in, d_out)`` in float32 (base + A B^T when compressed)."""
+        out = {}
+        for name in self.spec.matrices:
+            if compressed:
+                base = read(self.base[name]).float()
+                a = read(self.fa[name]).float().view(self.G, self.K, *self.fa[name].shape[1:])
+                b = read(self.fb[name]).float().view(self.G, self.K, *self.fb[name].shape[1:])
+                out[name] = (base.unsqueeze(1) + a @ b.transpose(-1, -2)).reshape(self.num_experts, *base.shape[1:])
+            else:
+                out[name] = read(self.full[name]).float()
+        return out
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, x_pairs: torch.Tensor, pair_group_counts: List[int], row_pair: torch.Tensor,
+                row_weight: torch.Tensor, slot_counts: List[int], compressed: bool) -> torch.Tensor:
+        """Compute stage. Inputs come from the dispatch stage:
+
+        x_pairs (P, d): one row per (token, chosen group), sorted by group;
+        pair_group_counts: rows per group; row_pair/row_weight (R,): one row per
+        (pair, chosen expert), sorted by slot, with its combine weight; slot_counts: rows per slot.
+        Returns (P, d): sum over the pair's chosen experts of w_i * expert_i(x).
+        """
+        act = ACTIVATIONS[self.spec.activation]
+        P, d = x_pairs.shape
+        bias = self.bias
+        gated = self.spec.gated
+        row_x = x_pairs.index_select(0, row_pair)
+        if compressed:
+            # Base GEMMs once per (token, group): W_base x is shared by the k chosen experts.
+            split_x = x_pairs.split(pair_group_counts)
+            base1 = torch.cat([xg @ self.base["w1"][g] for g, xg in enumerate(split_x)])
+            base3 = torch.cat([xg @ self.base["w3"][g] for g, xg in enumerate(split_x)]) if gated else None
+            row_b1 = base1.index_select(0, row_pair)
+            row_b3 = base3.index_select(0, row_pair) if gated else None
+        h_rows, extra_rows = [], []
+        start = 0
+        for s, n in enumerate(slot_counts):
+            if n == 0:
+                continue
+            sl = slice(start, start + n)
+            start += n
+            xs, w = row_x[sl], row_weight[sl].unsqueeze(-1).to(x_pairs.dtype)
+            if compressed:
+                pre = row_b1[sl] + (xs @ self.fa["w1"][s]) @ self.fb["w1"][s].t()
+                if gated:
+                    up = row_b3[sl] + (xs @ self.fa["w3"][s]) @ self.fb["w3"][s].t()
+            else:
+                pre = xs @ self.full["w1"][s]
+                if gated:
+                    up = xs @ self.full["w3"][s]
+            if "b1" in bias:
+                pre = pre + bias["b1"][s]
+            h = act(pre)
+            if gated:
+                if "b3" in bias:
+                    up = up + bias["b3"][s]
+                h = h * up
+            hw = h * w
+            if compressed:
+                # Low-rank part of the down projection, per expert; the base part is applied
+                # once per pair below: sum_i w_i W_base h_i = W_base sum_i w_i h_i.
+                y = (hw @ self.fa["w2"][s]) @ self.fb["w2"][s].t()
+                h_rows.append(hw)
+            else:
+                y = hw @ self.full["w2"][s]
+            if "b2" in bias:
+                y = y + w * bias["b2"][s]
+            extra_rows.append(y)
+        out = x_pairs.new_zeros(P, d)
+        if not extra_rows:
+            return out
+        out = out.index_add(0, row_pair, torch.cat(extra_rows))
+        if compressed:
+            h_sum = x_pairs.new_zeros(P, self.spec.ffn_hidden_size).index_add(0, row_pair, torch.cat(h_rows))
+            split_h = h_sum.split(pair_group_counts)
+            out = out + torch.cat([hg @ self.base["w2"][g] for g, hg in enumerate(split_h)])
+        return out

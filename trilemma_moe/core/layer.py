@@ -1,0 +1,305 @@
+"""The clustered MoE layer, single process: route -> dispatch -> compute -> combine.
+
+Training protocol (paper 3.5): full experts for ``burn_in`` optimizer steps, then the first
+clustering and decomposition; from then on a regroup every ``recluster_interval`` steps
+(skipped when the intra-group similarity gain is below ``delta``). Regroups run at the start of
+the first forward of an optimizer step, so gradient accumulation never straddles one.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import TrilemmaMoEConfig
+from . import clustering
+from .compression import compression_ratio, decompose_groups
+from .experts import ExpertSlots, ExpertSpec
+from .metrics import coefficient_of_variation
+from .routing import HierarchicalRouter, Routing, aux_losses
+from .state_io import TorchParamIO
+
+
+class ClusteredMoE(nn.Module):
+    """E experts in G groups of K = E/G; shared base + rank-r residuals per group.
+
+    ``forward(x[..., d]) -> (y[..., d], l_aux, exp_counts[E])``; exp_counts counts
+    (token, expert) assignments per expert id (all k choices, not just the first).
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, config: Optional[TrilemmaMoEConfig] = None,
+                 activation: str = "gelu", gated: bool = False, bias: bool = True, layer_index: int = 0,
+                 spec: Optional[ExpertSpec] = None):
+        super().__init__()
+        cfg = config or TrilemmaMoEConfig()
+        if not isinstance(cfg, TrilemmaMoEConfig):
+            raise ValueError(f"config must be a TrilemmaMoEConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        self.spec = spec or ExpertSpec(hidden_size, ffn_hidden_size, activation, gated, bias)
+        for di, do in self.spec.matrices.values():
+            cfg.check_dims(di, do)
+        self.hidden_size = hidden_size
+        E, G, K = cfg.num_experts, cfg.num_groups, cfg.experts_per_group
+        self.num_experts, self.num_groups, self.experts_per_group = E, G, K
+        self.layer_index = layer_index
+        self.experts = ExpertSlots(self.spec, G, K, cfg.rank, cfg.seed, layer_index)
+        gen = torch.Generator().manual_seed(cfg.seed * 31 + layer_index + 7)
+        self.router = HierarchicalRouter(hidden_size, G, K, cfg.group_top_k, cfg.top_k, generator=gen)
+        # Persistent state: the slot table and everything the clustering remembers.
+        self.register_buffer("expert_of_slot", torch.arange(E))
+        self.register_buffer("centroids", torch.zeros(E, hidden_size))
+        self.register_buffer("centroid_seen", torch.zeros(E, dtype=torch.bool))
+        self.register_buffer("counters", torch.zeros(6, dtype=torch.long))  # see _COUNTERS
+        self.sim_cache = clustering.ParamSimilarityCache(cfg.sim_cache_lifetime, cfg.sim_cache_eps, cfg.seed)
+        self.io = TorchParamIO()
+        self._last_counts = torch.zeros(E)
+        self._last_regroup: Dict[str, float] = {}
+
+    _COUNTERS = ("micro_step", "compressed", "reclusters", "skipped", "last_recluster_step", "frozen_until")
+
+    def _c(self, name: str) -> int:
+        return int(self.counters[self._COUNTERS.index(name)])
+
+    def _set_c(self, name: str, value: int) -> None:
+        self.counters[self._COUNTERS.index(name)] = value
+
+    # --- public state --------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps seen (training forwards / gradient_accumulation_steps)."""
+        return self._c("micro_step") // self.config.gradient_accumulation_steps
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self._c("compressed"))
+
+    def slot_of_expert(self) -> torch.Tensor:
+        inv = torch.empty_like(self.expert_of_slot)
+        inv[self.expert_of_slot] = torch.arange(self.num_experts, device=inv.device)
+        return inv
+
+    def group_assignment(self) -> torch.Tensor:
+        """LongTensor[E]: the group of each expert id."""
+        return (self.slot_of_expert() // self.experts_per_group).cpu()
+
+    def attach_optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Let regroups rewrite this optimizer's state (see ``state_io``)."""
+        self.io = TorchParamIO(optimizer)
+
+    def set_param_io(self, io) -> None:
+        self.io = io
+
+    def expert_parameter_count(self) -> int:
+        """Parameters of the expert weights in use (compressed form after the first clustering)."""
+        return sum(p.numel() for p in self.experts.expert_parameters(self.compressed))
+
+    def stats(self) -> Dict[str, float]:
+        counts = self._last_counts.float()
+        group_counts = counts[self.expert_of_slot.cpu()].view(self.num_groups, -1).sum(1)
+        s = {
+            "load_cv": coefficient_of_variation(counts),
+            "group_load_cv": coefficient_of_variation(group_counts),
+            "reclusters": self._c("reclusters"),
+            "skipped_reclusters": self._c("skipped"),
+            "compressed": self.compressed,
+            "step": self.step,
+            "temperature": self.config.temperature(self.step),
+            "compression_ratio": self.measured_compression_ratio(),
+        }
+        s.update(self._last_regroup)
+        return s
+
+    def measured_compression_ratio(self) -> float:
+        """Full expert weights (E * matrices) over the compressed ones in use (bases + factors).
+
+        Counts the tensors actually held, biases excluded as in Eq. 8; 1.0 before the first clustering.
+        """
+        if not self.compressed:
+            return 1.0
+        ex = self.experts
+        full = sum(self.num_experts * di * do for di, do in self.spec.matrices.values())
+        comp = sum(ex.base[n].numel() + ex.fa[n].numel() + ex.fb[n].numel() for n in self.spec.matrices)
+        return full / comp
+
+    def formula_compression_ratio(self) -> float:
+        """Eq. 8 for the first matrix (the paper's single-matrix figure)."""
+        di, do = self.spec.matrices["w1"]
+        return compression_ratio(self.experts_per_group, di, do, self.config.rank)
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states has last dimension {hidden_states.shape[-1]}, "
+                             f"but the layer's hidden_size is {self.hidden_size}")
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        keep = None
+        if used_token is not None:
+            if used_token.numel() != x.shape[0]:
+                raise ValueError(f"used_token has {used_token.numel()} entries for {x.shape[0]} tokens")
+            keep = used_token.reshape(-1).nonzero().squeeze(-1)
+            x = x.index_select(0, keep)
+        if x.shape[0] == 0:
+            zero = hidden_states.new_zeros(()) + 0.0 * sum(p.sum() for p in self.router.parameters())
+            self._last_counts = torch.zeros(self.num_experts)
+            return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
+                                                                     device=hidden_states.device)
+        learning = self.training and torch.is_grad_enabled()
+        if learning:
+            self._maybe_recluster()
+        routing = self.route(x)
+        plan = self.dispatch(routing)
+        y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
+                               plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed)
+        y = self.combine(y_pairs, plan, x.shape[0])
+        l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef).to(y.dtype)
+        exp_counts = self._observe(x, routing, plan, learning)
+        if keep is not None:
+            y = hidden_states.new_zeros(shape[:-1].numel(), self.hidden_size).index_copy(0, keep, y)
+        return y.reshape(shape), l_aux, exp_counts
+
+    def route(self, x: torch.Tensor) -> Routing:
+        frozen = self.training and self.step < self._c("frozen_until")
+        return self.router(x, temperature=self.config.temperature(self.step), frozen=frozen)
+
+    def dispatch(self, r: Routing) -> Dict[str, object]:
+        """Sort (token, group) pairs by group and (pair, expert) rows by slot."""
+        T, g1 = r.group_idx.shape
+        k = r.slot_idx.shape[-1]
+        pair_group = r.group_idx.reshape(-1)
+        pair_order = torch.argsort(pair_group, stable=True)
+        pair_token = pair_order // g1
+        pair_group_counts = torch.bincount(pair_group, minlength=self.num_groups).tolist()
+        # rows: one per (pair, chosen expert), pair index in the sorted pair order
+        row_slot = r.slot_idx.reshape(-1, k)[pair_order].reshape(-1)
+        row_weight = r.weights.reshape(-1, k)[pair_order].reshape(-1)
+        row_pair = torch.arange(T * g1, device=row_slot.device).repeat_interleave(k)
+        row_order = torch.argsort(row_slot, stable=True)
+        slot_counts = torch.bincount(row_slot, minlength=self.num_experts)
+        return {
+            "pair_token": pair_token, "pair_group_counts": pair_group_counts,
+            "row_pair": row_pair[row_order], "row_weight": row_weight[row_order],
+            "row_slot": row_slot[row_order], "slot_counts": slot_counts.tolist(),
+            "slot_counts_tensor": slot_counts,
+        }
+
+    @staticmethod
+    def combine(y_pairs: torch.Tensor, plan, num_tokens: int) -> torch.Tensor:
+        return y_pairs.new_zeros(num_tokens, y_pairs.shape[1]).index_add(0, plan["pair_token"], y_pairs)
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor, r: Routing, plan, learning: bool) -> torch.Tensor:
+        """Per-expert token counts and, in training, the EMA activation centroids (Eq. 5)."""
+        slot_counts = plan["slot_counts_tensor"]
+        counts = torch.zeros_like(slot_counts)
+        counts[self.expert_of_slot] = slot_counts
+        self._last_counts = counts.detach().cpu()
+        if learning:
+            token_of_row = plan["pair_token"][plan["row_pair"]]
+            sums_slot = torch.zeros(self.num_experts, self.hidden_size, device=x.device).index_add_(
+                0, plan["row_slot"], x.detach().float().index_select(0, token_of_row))
+            sums = torch.zeros_like(sums_slot)
+            sums[self.expert_of_slot] = sums_slot
+            c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, sums,
+                                                  counts.to(sums.dtype), self.config.beta)
+            self.centroids.copy_(c)
+            self.centroid_seen.copy_(seen)
+            self._set_c("micro_step", self._c("micro_step") + 1)
+        return counts
+
+    # --- clustering protocol ---------------------------------------------------------------
+    def _maybe_recluster(self) -> None:
+        cfg = self.config
+        if self._c("micro_step") % cfg.gradient_accumulation_steps != 0:
+            return  # only at the first micro-batch of an optimizer step
+        step = self.step
+        if not self.compressed:
+            if step >= cfg.burn_in:
+                self.recluster(force=True)
+        elif cfg.dynamic_regroup and step - self._c("last_recluster_step") >= cfg.recluster_interval:
+            self.recluster(force=False)
+
+    @torch.no_grad()
+    def recluster(self, force: bool = False) -> bool:
+        """Cluster now (first call: compress the full experts). Returns True if a regroup was applied.
+
+        ``force=True`` applies the new grouping even when its similarity gain is below delta.
+        """
+        cfg = self.config
+        G, K, E = self.num_groups, self.experts_per_group, self.num_experts
+        io = self.io
+        was_compressed = self.compressed
+        dev = self.expert_of_slot.device
+        eff = self.experts.effective_weights(was_compressed, read=io.read)   # slot order
+        slot_of_expert = self.slot_of_expert()
+        flat = torch.cat([w[slot_of_expert].reshape(E, -1) for w in eff.values()], dim=1)
+        s_param = self.sim_cache.similarity(flat, self.step)
+        s_task = clustering.task_similarity(self.centroids)
+        sim = clustering.fuse_similarity(s_param, s_task.to(s_param.device), cfg.alpha)
+        sim = clustering.prune_neighbors(sim, cfg.tau, cfg.neighbor_top_n)
+        old_assign = (slot_of_expert // K).cpu()
+        seed = cfg.seed + 7919 * self.layer_index + self._c("reclusters") + self._c("skipped")
+        new_assign = clustering.balanced_kmeans(1.0 - sim.cpu(), G, seed=seed, iters=cfg.kmeans_iters)
+        gain = (clustering.intra_group_similarity(sim.cpu(), new_assign, G)
+                - clustering.intra_group_similarity(sim.cpu(), old_assign, G))
+        self._set_c("last_recluster_step", self.step)
+        if was_compressed and not force and gain < cfg.delta:
+            self._set_c("skipped", self._c("skipped") + 1)
+            self._last_regroup["last_gain"] = float(gain)
+            return False
+        new_assign = clustering.match_group_labels(old_assign, new_assign, G)
+        new_expert_of_slot = self._place(old_assign, new_assign, slot_of_expert.cpu()).to(dev)
+        new_to_old = slot_of_expert[new_expert_of_slot]          # old slot of the expert now in each slot
+        # overlap[g', g] = share of new group g' that came from old group g (rows sum to 1)
+        overlap = torch.zeros(G, G, dtype=torch.float32)
+        overlap.index_put_((new_assign, old_assign), torch.ones(E), accumulate=True)
+        overlap = (overlap / K).to(dev)
+
+        ex = self.experts
+        rel_errors, gated = [], 0
+        for name, w in eff.items():
+            dec = decompose_groups(w[new_to_old].view(G, K, *w.shape[1:]), cfg.rank, cfg.gamma)
+            mix = (lambda key, s: (overlap @ s.reshape(G, -1)).reshape(s.shape)) if was_compressed else None
+            io.write(ex.base[name], dec.base, mix)
+            io.write_fresh(ex.fa[name], dec.a.reshape(E, *dec.a.shape[2:]), new_to_old if was_compressed else None)
+            io.write_fresh(ex.fb[name], dec.b.reshape(E, *dec.b.shape[2:]), new_to_old if was_compressed else None)
+            rel_errors.append(dec.rel_error.reshape(-1))
+            gated += int(dec.gated.sum())
+        for p in ex.bias.values():
+            io.permute_rows(p, new_to_old)
+        self.router.regroup(new_to_old, overlap, io)
+        if not was_compressed:
+            for p in ex.full.values():
+                io.release(p)
+        self.expert_of_slot.copy_(new_expert_of_slot)
+        self._set_c("compressed", 1)
+        self._set_c("reclusters", self._c("reclusters") + 1)
+        self._set_c("frozen_until", self.step + cfg.router_freeze_steps)
+        self._last_regroup = {
+            "last_gain": float(gain),
+            "reconstruction_error": float(torch.cat(rel_errors).mean()),
+            "gated_residuals": gated,
+            "moved_experts": int((new_to_old != torch.arange(E, device=dev)).sum()),
+        }
+        return True
+
+    def _place(self, old_assign: torch.Tensor, new_assign: torch.Tensor, slot_of_expert: torch.Tensor) -> torch.Tensor:
+        """Slot table for the new grouping: an expert that stays in its group keeps its slot."""
+        G, K = self.num_groups, self.experts_per_group
+        expert_of_slot = torch.full((G * K,), -1, dtype=torch.long)
+        for g in range(G):
+            members = (new_assign == g).nonzero().squeeze(-1).tolist()
+            movers = []
+            for e in members:
+                s = int(slot_of_expert[e])
+                if int(old_assign[e]) == g:
+                    expert_of_slot[s] = e
+                else:
+                    movers.append(e)
+            free = [g * K + j for j in range(K) if expert_of_slot[g * K + j] < 0]
+            for s, e in zip(free, movers):
+                expert_of_slot[s] = e
+        assert (expert_of_slot >= 0).all()
+        return expert_of_slot

@@ -1,0 +1,99 @@
+"""Two-stage hierarchical router (paper section 3.3).
+
+Stage 1: ``p_g = softmax(u_g^T x / t)`` over the G groups, keep the top-g1 groups.
+Stage 2: inside each chosen group, ``p_i = softmax(v_i^T x / t)`` over that group's K experts
+only, keep the top-k.
+
+Combine weight of (token, expert i in chosen group g): ``w = p_g * p_i`` with both softmaxes
+un-renormalised. This is differentiable in both u (through p_g) and v (through p_i), so the task
+loss trains the prototypes and the expert vectors; renormalising p_g over the chosen groups
+would cut u off from the task loss when g1 = 1.
+
+Expert vectors ``v`` are stored in slot order (slot = group * K + position) so that the logits of
+a group are a contiguous slice; a regroup permutes ``v`` with the experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    group_idx: torch.Tensor      # (T, g1) chosen groups
+    slot_idx: torch.Tensor       # (T, g1, k) chosen expert slots (global slot ids)
+    weights: torch.Tensor        # (T, g1, k) combine weights p_g * p_i
+    group_probs: torch.Tensor    # (T, G)
+    expert_probs: torch.Tensor   # (T, G, K) softmax over each group's experts
+    group_logits: torch.Tensor   # (T, G) (temperature applied)
+    expert_logits: torch.Tensor  # (T, G, K) (temperature applied)
+
+
+class HierarchicalRouter(nn.Module):
+    def __init__(self, hidden_size: int, num_groups: int, experts_per_group: int,
+                 group_top_k: int, top_k: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.num_groups, self.experts_per_group = num_groups, experts_per_group
+        self.group_top_k, self.top_k = group_top_k, top_k
+        bound = 1.0 / math.sqrt(hidden_size)  # nn.Linear's init scale
+        self.group_proto = nn.Parameter(
+            (torch.rand(num_groups, hidden_size, generator=generator) * 2 - 1) * bound)
+        self.expert_vec = nn.Parameter(
+            (torch.rand(num_groups * experts_per_group, hidden_size, generator=generator) * 2 - 1) * bound)
+
+    def forward(self, x: torch.Tensor, temperature: float = 1.0, frozen: bool = False) -> Routing:
+        u, v = self.group_proto, self.expert_vec
+        if frozen:  # one step without router gradients after a regroup (paper 3.5 (i))
+            u, v = u.detach(), v.detach()
+        G, K = self.num_groups, self.experts_per_group
+        x32 = x.float()
+        group_logits = (x32 @ u.float().t()) / temperature
+        expert_logits = ((x32 @ v.float().t()) / temperature).view(-1, G, K)
+        group_probs = F.softmax(group_logits, dim=-1)
+        expert_probs = F.softmax(expert_logits, dim=-1)
+        top_pg, group_idx = group_probs.topk(self.group_top_k, dim=-1)           # (T, g1)
+        chosen = expert_probs.gather(1, group_idx.unsqueeze(-1).expand(-1, -1, K))  # (T, g1, K)
+        top_pi, pos = chosen.topk(self.top_k, dim=-1)                              # (T, g1, k)
+        slot_idx = group_idx.unsqueeze(-1) * K + pos
+        weights = top_pg.unsqueeze(-1) * top_pi
+        return Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits, expert_logits)
+
+    @torch.no_grad()
+    def regroup(self, new_to_old_slot: torch.Tensor, overlap: torch.Tensor, io) -> None:
+        """Move each v_i with its expert; warm-start u as the convex combination of the old
+        prototypes weighted by where the new group's members came from (paper 3.5 (ii))."""
+        io.permute_rows(self.expert_vec, new_to_old_slot)
+        io.mix_rows(self.group_proto, overlap)
+
+
+def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float) -> torch.Tensor:
+    """Switch-style load balancing at both levels plus an ST-MoE z-loss.
+
+    group:  G * sum_g f_g * P_g, f_g = share of (token, group) choices, P_g = mean p_g.
+    expert: E * sum_i f_i * Q_i, f_i = share of (token, expert) choices,
+            Q_i = mean of the joint probability p_g(i) * p_i (sums to 1 over all experts).
+    Both equal 1 under perfectly uniform routing.
+    """
+    T, G, K = r.expert_probs.shape
+    dev = r.group_probs.device
+    if T == 0:
+        return torch.zeros((), device=dev)
+    loss = torch.zeros((), device=dev)
+    if aux_loss_coef > 0:
+        f_g = torch.bincount(r.group_idx.reshape(-1), minlength=G).float() / r.group_idx.numel()
+        lb_group = G * (f_g * r.group_probs.mean(0)).sum()
+        E = G * K
+        f_e = torch.bincount(r.slot_idx.reshape(-1), minlength=E).float() / r.slot_idx.numel()
+        joint = (r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E).mean(0)
+        lb_expert = E * (f_e * joint).sum()
+        loss = loss + aux_loss_coef * (lb_group + lb_expert)
+    if z_loss_coef > 0:
+        z_group = torch.logsumexp(r.group_logits, dim=-1).pow(2).mean()
+        chosen = r.expert_logits.gather(1, r.group_idx.unsqueeze(-1).expand(-1, -1, K))
+        z_expert = torch.logsumexp(chosen, dim=-1).pow(2).mean()
+        loss = loss + z_loss_coef * (z_group + z_expert)
+    return loss

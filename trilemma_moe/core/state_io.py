@@ -1,0 +1,77 @@
+"""Reading and rewriting parameters *with their optimizer state* during a regroup.
+
+A regroup rewrites slot contents in place (the module structure never changes), so every
+write says what happens to the optimizer moments of that parameter:
+
+* rows that move with an expert (router vectors, biases): moments move with them;
+* bases, whose elements keep their meaning: moments become the same convex combination as the
+  values (a new group's base mixes the old bases its members came from);
+* fresh SVD factors, whose coordinates have no relation to the old ones: first moments are
+  reset to zero and second moments to the mean of the expert's old second moment, which keeps
+  Adam's step size at its pre-regroup scale (zero second moments would make the first step
+  after a regroup ~3x larger than usual: a loss spike).
+
+``TorchParamIO`` handles a plain ``torch.optim`` optimizer (or none). The DeepSpeed integration
+supplies one that goes through ZeRO's fp32 master partitions.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+# Optimizer state keys holding squared-gradient statistics (Adam/AdamW/AMSGrad, DeepSpeed Adam).
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+
+StateRule = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+class TorchParamIO:
+    """Parameters live in ``p.data``; state in ``optimizer.state[p]`` (if an optimizer is attached)."""
+
+    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None):
+        self.optimizer = optimizer
+
+    def read(self, p: torch.Tensor) -> torch.Tensor:
+        return p.detach()
+
+    def _states(self, p):
+        if self.optimizer is None:
+            return {}
+        return self.optimizer.state.get(p, {})
+
+    def write(self, p: torch.Tensor, value: torch.Tensor, rule: Optional[StateRule]) -> None:
+        p.data.copy_(value.to(p.dtype))
+        if rule is None:
+            return
+        st = self._states(p)
+        for key, t in list(st.items()):
+            if torch.is_tensor(t) and t.shape == p.shape:
+                t.copy_(rule(key, t.float()).to(t.dtype))
+
+    def release(self, p: torch.Tensor) -> None:
+        """A parameter no longer used (burn-in full experts): drop its state and storage."""
+        if self.optimizer is not None:
+            self.optimizer.state.pop(p, None)
+        p.requires_grad_(False)
+        p.grad = None
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    # --- the three rules a regroup needs ---------------------------------------------------
+    def permute_rows(self, p: torch.Tensor, new_to_old: torch.Tensor) -> None:
+        self.write(p, self.read(p)[new_to_old], lambda key, s: s[new_to_old])
+
+    def mix_rows(self, p: torch.Tensor, coeff: torch.Tensor) -> None:
+        """Rows become convex combinations ``coeff @ rows`` (coeff rows sum to 1)."""
+        def mix(t):
+            return (coeff.to(t.dtype) @ t.reshape(t.shape[0], -1)).reshape(t.shape)
+        self.write(p, mix(self.read(p).float()), lambda key, s: mix(s))
+
+    def write_fresh(self, p: torch.Tensor, value: torch.Tensor, new_to_old: Optional[torch.Tensor]) -> None:
+        """New factor values; moments: first reset, second set to the old row's mean."""
+        def rule(key, s):
+            if key in SECOND_MOMENT_KEYS and new_to_old is not None:
+                per_row = s.reshape(s.shape[0], -1).mean(dim=1)[new_to_old]
+                return per_row.view(-1, *([1] * (s.dim() - 1))).expand_as(s).clone()
+            return torch.zeros_like(s)
+        self.write(p, value, rule)
