@@ -261,7 +261,7 @@ class ClusteredMoE(nn.Module):
         rel_errors, gated = [], 0
         for name, w in eff.items():
             dec = decompose_groups(w[new_to_old].view(G, K, *w.shape[1:]), cfg.rank, cfg.gamma)
-            mix = (lambda key, s: (overlap @ s.reshape(G, -1)).reshape(s.shape)) if was_compressed else None
+            mix = (lambda key, s: (overlap.to(s.dtype) @ s.reshape(G, -1)).reshape(s.shape)) if was_compressed else None
             io.write(ex.base[name], dec.base, mix)
             io.write_fresh(ex.fa[name], dec.a.reshape(E, *dec.a.shape[2:]), new_to_old if was_compressed else None)
             io.write_fresh(ex.fb[name], dec.b.reshape(E, *dec.b.shape[2:]), new_to_old if was_compressed else None)

@@ -50,17 +50,12 @@ class HierarchicalRouter(nn.Module):
         if frozen:  # one step without router gradients after a regroup (paper 3.5 (i))
             u, v = u.detach(), v.detach()
         G, K = self.num_groups, self.experts_per_group
-        x32 = x.float()
-        group_logits = (x32 @ u.float().t()) / temperature
-        expert_logits = ((x32 @ v.float().t()) / temperature).view(-1, G, K)
-        group_probs = F.softmax(group_logits, dim=-1)
-        expert_probs = F.softmax(expert_logits, dim=-1)
-        top_pg, group_idx = group_probs.topk(self.group_top_k, dim=-1)           # (T, g1)
-        chosen = expert_probs.gather(1, group_idx.unsqueeze(-1).expand(-1, -1, K))  # (T, g1, K)
-        top_pi, pos = chosen.topk(self.top_k, dim=-1)                              # (T, g1, k)
-        slot_idx = group_idx.unsqueeze(-1) * K + pos
-        weights = top_pg.unsqueeze(-1) * top_pi
-        return Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits, expert_logits)
+        # Logits in at least float32 (bf16/fp16 are upcast; a float64 router stays float64).
+        dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
+        xc = x.to(dt)
+        group_logits = (xc @ u.to(dt).t()) / temperature
+        expert_logits = ((xc @ v.to(dt).t()) / temperature).view(-1, G, K)
+        return hierarchical_topk(group_logits, expert_logits, self.group_top_k, self.top_k)
 
     @torch.no_grad()
     def regroup(self, new_to_old_slot: torch.Tensor, overlap: torch.Tensor, io) -> None:
@@ -68,6 +63,21 @@ class HierarchicalRouter(nn.Module):
         prototypes weighted by where the new group's members came from (paper 3.5 (ii))."""
         io.permute_rows(self.expert_vec, new_to_old_slot)
         io.mix_rows(self.group_proto, overlap)
+
+
+def hierarchical_topk(group_logits: torch.Tensor, expert_logits: torch.Tensor, group_top_k: int,
+                      top_k: int) -> Routing:
+    """Top-g1 groups by softmax(group_logits); inside each, top-k experts by the softmax over
+    that group's experts only. group_logits (T, G), expert_logits (T, G, K)."""
+    K = expert_logits.shape[-1]
+    group_probs = F.softmax(group_logits, dim=-1)
+    expert_probs = F.softmax(expert_logits, dim=-1)
+    top_pg, group_idx = group_probs.topk(group_top_k, dim=-1)                    # (T, g1)
+    chosen = expert_probs.gather(1, group_idx.unsqueeze(-1).expand(-1, -1, K))  # (T, g1, K)
+    top_pi, pos = chosen.topk(top_k, dim=-1)                                     # (T, g1, k)
+    slot_idx = group_idx.unsqueeze(-1) * K + pos
+    weights = top_pg.unsqueeze(-1) * top_pi
+    return Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits, expert_logits)
 
 
 def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float) -> torch.Tensor:

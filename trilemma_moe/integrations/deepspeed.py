@@ -1,0 +1,241 @@
+"""DeepSpeed drop-in: ``TrilemmaMoE`` is a ``deepspeed.moe.layer.MoE`` (the engine finds MoE
+layers with isinstance), so ``deepspeed.initialize`` builds expert-aware optimizer groups and
+reduces our expert gradients over DeepSpeed's expert-data-parallel group.
+
+A thin shell: the math lives in ``trilemma_moe.core.layer.ClusteredMoE``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import TrilemmaMoEConfig
+from ..core.experts import spec_from_module
+from ..core.layer import ClusteredMoE
+from ..core.state_io import TorchParamIO
+
+try:
+    from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+    HAVE_DEEPSPEED = True
+except ImportError:  # the layer still works as a plain nn.Module
+    _DeepSpeedMoE = nn.Module
+    HAVE_DEEPSPEED = False
+
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _require_deepspeed(what: str) -> None:
+    if not HAVE_DEEPSPEED:
+        raise ImportError(f"{what} needs DeepSpeed: pip install 'trilemma_moe[deepspeed]'")
+
+
+class DeepSpeedParamIO(TorchParamIO):
+    """Regroup writes that go through ZeRO-1/2 (and the bf16 optimizer's) fp32 master partitions.
+
+    Writing only ``p.data`` would be undone at the next step, when DeepSpeed copies its masters
+    back; the ``safe_*`` helpers address the partitions (they all-reduce over the data-parallel
+    group, so every rank must regroup at the same step: they do, the clustering is deterministic).
+    """
+
+    def read(self, p):
+        from deepspeed.utils import safe_get_full_fp32_param
+        if getattr(p, "_hp_mapping", None) is None:
+            return p.detach()
+        return safe_get_full_fp32_param(p).to(p.device)
+
+    def _state(self, p, key):
+        from deepspeed.utils import safe_get_full_optimizer_state
+        try:
+            return safe_get_full_optimizer_state(p, key)
+        except (TypeError, ValueError, KeyError):  # no optimizer step yet: no state to move
+            return None
+
+    def write(self, p, value, rule):
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        p.data.copy_(value.to(p.dtype))
+        if getattr(p, "_hp_mapping", None) is None:
+            return
+        safe_set_full_fp32_param(p, value.float().to(p.device))
+        if rule is None:
+            return
+        for key in _ADAM_KEYS:
+            old = self._state(p, key)
+            if old is not None:
+                safe_set_full_optimizer_state(p, rule(key, old.float()).to(old.device), key)
+
+    def release(self, p):
+        # ZeRO owns flat buffers over these parameters; they simply stop receiving gradients.
+        # Their storage is kept until the memory work (offload) frees it.
+        pass
+
+
+def _uses_deepspeed_partitions(module: nn.Module) -> bool:
+    return any(getattr(p, "_hp_mapping", None) is not None for p in module.parameters())
+
+
+class TrilemmaMoE(_DeepSpeedMoE):
+    """Drop-in replacement for ``deepspeed.moe.layer.MoE``.
+
+    Accepts MoE's constructor arguments plus ``config=TrilemmaMoEConfig(...)`` (or our knobs as
+    keywords). ``num_experts`` and ``k`` set ``config.num_experts``/``config.top_k``.
+    Routing is dropless: ``capacity_factor``, ``eval_capacity_factor``, ``min_capacity``,
+    ``drop_tokens`` and ``use_rts`` are accepted for signature compatibility and do not apply.
+
+    ``forward(hidden_states, used_token=None) -> (output, l_aux, exp_counts)``; exp_counts has
+    length ``num_experts`` and counts (token, expert) assignments of all k choices.
+    """
+
+    def __init__(self, hidden_size: int, expert: Optional[nn.Module] = None, num_experts: Optional[int] = None,
+                 ep_size: int = 1, k: Optional[int] = None, capacity_factor: float = 1.0,
+                 eval_capacity_factor: float = 1.0, min_capacity: int = 4, use_residual: bool = False,
+                 noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True, use_rts: bool = True,
+                 use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
+                 top2_2nd_expert_sampling: bool = True, *, config: Optional[TrilemmaMoEConfig] = None,
+                 ffn_hidden_size: Optional[int] = None, activation: str = "gelu", gated: bool = False,
+                 bias: bool = True, layer_index: int = 0, **knobs: Any) -> None:
+        nn.Module.__init__(self)  # not MoE.__init__: it would build DeepSpeed's own experts and gate
+        overrides = dict(knobs)
+        if num_experts is not None:
+            overrides["num_experts"] = num_experts
+        if k is not None:
+            overrides["top_k"] = k
+        if config is None:
+            config = TrilemmaMoEConfig.from_dict({}, **overrides)
+        elif overrides:
+            config = TrilemmaMoEConfig.from_dict(config.to_dict(), **overrides)
+        if ep_size != 1:
+            raise ValueError(f"ep_size={ep_size}: expert parallelism (ep_size > 1) is not implemented yet; "
+                             f"use ep_size=1 (experts replicated, gradients reduced over data parallel ranks)")
+        if use_residual:
+            raise ValueError("use_residual=True (Residual MoE) is not supported by TrilemmaMoE")
+        if noisy_gate_policy not in (None, "None"):
+            raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} is not supported by TrilemmaMoE (use None)")
+        if use_tutel or enable_expert_tensor_parallelism:
+            raise ValueError("use_tutel and enable_expert_tensor_parallelism are not supported by TrilemmaMoE")
+        if expert is not None:
+            spec, _ = spec_from_module(expert, hidden_size)
+        else:
+            if ffn_hidden_size is None:
+                raise ValueError("pass an expert FFN module or ffn_hidden_size")
+            spec = None
+        # Experts start distinct (seed, layer, expert index), not as deep copies of `expert`:
+        # identical experts would make every similarity 1.
+        self.moe = ClusteredMoE(hidden_size, ffn_hidden_size or spec.ffn_hidden_size, config,
+                                activation=activation, gated=gated, bias=bias, layer_index=layer_index, spec=spec)
+        self.config = config
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_experts = config.num_experts
+        self.num_local_experts = config.num_experts // ep_size
+        self.ep_group = None
+        for p in self.moe.experts.parameters():
+            # DeepSpeed's tags for expert parameters: reduced over the expert-data-parallel group.
+            p.allreduce = False
+            p.group_name = self.expert_group_name
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the DeepSpeed engine: create (once) and remember the expert process groups."""
+        _require_deepspeed("set_deepspeed_parallelism")
+        from deepspeed.utils import groups
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(self.ep_size,
+                                                    use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+
+    def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        if not isinstance(self.moe.io, DeepSpeedParamIO) and _uses_deepspeed_partitions(self.moe):
+            # Under ZeRO-1/2 or the bf16 optimizer, regroups must write through DeepSpeed.
+            self.moe.set_param_io(DeepSpeedParamIO())
+        return self.moe(hidden_states, used_token)
+
+    # --- delegation -------------------------------------------------------------------------
+    def recluster(self, force: bool = False) -> bool:
+        return self.moe.recluster(force=force)
+
+    def group_assignment(self) -> torch.Tensor:
+        return self.moe.group_assignment()
+
+    def stats(self) -> Dict[str, float]:
+        return self.moe.stats()
+
+    def attach_optimizer(self, optimizer) -> None:
+        self.moe.attach_optimizer(optimizer)
+
+    def expert_parameter_count(self) -> int:
+        return self.moe.expert_parameter_count()
+
+
+def clustered_layers(model: nn.Module) -> List[ClusteredMoE]:
+    return [m for m in model.modules() if isinstance(m, ClusteredMoE)]
+
+
+def attach_engine(engine) -> int:
+    """After ``deepspeed.initialize``: let every clustered layer move optimizer state on regroups.
+
+    ZeRO-1/2 and bf16 go through DeepSpeed's fp32 partitions; ZeRO-0 in fp32 uses the torch
+    optimizer the engine wraps. Returns the number of layers attached.
+    """
+    layers = clustered_layers(engine.module)
+    opt = getattr(engine, "optimizer", None)
+    for layer in layers:
+        if _uses_deepspeed_partitions(layer):
+            layer.set_param_io(DeepSpeedParamIO())
+        else:
+            inner = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", None)
+            layer.attach_optimizer(inner if isinstance(inner, torch.optim.Optimizer) else None)
+    return len(layers)
+
+
+def moe_param_groups(model: nn.Module, weight_decay: float = 0.0, lr: Optional[float] = None) -> List[Dict]:
+    """Optimizer parameter groups as DeepSpeed needs them for MoE: expert parameters (tagged
+    ``allreduce=False``) in their own group per expert-parallel group name."""
+    _require_deepspeed("moe_param_groups")
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    group: Dict[str, Any] = {"params": [p for p in model.parameters() if p.requires_grad],
+                             "name": "parameters", "weight_decay": weight_decay}
+    if lr is not None:
+        group["lr"] = lr
+    return split_params_into_different_moe_groups_for_optimizer(group)
+
+
+def replace_moe_layers(model: nn.Module, config: TrilemmaMoEConfig) -> int:
+    """Swap every ``deepspeed.moe.layer.MoE`` in ``model`` for a TrilemmaMoE; returns the count.
+
+    The DeepSpeed layer's expert weights seed the first clustering. Untrained DeepSpeed layers hold
+    identical deep copies of one expert; those are re-initialised from (seed, layer, expert) instead,
+    with a warning, since identical experts cannot be clustered.
+    """
+    _require_deepspeed("replace_moe_layers")
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, _DeepSpeedMoE) and not isinstance(m, TrilemmaMoE)]
+    for index, (name, old) in enumerate(targets):
+        if not name:
+            raise ValueError("replace_moe_layers: pass the model that contains the MoE layer, not the layer itself")
+        if old.num_experts != config.num_experts:
+            raise ValueError(f"num_experts: layer {name!r} has {old.num_experts} experts, "
+                             f"config.num_experts is {config.num_experts}")
+        if old.ep_size != 1:
+            raise ValueError(f"layer {name!r} has ep_size={old.ep_size}; only ep_size=1 layers can be replaced yet")
+        ds_experts = list(old.deepspeed_moe.experts.deepspeed_experts)
+        gate = old.deepspeed_moe.gate
+        hidden = gate.wg.in_features
+        new = TrilemmaMoE(hidden, expert=ds_experts[0], num_experts=old.num_experts, k=gate.k,
+                          config=config, layer_index=index)
+        weights = [spec_from_module(e, hidden)[1] for e in ds_experts]
+        first = weights[0]
+        identical = all(all(torch.equal(w[n], first[n]) for n in first) for w in weights[1:])
+        if identical:
+            warnings.warn(f"{name}: DeepSpeed experts are identical copies; initialising them from the seed instead")
+        else:
+            new.moe.experts.load_expert_weights(weights)
+        ref = next(old.parameters())
+        new.to(device=ref.device, dtype=ref.dtype)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return len(targets)
