@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 DEEPSPEED_SECTION = "trilemma_moe"
@@ -171,8 +171,10 @@ class TrilemmaMoEConfig:
             with open(config) as f:
                 config = json.load(f)
         section = dict(config.get(DEEPSPEED_SECTION) or {})
-        if "gradient_accumulation_steps" not in section and "gradient_accumulation_steps" in config:
-            section["gradient_accumulation_steps"] = int(config["gradient_accumulation_steps"])
-        if "grad_clip" not in section and "gradient_clipping" in config:
-            section["grad_clip"] = float(config["gradient_clipping"])
+        # "auto" (Hugging Face's convention) leaves our default in place.
+        gas, clip = config.get("gradient_accumulation_steps"), config.get("gradient_clipping")
+        if "gradient_accumulation_steps" not in section and gas not in (None, "auto"):
+            section["gradient_accumulation_steps"] = gas
+        if "grad_clip" not in section and clip not in (None, "auto"):
+            section["grad_clip"] = clip
         return cls.from_dict(section, **overrides)

@@ -178,16 +178,18 @@ class ExpertSlots(nn.Module):
 
     @torch.no_grad()
     def effective_weights(self, compressed: bool, read=lambda p: p.detach()) -> Dict[str, torch.Tensor]:
-        """Each slot's current weights ``(E, d_in, d_out)`` in float32 (base + A B^T when compressed)."""
+        """Each slot's current weights ``(E, d_in, d_out)`` in at least float32 (float64 stays
+        float64), base + A B^T when compressed."""
         out = {}
         for name in self.spec.matrices:
             if compressed:
-                base = read(self.base[name]).float()
-                a = read(self.fa[name]).float().view(self.G, self.K, *self.fa[name].shape[1:])
-                b = read(self.fb[name]).float().view(self.G, self.K, *self.fb[name].shape[1:])
+                dt = torch.promote_types(self.base[name].dtype, torch.float32)
+                base = read(self.base[name]).to(dt)
+                a = read(self.fa[name]).to(dt).view(self.G, self.K, *self.fa[name].shape[1:])
+                b = read(self.fb[name]).to(dt).view(self.G, self.K, *self.fb[name].shape[1:])
                 out[name] = (base.unsqueeze(1) + a @ b.transpose(-1, -2)).reshape(self.num_experts, *base.shape[1:])
             else:
-                out[name] = read(self.full[name]).float()
+                out[name] = read(self.full[name]).to(torch.promote_types(self.full[name].dtype, torch.float32))
         return out
 
     # --- forward -------------------------------------------------------------------------

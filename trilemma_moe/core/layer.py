@@ -141,14 +141,16 @@ class ClusteredMoE(nn.Module):
                 raise ValueError(f"used_token has {used_token.numel()} entries for {x.shape[0]} tokens")
             keep = used_token.reshape(-1).nonzero().squeeze(-1)
             x = x.index_select(0, keep)
+        learning = self.training and torch.is_grad_enabled()
+        if learning:
+            self._maybe_recluster()
         if x.shape[0] == 0:
+            if learning:  # still a training forward: keep the step count (and regroup times) in sync
+                self._set_c("micro_step", self._c("micro_step") + 1)
             zero = hidden_states.new_zeros(()) + 0.0 * sum(p.sum() for p in self.router.parameters())
             self._last_counts = torch.zeros(self.num_experts)
             return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
                                                                      device=hidden_states.device)
-        learning = self.training and torch.is_grad_enabled()
-        if learning:
-            self._maybe_recluster()
         routing = self.route(x)
         plan = self.dispatch(routing)
         y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
@@ -258,15 +260,29 @@ class ClusteredMoE(nn.Module):
         overlap = (overlap / K).to(dev)
 
         ex = self.experts
+        # A group whose slots hold the same experts as before keeps its base and factors: a fresh
+        # decomposition would re-truncate its trained residuals (lossy whenever rank < full).
+        keep = torch.zeros(G, dtype=torch.bool, device=dev)
+        if was_compressed:
+            keep = (new_to_old.view(G, K) == torch.arange(E, device=dev).view(G, K)).all(dim=1)
+        keep_slots = keep.repeat_interleave(K)
         rel_errors, gated = [], 0
         for name, w in eff.items():
             dec = decompose_groups(w[new_to_old].view(G, K, *w.shape[1:]), cfg.rank, cfg.gamma)
+            base_v, a_v, b_v, rel, gate = dec.base, dec.a, dec.b, dec.rel_error, dec.gated
+            if bool(keep.any()):
+                kg = keep.to(base_v.device).view(G, 1)
+                base_v = torch.where(kg[..., None], io.read(ex.base[name]).to(base_v), base_v)
+                a_v = torch.where(kg[..., None, None], io.read(ex.fa[name]).to(a_v).view_as(a_v), a_v)
+                b_v = torch.where(kg[..., None, None], io.read(ex.fb[name]).to(b_v).view_as(b_v), b_v)
+                rel, gate = rel.masked_fill(kg, 0.0), gate & ~kg
             mix = (lambda key, s: (overlap.to(s.dtype) @ s.reshape(G, -1)).reshape(s.shape)) if was_compressed else None
-            io.write(ex.base[name], dec.base, mix)
-            io.write_fresh(ex.fa[name], dec.a.reshape(E, *dec.a.shape[2:]), new_to_old if was_compressed else None)
-            io.write_fresh(ex.fb[name], dec.b.reshape(E, *dec.b.shape[2:]), new_to_old if was_compressed else None)
-            rel_errors.append(dec.rel_error.reshape(-1))
-            gated += int(dec.gated.sum())
+            io.write(ex.base[name], base_v, mix)
+            old_rows = new_to_old if was_compressed else None
+            io.write_fresh(ex.fa[name], a_v.reshape(E, *a_v.shape[2:]), old_rows, keep_slots)
+            io.write_fresh(ex.fb[name], b_v.reshape(E, *b_v.shape[2:]), old_rows, keep_slots)
+            rel_errors.append(rel.reshape(-1))
+            gated += int(gate.sum())
         for p in ex.bias.values():
             io.permute_rows(p, new_to_old)
         self.router.regroup(new_to_old, overlap, io)

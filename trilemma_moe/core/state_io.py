@@ -26,6 +26,11 @@ SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
 StateRule = Callable[[str, torch.Tensor], torch.Tensor]
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of a rewrite: at least float32, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class TorchParamIO:
     """Parameters live in ``p.data``; state in ``optimizer.state[p]`` (if an optimizer is attached)."""
 
@@ -47,7 +52,7 @@ class TorchParamIO:
         st = self._states(p)
         for key, t in list(st.items()):
             if torch.is_tensor(t) and t.shape == p.shape:
-                t.copy_(rule(key, t.float()).to(t.dtype))
+                t.copy_(rule(key, t.to(_work_dtype(t.dtype))).to(t.dtype))
 
     def release(self, p: torch.Tensor) -> None:
         """A parameter no longer used (burn-in full experts): drop its state and storage."""
@@ -65,13 +70,22 @@ class TorchParamIO:
         """Rows become convex combinations ``coeff @ rows`` (coeff rows sum to 1)."""
         def mix(t):
             return (coeff.to(t.dtype) @ t.reshape(t.shape[0], -1)).reshape(t.shape)
-        self.write(p, mix(self.read(p).float()), lambda key, s: mix(s))
+        self.write(p, mix(self.read(p).to(_work_dtype(p.dtype))), lambda key, s: mix(s))
 
-    def write_fresh(self, p: torch.Tensor, value: torch.Tensor, new_to_old: Optional[torch.Tensor]) -> None:
-        """New factor values; moments: first reset, second set to the old row's mean."""
+    def write_fresh(self, p: torch.Tensor, value: torch.Tensor, new_to_old: Optional[torch.Tensor],
+                    keep_rows: Optional[torch.Tensor] = None) -> None:
+        """New factor values; moments: first reset, second set to the old row's mean.
+
+        Rows flagged in ``keep_rows`` (factors of groups the regroup left untouched) keep their
+        moments as they are.
+        """
         def rule(key, s):
             if key in SECOND_MOMENT_KEYS and new_to_old is not None:
                 per_row = s.reshape(s.shape[0], -1).mean(dim=1)[new_to_old]
-                return per_row.view(-1, *([1] * (s.dim() - 1))).expand_as(s).clone()
-            return torch.zeros_like(s)
+                out = per_row.view(-1, *([1] * (s.dim() - 1))).expand_as(s).clone()
+            else:
+                out = torch.zeros_like(s)
+            if keep_rows is not None and new_to_old is not None:
+                out[keep_rows] = s[new_to_old][keep_rows]
+            return out
         self.write(p, value, rule)
