@@ -30,6 +30,12 @@ ACTIVATIONS = {
 _ACT_MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu"}
 
 
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
 @dataclass
 class ExpertSpec:
     """What one expert FFN looks like."""
@@ -40,8 +46,7 @@ class ExpertSpec:
     bias: bool = True
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        activation_fn(self.activation)
         for name in ("hidden_size", "ffn_hidden_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

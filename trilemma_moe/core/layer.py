@@ -22,6 +22,17 @@ from .routing import HierarchicalRouter, Routing, aux_losses
 from .state_io import TorchParamIO
 
 
+class LocalSync:
+    """One process: nothing to agree on. The distributed shells substitute an object with the
+    same two methods over their data-parallel group (core never imports torch.distributed)."""
+
+    def average_(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def from_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
 class ClusteredMoE(nn.Module):
     """E experts in G groups of K = E/G; shared base + rank-r residuals per group.
 
@@ -54,6 +65,7 @@ class ClusteredMoE(nn.Module):
         self.register_buffer("counters", torch.zeros(6, dtype=torch.long))  # see _COUNTERS
         self.sim_cache = clustering.ParamSimilarityCache(cfg.sim_cache_lifetime, cfg.sim_cache_eps, cfg.seed)
         self.io = TorchParamIO()
+        self.sync = LocalSync()
         self._last_counts = torch.zeros(E)
         self._last_regroup: Dict[str, float] = {}
 
@@ -238,6 +250,7 @@ class ClusteredMoE(nn.Module):
         slot_of_expert = self.slot_of_expert()
         flat = torch.cat([w[slot_of_expert].reshape(E, -1) for w in eff.values()], dim=1)
         s_param = self.sim_cache.similarity(flat, self.step)
+        self.sync.average_(self.centroids)  # replicas must cluster on the same statistics
         s_task = clustering.task_similarity(self.centroids)
         sim = clustering.fuse_similarity(s_param, s_task.to(s_param.device), cfg.alpha)
         sim = clustering.prune_neighbors(sim, cfg.tau, cfg.neighbor_top_n)
@@ -246,6 +259,10 @@ class ClusteredMoE(nn.Module):
         new_assign = clustering.balanced_kmeans(1.0 - sim.cpu(), G, seed=seed, iters=cfg.kmeans_iters)
         gain = (clustering.intra_group_similarity(sim.cpu(), new_assign, G)
                 - clustering.intra_group_similarity(sim.cpu(), old_assign, G))
+        # Rank 0's decision is everyone's: replicas apply the same regroup or none.
+        decision = self.sync.from_first(torch.cat([torch.tensor([gain], dtype=torch.float64),
+                                                   new_assign.to(torch.float64)]))
+        gain, new_assign = float(decision[0]), decision[1:].round().long()
         self._set_c("last_recluster_step", self.step)
         if was_compressed and not force and gain < cfg.delta:
             self._set_c("skipped", self._c("skipped") + 1)

@@ -40,23 +40,32 @@ class DeepSpeedParamIO(TorchParamIO):
     group, so every rank must regroup at the same step: they do, the clustering is deterministic).
     """
 
+    # Under ZeRO a parameter outside this rank's partition has ``_hp_mapping = None`` but the
+    # safe_* helpers still join the all-reduce: dispatch on the attribute's presence, never on
+    # its value, or the ranks' collectives go out of step.
     def read(self, p):
         from deepspeed.utils import safe_get_full_fp32_param
-        if getattr(p, "_hp_mapping", None) is None:
+        if not hasattr(p, "_hp_mapping"):
             return p.detach()
         return safe_get_full_fp32_param(p).to(p.device)
 
     def _state(self, p, key):
+        """The full optimizer state, or None on every rank if any rank has none yet."""
+        import torch.distributed as dist
         from deepspeed.utils import safe_get_full_optimizer_state
-        try:
-            return safe_get_full_optimizer_state(p, key)
-        except (TypeError, ValueError, KeyError):  # no optimizer step yet: no state to move
+        mapping = p._hp_mapping
+        have = mapping is None or (mapping.optim_fragment is not None and key in mapping.optim_fragment)
+        flag = torch.tensor([1.0 if have else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=getattr(p, "_dp_group", None))
+        if flag.item() == 0.0:
             return None
+        return safe_get_full_optimizer_state(p, key)
 
     def write(self, p, value, rule):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
         p.data.copy_(value.to(p.dtype))
-        if getattr(p, "_hp_mapping", None) is None:
+        if not hasattr(p, "_hp_mapping"):
             return
         safe_set_full_fp32_param(p, value.float().to(p.device))
         if rule is None:
@@ -72,8 +81,33 @@ class DeepSpeedParamIO(TorchParamIO):
         pass
 
 
+class DataParallelSync:
+    """Keeps replicas of a layer in step: centroids are averaged over the data-parallel group
+    before clustering and rank 0's regroup decision is broadcast (all ranks call at the same step)."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def _active(self) -> bool:
+        import torch.distributed as dist
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
+
+    def average_(self, tensor: torch.Tensor) -> None:
+        if self._active():
+            import torch.distributed as dist
+            dist.all_reduce(tensor, group=self.group)
+            tensor.div_(dist.get_world_size(self.group))
+
+    def from_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._active():
+            import torch.distributed as dist
+            src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            dist.broadcast(tensor, src=src, group=self.group)
+        return tensor
+
+
 def _uses_deepspeed_partitions(module: nn.Module) -> bool:
-    return any(getattr(p, "_hp_mapping", None) is not None for p in module.parameters())
+    return any(hasattr(p, "_hp_mapping") for p in module.parameters())
 
 
 class TrilemmaMoE(_DeepSpeedMoE):
@@ -146,6 +180,8 @@ class TrilemmaMoE(_DeepSpeedMoE):
             groups._create_expert_and_data_parallel(self.ep_size,
                                                     use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+        # With ep_size 1 every rank holds all experts: replicas over the expert-data-parallel group.
+        self.moe.sync = DataParallelSync(groups._get_expert_data_parallel_group(self.expert_group_name))
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         if not isinstance(self.moe.io, DeepSpeedParamIO) and _uses_deepspeed_partitions(self.moe):

@@ -1,0 +1,191 @@
+"""Data pipeline, trainer and CLI (trilemma_moe.data / train / cli)."""
+import glob
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+from trilemma_moe import cli, train
+from trilemma_moe.data import (EOS, UNK, BatchSampler, SyntheticTopicCorpus, eval_batches,
+                               load_wikitext)
+
+WIKITEXT2 = "/work/shared/data/wikitext-2"
+TINY = ["--d-model", "32", "--d-ff", "64", "--layers", "2", "--heads", "2", "--seq-len", "16",
+        "--batch-size", "4", "--num-experts", "4", "--num-groups", "2", "--rank", "4",
+        "--burn-in", "3", "--recluster-interval", "2", "--eval-every", "4", "--eval-batches", "2",
+        "--no-progress", "--threads", "1"]
+REQUIRED = ("final_train_loss", "valid_ppl", "total_params", "expert_params", "tokens_per_s",
+            "load_cv", "reclusters", "ffn", "steps", "data")
+
+
+# --- data ----------------------------------------------------------------------------------
+def test_synthetic_corpus_deterministic_fast_and_structured():
+    t0 = time.perf_counter()
+    a = SyntheticTopicCorpus(seed=0)
+    assert time.perf_counter() - t0 < 3.0
+    b = SyntheticTopicCorpus(seed=0)
+    c = SyntheticTopicCorpus(seed=1)
+    assert a.train.numel() == 400_000 and a.valid.numel() == 40_000
+    assert a.train.dtype == torch.long and a.vocab_size == 512 == len(a.vocab)
+    assert torch.equal(a.train, b.train) and torch.equal(a.valid, b.valid)
+    assert not torch.equal(a.train[:1000], c.train[:1000])
+    assert int(a.train.min()) >= 0 and int(a.train.max()) < 512
+    assert not torch.equal(a.train[:40_000], a.valid)
+    # documents end with <eos>; there is structure beyond unigrams: bigram entropy well below
+    # unigram entropy
+    tr = a.train
+    assert 0 < int((tr == 0).sum()) < tr.numel() // 30
+    uni = torch.bincount(tr, minlength=512).double()
+    pu = uni / uni.sum()
+    h1 = float(-(pu[pu > 0] * pu[pu > 0].log()).sum())
+    pairs = torch.bincount(tr[:-1] * 512 + tr[1:], minlength=512 * 512).double().view(512, 512)
+    cond = pairs / pairs.sum(1, keepdim=True).clamp_min(1)
+    joint = pairs / pairs.sum()
+    m = joint > 0
+    h2 = float(-(joint[m] * cond[m].log()).sum())
+    assert h2 < h1 - 1.0
+
+
+def _write_wikitext(tmp_path, train, valid, test):
+    for name, text in (("wiki.train.tokens", train), ("wiki.valid.tokens", valid),
+                       ("wiki.test.tokens", test)):
+        (tmp_path / name).write_text(text)
+
+
+def test_load_wikitext_recipe(tmp_path):
+    _write_wikitext(tmp_path, " \n = A = \n \n the cat sat \n the dog \n", " the bird \n\n", "cat\n")
+    c = load_wikitext(str(tmp_path))
+    assert c.vocab[0] == EOS and UNK in c.vocab
+    words = [c.vocab[i] for i in c.train.tolist()]
+    assert words == ["=", "A", "=", EOS, "the", "cat", "sat", EOS, "the", "dog", EOS]
+    assert [c.vocab[i] for i in c.valid.tolist()] == ["the", UNK, EOS]
+    assert [c.vocab[i] for i in c.test.tolist()] == ["cat", EOS]
+    assert c.vocab[1:3] == ["=", "the"]  # by frequency, ties in first-seen order
+    short = load_wikitext(str(tmp_path), max_train_tokens=5)
+    assert short.train.numel() == 5 and short.vocab == c.vocab
+
+
+def test_load_wikitext_missing_file(tmp_path):
+    (tmp_path / "wiki.train.tokens").write_text("a b\n")
+    with pytest.raises(FileNotFoundError, match="wiki.valid.tokens") as exc:
+        load_wikitext(str(tmp_path))
+    assert "--data" in str(exc.value)
+
+
+def test_batch_sampler_and_eval_batches():
+    data = torch.arange(1000)
+    s = BatchSampler(data, seq_len=10, batch_size=6, seed=3)
+    x, y = next(s)
+    assert x.shape == y.shape == (6, 10)
+    assert torch.equal(y, x + 1)  # contiguous windows, shifted by one
+    x2, _ = next(BatchSampler(data, seq_len=10, batch_size=6, seed=3))
+    assert torch.equal(x, x2)
+    batches = list(eval_batches(data, seq_len=10, batch_size=7))
+    xs = torch.cat([b[0] for b in batches])
+    ys = torch.cat([b[1] for b in batches])
+    assert xs.shape == (99, 10)  # (1000 - 1) // 10 non-overlapping windows
+    assert torch.equal(xs.reshape(-1), data[:990]) and torch.equal(ys.reshape(-1), data[1:991])
+    assert len(list(eval_batches(data, 10, 7, max_batches=2))) == 2
+    with pytest.raises(ValueError):
+        BatchSampler(torch.arange(5), seq_len=10, batch_size=2)
+
+
+def test_lr_schedule():
+    assert train.lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert train.lr_at(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert train.lr_at(10, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert train.lr_at(99, 100, 1.0, 10, 0.1) == pytest.approx(0.1, abs=1e-3)
+    vals = [train.lr_at(s, 100, 1.0, 10, 0.1) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+# --- trainer -------------------------------------------------------------------------------
+def _check_summary(summary, path, kind, steps):
+    on_disk = json.loads(open(path).read())
+    for key in REQUIRED:
+        assert key in summary and key in on_disk, key
+    assert on_disk["ffn"] == kind and on_disk["steps"] == steps
+    for key in ("final_train_loss", "valid_ppl", "tokens_per_s", "load_cv"):
+        assert math.isfinite(on_disk[key]), key
+    assert on_disk["valid_ppl"] > 1 and on_disk["tokens_per_s"] > 0
+    assert on_disk["total_params"] >= on_disk["expert_params"] >= 0
+
+
+@pytest.mark.parametrize("kind", ["dense", "switch"])
+def test_train_baselines(tmp_path, kind):
+    out = tmp_path / "s.json"
+    summary = train.main(["--ffn", kind, "--steps", "6", "--summary-json", str(out),
+                          "--logdir", str(tmp_path / "tb")] + TINY)
+    _check_summary(summary, out, kind, 6)
+    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+    if kind == "dense":
+        assert summary["expert_params"] == 0 and summary["reclusters"] == 0
+    else:
+        assert summary["expert_params"] > 0
+
+
+@pytest.mark.parametrize("kind", ["ours", "static"])
+def test_train_ours(tmp_path, kind):
+    pytest.importorskip("trilemma_moe.core.layer")
+    out = tmp_path / "s.json"
+    summary = train.main(["--ffn", kind, "--steps", "8", "--summary-json", str(out)] + TINY)
+    _check_summary(summary, out, kind, 8)
+    assert summary["reclusters"] >= 2  # first clustering in both layers after burn-in 3
+    assert summary.get("compressed") is True
+
+
+def test_train_loss_decreases_on_synthetic(tmp_path):
+    summary = train.main(["--ffn", "switch", "--steps", "100", "--lr", "1e-2"] + TINY
+                         + ["--eval-every", "0", "--eval-batches", "4", "--batch-size", "8"])
+    assert summary["final_train_loss"] < math.log(512) - 0.6  # ln 512 = 6.24 at init
+    assert summary["valid_loss"] < math.log(512) - 0.6
+
+
+def test_train_missing_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data"):
+        train.main(["--data", str(tmp_path / "nope"), "--steps", "1"] + TINY)
+    with pytest.raises(FileNotFoundError, match="wiki.train.tokens"):
+        train.main(["--data", str(tmp_path), "--steps", "1"] + TINY)
+
+
+def test_train_config_yaml(tmp_path):
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text("num_experts: 4\nnum_groups: 2\nrank: 2\nburn_in: 100\naux_loss_coef: 0.02\n")
+    summary = train.main(["--ffn", "switch", "--steps", "2", "--config", str(cfg),
+                          "--no-progress", "--d-model", "16", "--d-ff", "32", "--layers", "1",
+                          "--heads", "2", "--seq-len", "8", "--batch-size", "2",
+                          "--eval-batches", "1"])
+    assert summary["config"]["aux_loss_coef"] == 0.02 and summary["config"]["rank"] == 2
+    assert summary["config"]["burn_in"] == 100
+
+
+@pytest.mark.skipif(not os.path.isdir(WIKITEXT2), reason="WikiText-2 not present")
+def test_train_wikitext2_short(tmp_path):
+    out = tmp_path / "s.json"
+    summary = train.main(["--data", WIKITEXT2, "--ffn", "switch", "--steps", "3",
+                          "--max-train-tokens", "20000", "--summary-json", str(out)] + TINY)
+    _check_summary(summary, out, "switch", 3)
+    assert "wikitext" in summary["data"]
+    assert summary["valid_ppl"] < 2 * 33278  # vocabulary of WikiText-2 is 33,278 words
+
+
+def test_train_deepspeed_ffn(tmp_path):
+    pytest.importorskip("deepspeed")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "s.json"
+    summary = train.main(["--ffn", "deepspeed", "--steps", "3", "--summary-json", str(out)] + TINY)
+    _check_summary(summary, out, "deepspeed", 3)
+
+
+# --- CLI -----------------------------------------------------------------------------------
+def test_cli(tmp_path, capsys):
+    assert cli.main([]) == 0
+    assert "train" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+    out = tmp_path / "s.json"
+    assert cli.main(["train", "--ffn", "dense", "--steps", "2", "--summary-json", str(out)]
+                    + TINY) == 0
+    assert json.loads(out.read_text())["ffn"] == "dense"

@@ -1,0 +1,451 @@
+"""Train the small GPT with a chosen FFN kind and report quality, size, speed and load balance.
+
+    python -m trilemma_moe.train                       # synthetic corpus, ours, CPU-sized model
+    python -m trilemma_moe.train --ffn switch --steps 300 --summary-json out.json
+    python -m trilemma_moe.train --data /path/to/wikitext-2 --logdir runs/wt2
+    deepspeed --num_gpus 1 -m trilemma_moe.train --deepspeed_config ds.json
+
+Every knob of the method comes from ``--config YAML`` (or the ``"trilemma_moe"`` section of the
+``--deepspeed_config`` JSON); the structure flags (``--num-experts`` ...) override it.  Without a
+config file the CPU defaults below apply (smaller burn-in / regroup interval than the paper's so a
+default run clusters and regroups within its steps); they are printed at start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .config import TrilemmaMoEConfig
+from .data import BatchSampler, SyntheticTopicCorpus, TokenCorpus, eval_batches, load_wikitext
+from .models import FFN_KINDS, GPT
+
+# Defaults of the no-argument CPU run.  Structure knobs that the
+# user neither passes as flags nor sets in --config fall back to these.
+CPU_MOE_DEFAULTS = dict(num_experts=16, num_groups=4, rank=8, top_k=2, burn_in=200,
+                        recluster_interval=100)
+DEFAULT_STEPS = 800  # no-argument run (ours): 2 min 15 s wall on 2 CPU cores, 125 s of it training
+
+_FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank": "rank",
+                  "top_k": "top_k", "burn_in": "burn_in",
+                  "recluster_interval": "recluster_interval"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trilemma-moe train",
+        description="Train a small GPT whose FFNs are dense / switch / deepspeed / ours / static.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None,
+                   help="WikiText directory (wiki.{train,valid,test}.tokens); default: the "
+                        "built-in synthetic topic corpus")
+    p.add_argument("--ffn", choices=FFN_KINDS, default="ours", help="FFN kind of the MoE blocks")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
+    p.add_argument("--config", default=None, help="YAML of TrilemmaMoEConfig knobs")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON: train under deepspeed.initialize; its 'trilemma_moe' "
+                        "section configures the method")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                   help="set by the deepspeed launcher")
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=128)
+    g.add_argument("--d-ff", type=int, default=512)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--seq-len", type=int, default=64)
+    g.add_argument("--moe-every", type=int, default=1, help="MoE FFN in every n-th block")
+    g = p.add_argument_group("MoE structure (override --config; CPU defaults otherwise)")
+    g.add_argument("--num-experts", type=int, default=None,
+                   help=f"E (default {CPU_MOE_DEFAULTS['num_experts']})")
+    g.add_argument("--num-groups", type=int, default=None,
+                   help=f"G (default {CPU_MOE_DEFAULTS['num_groups']})")
+    g.add_argument("--rank", type=int, default=None, help=f"r (default {CPU_MOE_DEFAULTS['rank']})")
+    g.add_argument("--top-k", type=int, default=None, help=f"k (default {CPU_MOE_DEFAULTS['top_k']})")
+    g.add_argument("--burn-in", type=int, default=None,
+                   help=f"T0 steps before the first clustering (default {CPU_MOE_DEFAULTS['burn_in']})")
+    g.add_argument("--recluster-interval", type=int, default=None,
+                   help=f"T (default {CPU_MOE_DEFAULTS['recluster_interval']})")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr (cosine)")
+    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of steps)")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-every", type=int, default=250, help="validate every n steps (0: only at the end)")
+    g.add_argument("--eval-batches", type=int, default=0, help="cap on validation batches (0: whole split)")
+    g.add_argument("--max-train-tokens", type=int, default=None,
+                   help="use only the first n training tokens (quick runs on real data)")
+    g.add_argument("--logdir", default=None, help="TensorBoard event files go here")
+    g.add_argument("--summary-json", default=None, help="write the final metrics as JSON here")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+# ------------------------------------------------------------------------------------------
+def _moe_config(args) -> TrilemmaMoEConfig:
+    overrides = {field: getattr(args, flag) for flag, field in _FLAG_TO_FIELD.items()
+                 if getattr(args, flag) is not None}
+    if args.deepspeed_config:
+        return TrilemmaMoEConfig.from_deepspeed_config(args.deepspeed_config, **overrides)
+    if args.config:
+        return TrilemmaMoEConfig.from_yaml(args.config, **overrides)
+    merged = dict(CPU_MOE_DEFAULTS)
+    merged.update(overrides)
+    return TrilemmaMoEConfig.from_dict(merged)
+
+
+def _load_data(args) -> TokenCorpus:
+    if args.data is None:
+        corpus = SyntheticTopicCorpus(seed=args.seed)
+        if args.max_train_tokens is not None:
+            corpus.train = corpus.train[:args.max_train_tokens]
+        return corpus
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data!r}: no such directory (expected a WikiText "
+                                f"directory with wiki.train.tokens, wiki.valid.tokens, "
+                                f"wiki.test.tokens; leave --data out for the synthetic corpus)")
+    return load_wikitext(args.data, max_train_tokens=args.max_train_tokens)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine down to ``min_ratio*peak``.
+    ``step`` counts from 0."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    frac = min(1.0, (step - warmup) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Decay matrices, not biases / norms / embeddings' positions; tied weights once."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "pos_emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int,
+             max_batches: Optional[int] = None) -> Dict[str, float]:
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    try:
+        for x, y in eval_batches(data, seq_len, batch_size, max_batches=max_batches or None):
+            _, loss, _ = model(x, y)
+            total_loss += float(loss) * y.numel()
+            total_tokens += y.numel()
+    finally:
+        model.train(was_training)
+    mean = total_loss / max(1, total_tokens)
+    return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0)), "valid_tokens": total_tokens}
+
+
+def _moe_stats(model) -> Dict[str, float]:
+    layers = model.moe_layers()
+    if not layers:
+        return {"load_cv": 0.0, "reclusters": 0}
+    stats = [m.stats() for m in layers]
+    out = {"load_cv": sum(float(s.get("load_cv", 0.0)) for s in stats) / len(stats),
+           "reclusters": int(sum(int(s.get("reclusters", 0)) for s in stats))}
+    for key in ("group_load_cv", "compression_ratio", "skipped_reclusters"):
+        vals = [float(s[key]) for s in stats if key in s]
+        if vals:
+            out[key] = sum(vals) / len(vals) if key != "skipped_reclusters" else int(sum(vals))
+    out["compressed"] = all(bool(s.get("compressed", False)) for s in stats) if any(
+        "compressed" in s for s in stats) else False
+    return out
+
+
+class _Logger:
+    def __init__(self, logdir: Optional[str]):
+        self.writer = None
+        if logdir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # pragma: no cover
+                raise ImportError("--logdir needs tensorboard: pip install tensorboard") from exc
+            self.writer = SummaryWriter(log_dir=logdir)
+
+    def scalars(self, step: int, values: Dict[str, float], prefix: str) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def _format_table(rows: Sequence[tuple]) -> str:
+    w = max(len(str(k)) for k, _ in rows)
+    lines = ["-" * (w + 24)]
+    for k, v in rows:
+        if isinstance(v, float):
+            v = f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        elif isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v:,}"
+        lines.append(f"{str(k):<{w}}  {v}")
+    lines.append("-" * (w + 24))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse ``argv`` (default ``sys.argv[1:]``), train, print the summary table and return the
+    summary dict (also written to ``--summary-json``)."""
+    args = build_parser().parse_args(argv)
+    if args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous_threads)  # main() is also called in-process (tests, notebooks)
+
+
+def _run(args) -> Dict[str, Any]:
+    cfg = _moe_config(args)
+    corpus = _load_data(args)
+    torch.manual_seed(args.seed)
+    model = GPT(corpus.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                seq_len=args.seq_len, d_ff=args.d_ff, ffn_kind=args.ffn, moe_config=cfg,
+                seed=args.seed, moe_every=args.moe_every)
+
+    use_ds = args.deepspeed_config is not None
+    ga = cfg.gradient_accumulation_steps
+    groups = _param_groups(model, args.weight_decay)
+    engine = None
+    if use_ds:
+        engine, optimizer = _deepspeed_engine(args, model, groups, cfg)
+        ga = engine.gradient_accumulation_steps()
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    if use_ds:
+        # Regroups rewrite parameters and Adam state through DeepSpeed (ZeRO partitions / masters).
+        from .integrations.deepspeed import attach_engine
+        attach_engine(engine)
+    else:
+        for m in model.moe_layers():
+            if hasattr(m, "attach_optimizer"):
+                m.attach_optimizer(optimizer)
+
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if use_ds:
+        args.batch_size = engine.train_micro_batch_size_per_gpu()  # the DeepSpeed config decides
+    sampler = BatchSampler(corpus.train, args.seq_len, args.batch_size,
+                           seed=args.seed + 1 + 1000 * rank)  # data-parallel ranks see different batches
+    is_main = rank == 0
+    logger = _Logger(args.logdir if is_main else None)
+
+    if is_main:
+        print(corpus.describe())
+        pc = model.param_counts()
+        print(f"model: d_model={args.d_model} d_ff={args.d_ff} layers={args.layers} "
+              f"heads={args.heads} seq_len={args.seq_len} ffn={args.ffn} | params {pc['total']:,} "
+              f"(experts {pc['expert']:,})")
+        if args.ffn in ("ours", "static"):
+            print(f"moe: E={cfg.num_experts} G={cfg.num_groups} r={cfg.rank} k={cfg.top_k} "
+                  f"burn_in={cfg.burn_in} recluster_interval={cfg.recluster_interval} "
+                  f"dynamic_regroup={cfg.dynamic_regroup and args.ffn != 'static'}")
+        elif args.ffn != "dense":
+            print(f"moe: E={cfg.num_experts} k={cfg.top_k} aux_loss_coef={cfg.aux_loss_coef} "
+                  f"z_loss_coef={cfg.z_loss_coef} (dropless)")
+        print(f"train: steps={args.steps} batch={args.batch_size}x{args.seq_len} ga={ga} "
+              f"lr={args.lr:g} warmup={warmup} grad_clip={cfg.grad_clip} threads={torch.get_num_threads()}")
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = None
+    if tqdm is not None and is_main and not args.no_progress:
+        bar = tqdm(total=args.steps, desc=f"train[{args.ffn}]", dynamic_ncols=True)
+
+    def say(msg: str) -> None:
+        if not is_main:
+            return
+        if bar is not None:
+            bar.write(msg)
+        else:
+            print(msg)
+
+    model.train()
+    ema_loss, last_loss, last_eval = None, float("nan"), None
+    cv_window: List[float] = []
+    loss_window: List[float] = []
+    prev_reclusters = _moe_stats(model)["reclusters"]
+    prev_skipped = _moe_stats(model).get("skipped_reclusters", 0)
+    train_time, tokens_seen = 0.0, 0
+    history: List[Dict[str, float]] = []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, args.steps, args.lr, warmup, args.min_lr_ratio)
+        if not (use_ds and engine.lr_scheduler is not None):
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+        step_loss, step_aux = 0.0, 0.0
+        for _ in range(ga):
+            x, y = next(sampler)
+            if use_ds:
+                x, y = x.to(engine.device), y.to(engine.device)
+                _, loss, l_aux = engine(x, y)
+                engine.backward(loss + l_aux)
+                engine.step()
+            else:
+                _, loss, l_aux = model(x, y)
+                ((loss + l_aux) / ga).backward()
+            step_loss += float(loss.detach()) / ga
+            step_aux += float(l_aux.detach()) / ga
+            tokens_seen += y.numel()
+        grad_norm = float("nan")
+        if not use_ds:
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.grad is not None], cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        train_time += time.perf_counter() - t0
+
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"training loss became {step_loss} at step {step + 1}")
+        last_loss = step_loss
+        loss_window = (loss_window + [step_loss])[-20:]
+        ema_loss = step_loss if ema_loss is None else 0.95 * ema_loss + 0.05 * step_loss
+        st = _moe_stats(model)
+        cv_window = (cv_window + [st["load_cv"]])[-50:]
+        if st["reclusters"] != prev_reclusters:
+            extra = ""
+            layers_stats = [m.stats() for m in model.moe_layers()]
+            gains = [s.get("last_gain") for s in layers_stats if "last_gain" in s]
+            errs = [s.get("reconstruction_error") for s in layers_stats if "reconstruction_error" in s]
+            if gains:
+                extra += f" gain={sum(gains) / len(gains):.4f}"
+            if errs:
+                extra += f" recon_err={sum(errs) / len(errs):.3f}"
+            if "compression_ratio" in st:
+                extra += f" compression={st['compression_ratio']:.2f}x"
+            kind = "first clustering + compression" if prev_reclusters == 0 else "regroup"
+            say(f"[step {step + 1}] {kind}: reclusters {prev_reclusters} -> {st['reclusters']}{extra} "
+                f"| expert params now {model.param_counts()['expert']:,}")
+            prev_reclusters = st["reclusters"]
+        if st.get("skipped_reclusters", 0) != prev_skipped:
+            gains = [m.stats().get("last_gain") for m in model.moe_layers()]
+            gains = ", ".join(f"{g:.4f}" for g in gains if g is not None)
+            say(f"[step {step + 1}] regroup skipped in {st['skipped_reclusters'] - prev_skipped} "
+                f"layer(s): similarity gain < delta={cfg.delta} (last gain per layer: {gains})")
+            prev_skipped = st.get("skipped_reclusters", 0)
+        logger.scalars(step + 1, {"loss": step_loss, "l_aux": step_aux, "lr": lr,
+                                  "grad_norm": grad_norm, **{k: v for k, v in st.items()
+                                                             if not isinstance(v, bool)}}, "train")
+        if bar is not None:
+            bar.set_postfix(loss=f"{ema_loss:.3f}", cv=f"{st['load_cv']:.2f}",
+                            regroups=st["reclusters"], refresh=False)
+            bar.update(1)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            last_eval = evaluate(model, corpus.valid, args.seq_len, args.batch_size, args.eval_batches)
+            logger.scalars(step + 1, last_eval, "valid")
+            history.append({"step": step + 1, "train_loss": ema_loss, **last_eval})
+            say(f"[step {step + 1}] train loss {ema_loss:.4f} | valid loss {last_eval['valid_loss']:.4f} "
+                f"ppl {last_eval['valid_ppl']:.2f} | load cv {st['load_cv']:.3f}")
+    if bar is not None:
+        bar.close()
+
+    last_eval = evaluate(model, corpus.valid, args.seq_len, args.batch_size, args.eval_batches)
+    logger.scalars(args.steps, last_eval, "valid")
+    history.append({"step": args.steps, "train_loss": ema_loss, **last_eval})
+    st = _moe_stats(model)
+    pc = model.param_counts()
+    summary: Dict[str, Any] = {
+        "ffn": args.ffn,
+        "steps": args.steps,
+        "data": corpus.name,
+        "final_train_loss": sum(loss_window) / len(loss_window),  # mean of the last 20 steps
+        "last_step_train_loss": float(last_loss),
+        "valid_loss": last_eval["valid_loss"],
+        "valid_ppl": last_eval["valid_ppl"],
+        "total_params": pc["total"],
+        "expert_params": pc["expert"],
+        "tokens_per_s": tokens_seen / max(train_time, 1e-9),
+        "train_time_s": train_time,
+        "load_cv": sum(cv_window) / max(1, len(cv_window)),
+        "load_cv_last": st["load_cv"],
+        "reclusters": st["reclusters"],
+        "config": {**cfg.to_dict(), "d_model": args.d_model, "d_ff": args.d_ff, "layers": args.layers,
+                   "heads": args.heads, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                   "lr": args.lr, "seed": args.seed, "deepspeed": use_ds},
+        "history": history,
+    }
+    for key in ("group_load_cv", "compression_ratio", "skipped_reclusters", "compressed"):
+        if key in st:
+            summary[key] = st[key]
+    logger.scalars(args.steps, {"tokens_per_s": summary["tokens_per_s"]}, "final")
+    logger.close()
+
+    if is_main:
+        rows = [("ffn", args.ffn), ("data", corpus.name), ("steps", args.steps),
+                ("train loss (last 20 steps)", summary["final_train_loss"]),
+                ("valid loss", summary["valid_loss"]), ("valid ppl", summary["valid_ppl"]),
+                ("total params", summary["total_params"]), ("expert params", summary["expert_params"]),
+                ("tokens/s", summary["tokens_per_s"]), ("train time (s)", summary["train_time_s"]),
+                ("load CV (last 50 steps)", summary["load_cv"]), ("reclusters", summary["reclusters"])]
+        for key in ("compression_ratio", "group_load_cv", "skipped_reclusters"):
+            if key in summary:
+                rows.append((key.replace("_", " "), summary[key]))
+        print(_format_table(rows))
+        if args.summary_json:
+            d = os.path.dirname(os.path.abspath(args.summary_json))
+            os.makedirs(d, exist_ok=True)
+            with open(args.summary_json, "w") as f:
+                json.dump(summary, f, indent=2)
+            print(f"summary written to {args.summary_json}")
+    return summary
+
+
+def _deepspeed_engine(args, model, groups, cfg: TrilemmaMoEConfig):
+    try:
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    except ImportError as exc:
+        raise ImportError("--deepspeed_config needs DeepSpeed: pip install 'trilemma_moe[deepspeed]'") from exc
+    with open(args.deepspeed_config) as f:
+        ds_config = json.load(f)
+    ds_config = {k: v for k, v in ds_config.items() if k != "trilemma_moe"}  # ours, not DeepSpeed's
+    ds_config.setdefault("train_micro_batch_size_per_gpu", args.batch_size)
+    ds_config.setdefault("gradient_accumulation_steps", cfg.gradient_accumulation_steps)
+    ds_config.setdefault("gradient_clipping", cfg.grad_clip)
+    from .models.ffn import _ensure_single_process_dist
+
+    _ensure_single_process_dist()  # world-1 defaults when not started by the deepspeed launcher
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                   optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+if __name__ == "__main__":
+    main()
