@@ -209,14 +209,22 @@ class ExpertSlots(nn.Module):
         """
         act = ACTIVATIONS[self.spec.activation]
         P, d = x_pairs.shape
-        bias = self.bias
         gated = self.spec.gated
+        # unbind once: indexing a stacked parameter per expert would make autograd allocate a
+        # full-size zero gradient for every slice (E x the expert weights per step).
+        bias = {n: p.unbind(0) for n, p in self.bias.items()}
+        if compressed:
+            fa = {n: p.unbind(0) for n, p in self.fa.items()}
+            fb = {n: p.unbind(0) for n, p in self.fb.items()}
+            base = {n: p.unbind(0) for n, p in self.base.items()}
+        else:
+            full = {n: p.unbind(0) for n, p in self.full.items()}
         row_x = x_pairs.index_select(0, row_pair)
         if compressed:
             # Base GEMMs once per (token, group): W_base x is shared by the k chosen experts.
             split_x = x_pairs.split(pair_group_counts)
-            base1 = torch.cat([xg @ self.base["w1"][g] for g, xg in enumerate(split_x)])
-            base3 = torch.cat([xg @ self.base["w3"][g] for g, xg in enumerate(split_x)]) if gated else None
+            base1 = torch.cat([xg @ base["w1"][g] for g, xg in enumerate(split_x)])
+            base3 = torch.cat([xg @ base["w3"][g] for g, xg in enumerate(split_x)]) if gated else None
             row_b1 = base1.index_select(0, row_pair)
             row_b3 = base3.index_select(0, row_pair) if gated else None
         h_rows, extra_rows = [], []
@@ -228,13 +236,13 @@ class ExpertSlots(nn.Module):
             start += n
             xs, w = row_x[sl], row_weight[sl].unsqueeze(-1).to(x_pairs.dtype)
             if compressed:
-                pre = row_b1[sl] + (xs @ self.fa["w1"][s]) @ self.fb["w1"][s].t()
+                pre = row_b1[sl] + (xs @ fa["w1"][s]) @ fb["w1"][s].t()
                 if gated:
-                    up = row_b3[sl] + (xs @ self.fa["w3"][s]) @ self.fb["w3"][s].t()
+                    up = row_b3[sl] + (xs @ fa["w3"][s]) @ fb["w3"][s].t()
             else:
-                pre = xs @ self.full["w1"][s]
+                pre = xs @ full["w1"][s]
                 if gated:
-                    up = xs @ self.full["w3"][s]
+                    up = xs @ full["w3"][s]
             if "b1" in bias:
                 pre = pre + bias["b1"][s]
             h = act(pre)
@@ -246,10 +254,10 @@ class ExpertSlots(nn.Module):
             if compressed:
                 # Low-rank part of the down projection, per expert; the base part is applied
                 # once per pair below: sum_i w_i W_base h_i = W_base sum_i w_i h_i.
-                y = (hw @ self.fa["w2"][s]) @ self.fb["w2"][s].t()
+                y = (hw @ fa["w2"][s]) @ fb["w2"][s].t()
                 h_rows.append(hw)
             else:
-                y = hw @ self.full["w2"][s]
+                y = hw @ full["w2"][s]
             if "b2" in bias:
                 y = y + w * bias["b2"][s]
             extra_rows.append(y)
@@ -260,5 +268,5 @@ class ExpertSlots(nn.Module):
         if compressed:
             h_sum = x_pairs.new_zeros(P, self.spec.ffn_hidden_size).index_add(0, row_pair, torch.cat(h_rows))
             split_h = h_sum.split(pair_group_counts)
-            out = out + torch.cat([hg @ self.base["w2"][g] for g, hg in enumerate(split_h)])
+            out = out + torch.cat([hg @ base["w2"][g] for g, hg in enumerate(split_h)])
         return out

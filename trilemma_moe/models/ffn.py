@@ -150,11 +150,14 @@ class SwitchTop2FFN(nn.Module):
         token_of_row = torch.div(order, k, rounding_mode="floor")
         xs = x2[token_of_row]                                          # [N*k, d] sorted by expert
         outs = []
+        # unbind once: per-expert indexing of a stacked parameter makes autograd allocate a
+        # full-size zero gradient per slice
+        w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
         for e, chunk in enumerate(torch.split(xs, counts.tolist())):
             if chunk.shape[0] == 0:
                 continue
-            h = self.act(torch.addmm(self.b1[e], chunk, self.w1[e]))
-            outs.append(torch.addmm(self.b2[e], h, self.w2[e]))
+            h = self.act(torch.addmm(b1[e], chunk, w1[e]))
+            outs.append(torch.addmm(b2[e], h, w2[e]))
         ys = torch.cat(outs, dim=0) if outs else xs.new_zeros(0, shape[-1])
         # unsort by a gather (no scatter-add), then weight the k rows of each token and sum
         y = (ys[inv].view(N, k, -1) * gates.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
