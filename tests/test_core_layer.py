@@ -900,3 +900,56 @@ def test_expert_init_independent_of_num_experts():
         assert torch.equal(small.experts.bias[n], large.experts.bias[n][:8])
     # and differs between experts
     assert not torch.allclose(small.experts.full["w1"][0], small.experts.full["w1"][1])
+
+
+# ------------------------------------------------------------------ state_dict round trip ----
+
+def _train_losses(layer, opt, x, target, steps):
+    out = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        y, l_aux, _ = layer(x)
+        loss = ((y - target) ** 2).mean() + l_aux
+        loss.backward()
+        opt.step()
+        out.append(float(loss.detach()))
+    return out
+
+
+@pytest.mark.parametrize("save_at", [2, 7])  # during burn-in, and after the first clustering
+def test_state_dict_round_trip_resumes_the_same_curve(tmp_path, save_at):
+    """Save model + optimizer, load into a fresh layer (weights_only), and the continued loss
+    curve equals the uninterrupted one exactly."""
+    cfg = _cfg(num_experts=8, num_groups=2, burn_in=4, recluster_interval=2, delta=0.0)
+    x, target = _x((24, D), 1), _x((24, D), 2)
+
+    def fresh():
+        layer = _layer(cfg)
+        opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+        layer.attach_optimizer(opt)
+        return layer, opt
+
+    ref, ref_opt = fresh()
+    _train_losses(ref, ref_opt, x, target, save_at)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": ref.state_dict(), "opt": ref_opt.state_dict()}, path)
+    expected = _train_losses(ref, ref_opt, x, target, 6)
+
+    layer, opt = fresh()
+    ckpt = torch.load(path, weights_only=True)
+    layer.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    assert layer.compressed == (save_at > cfg.burn_in)
+    got = _train_losses(layer, opt, x, target, 6)
+    assert got == expected
+    assert torch.equal(layer.group_assignment(), ref.group_assignment())
+    assert layer.stats()["reclusters"] == ref.stats()["reclusters"] >= 1
+
+
+def test_loading_burn_in_state_into_compressed_layer_is_refused():
+    cfg = _cfg(num_experts=8, num_groups=2)
+    early = _layer(cfg).state_dict()
+    layer = _layer(cfg)
+    layer.recluster(force=True)
+    with pytest.raises(RuntimeError, match="uncompressed"):
+        layer.load_state_dict(early)

@@ -140,6 +140,30 @@ class ClusteredMoE(nn.Module):
         di, do = self.spec.matrices["w1"]
         return compression_ratio(self.experts_per_group, di, do, self.config.rank)
 
+    # --- checkpoint state ------------------------------------------------------------------
+    def get_extra_state(self):
+        """The S_param cache and last regroup report travel with ``state_dict`` (tensors and
+        numbers only, so ``torch.load(weights_only=True)`` reads them)."""
+        return {"sim_cache": self.sim_cache.state_dict(),
+                "last_regroup": {k: float(v) for k, v in self._last_regroup.items()}}
+
+    def set_extra_state(self, state) -> None:
+        self.sim_cache.load_state_dict(state["sim_cache"])
+        self._last_regroup = dict(state.get("last_regroup", {}))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        counters = state_dict.get(prefix + "counters")
+        if counters is not None:
+            incoming = bool(int(counters[self._COUNTERS.index("compressed")]))
+            if incoming and not self.compressed:
+                # A compressed checkpoint no longer holds the burn-in experts: release ours too.
+                for p in self.experts.full.values():
+                    self.io.release(p)
+            elif not incoming and self.compressed:
+                raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
+                                   f"layer that has already been compressed; load it into a fresh layer")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # --- forward -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         if hidden_states.shape[-1] != self.hidden_size:
