@@ -57,7 +57,9 @@ class DeepSpeedParamIO(TorchParamIO):
         have = mapping is None or (mapping.optim_fragment is not None and key in mapping.optim_fragment)
         flag = torch.tensor([1.0 if have else 0.0])
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=getattr(p, "_dp_group", None))
+            group = getattr(p, "_dp_group", None)
+            flag = flag.to(_comm_device(group, p.device))
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
         if flag.item() == 0.0:
             return None
         return safe_get_full_optimizer_state(p, key)
@@ -81,6 +83,14 @@ class DeepSpeedParamIO(TorchParamIO):
         pass
 
 
+def _comm_device(group, fallback: torch.device) -> torch.device:
+    """NCCL moves only CUDA tensors; gloo takes CPU ones."""
+    import torch.distributed as dist
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback
+
+
 class DataParallelSync:
     """Keeps replicas of a layer in step: centroids are averaged over the data-parallel group
     before clustering and rank 0's regroup decision is broadcast (all ranks call at the same step)."""
@@ -95,14 +105,17 @@ class DataParallelSync:
     def average_(self, tensor: torch.Tensor) -> None:
         if self._active():
             import torch.distributed as dist
-            dist.all_reduce(tensor, group=self.group)
-            tensor.div_(dist.get_world_size(self.group))
+            work = tensor.to(_comm_device(self.group, tensor.device))
+            dist.all_reduce(work, group=self.group)
+            tensor.copy_(work / dist.get_world_size(self.group))
 
     def from_first(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._active():
             import torch.distributed as dist
             src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-            dist.broadcast(tensor, src=src, group=self.group)
+            work = tensor.to(_comm_device(self.group, tensor.device))
+            dist.broadcast(work, src=src, group=self.group)
+            return work.to(tensor.device)
         return tensor
 
 
