@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first n training tokens (quick runs on real data)")
     g.add_argument("--logdir", default=None, help="TensorBoard event files go here")
     g.add_argument("--summary-json", default=None, help="write the final metrics as JSON here")
+    g.add_argument("--device", default="cpu",
+                   help="cpu or cuda (without --deepspeed_config; under DeepSpeed the engine decides)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -146,8 +148,9 @@ def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int,
     model.eval()
     total_loss, total_tokens = 0.0, 0
     try:
+        device = next(model.parameters()).device
         for x, y in eval_batches(data, seq_len, batch_size, max_batches=max_batches or None):
-            _, loss, _ = model(x, y)
+            _, loss, _ = model(x.to(device), y.to(device))
             total_loss += float(loss) * y.numel()
             total_tokens += y.numel()
     finally:
@@ -233,6 +236,10 @@ def _run(args) -> Dict[str, Any]:
                 seed=args.seed, moe_every=args.moe_every)
 
     use_ds = args.deepspeed_config is not None
+    if not use_ds:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: no CUDA device is available")
+        model.to(args.device)
     ga = cfg.gradient_accumulation_steps
     groups = _param_groups(model, args.weight_decay)
     engine = None
@@ -314,6 +321,7 @@ def _run(args) -> Dict[str, Any]:
                 engine.backward(loss + l_aux)
                 engine.step()
             else:
+                x, y = x.to(args.device), y.to(args.device)
                 _, loss, l_aux = model(x, y)
                 ((loss + l_aux) / ga).backward()
             step_loss += float(loss.detach()) / ga
