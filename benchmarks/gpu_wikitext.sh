@@ -7,7 +7,7 @@ DATA=${DATA:-../shared/data/wikitext-2}
 STEPS=${STEPS:-2000}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-for ffn in ours switch; do
+for ffn in ${FFNS:-ours switch}; do
   timeout "${RUN_TIMEOUT:-240}" python3 -m trilemma_moe.train --device cuda --data "$DATA" --ffn "$ffn" \
       --steps "$STEPS" --d-model 512 --d-ff 2048 --layers 4 --heads 8 --seq-len 128 --batch-size 32 \
       --num-experts 32 --num-groups 8 --rank 16 --top-k 2 --burn-in 200 --recluster-interval 100 \

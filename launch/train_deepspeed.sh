@@ -8,5 +8,6 @@ NPROC=${NPROC:-1}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module trilemma_moe.train \
+DEEPSPEED=${DEEPSPEED:-deepspeed}   # the launcher command (python -m deepspeed.launcher.runner also works)
+exec $DEEPSPEED --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module trilemma_moe.train \
     --deepspeed_config "$DS_CONFIG" "$@"

@@ -4,7 +4,6 @@ centroids when a regroup is forced; all ranks must apply rank 0's regroup, and e
 must agree afterwards."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,10 +16,9 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "dp_replicas.py")
 
 @pytest.mark.parametrize("world, stage, port", [(2, 2, 29571), (4, 1, 29572)])
 def test_replicas_agree_after_regroups(tmp_path, world, stage, port):
-    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
-    assert launcher, "the deepspeed launcher is not on PATH"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = [launcher, "--num_gpus", str(world), "--master_port", str(port), SCRIPT, str(stage), str(tmp_path)]
+    # the `deepspeed` command's own entry point, wherever the package is importable
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port", str(port), SCRIPT, str(stage), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
