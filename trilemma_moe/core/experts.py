@@ -228,17 +228,20 @@ class ExpertSlots(nn.Module):
             row_b1 = base1.index_select(0, row_pair)
             row_b3 = base3.index_select(0, row_pair) if gated else None
         h_rows, extra_rows = [], []
-        start = 0
+        # split, not per-slot slicing: the backward of a slice allocates a zero tensor the size
+        # of the whole input for every slot; split's backward is one concatenation.
+        xs_per = row_x.split(slot_counts)
+        w_per = row_weight.split(slot_counts)
+        b1_per = row_b1.split(slot_counts) if compressed else None
+        b3_per = row_b3.split(slot_counts) if compressed and gated else None
         for s, n in enumerate(slot_counts):
             if n == 0:
                 continue
-            sl = slice(start, start + n)
-            start += n
-            xs, w = row_x[sl], row_weight[sl].unsqueeze(-1).to(x_pairs.dtype)
+            xs, w = xs_per[s], w_per[s].unsqueeze(-1).to(x_pairs.dtype)
             if compressed:
-                pre = row_b1[sl] + (xs @ fa["w1"][s]) @ fb["w1"][s].t()
+                pre = b1_per[s] + (xs @ fa["w1"][s]) @ fb["w1"][s].t()
                 if gated:
-                    up = row_b3[sl] + (xs @ fa["w3"][s]) @ fb["w3"][s].t()
+                    up = b3_per[s] + (xs @ fa["w3"][s]) @ fb["w3"][s].t()
             else:
                 pre = xs @ full["w1"][s]
                 if gated:
