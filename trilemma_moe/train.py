@@ -29,7 +29,7 @@ from .models import FFN_KINDS, GPT
 # user neither passes as flags nor sets in --config fall back to these.
 CPU_MOE_DEFAULTS = dict(num_experts=16, num_groups=4, rank=8, top_k=2, burn_in=200,
                         recluster_interval=100)
-DEFAULT_STEPS = 800  # no-argument run (ours): 2 min 15 s wall on 2 CPU cores, 125 s of it training
+DEFAULT_STEPS = 800  # no-argument run (ours): about 1.5 min wall on 2 CPU cores (docs/BENCHMARKS.md)
 
 _FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank": "rank",
                   "top_k": "top_k", "burn_in": "burn_in",
