@@ -5,7 +5,7 @@ so every rank can run it on identical inputs and get identical groups.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch

@@ -7,8 +7,7 @@ the first forward of an optimizer step, so gradient accumulation never straddles
 """
 from __future__ import annotations
 
-import warnings
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TrilemmaMoEConfig
@@ -101,7 +100,7 @@ class SwitchTop2FFN(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        d, f = self.d_model, self.d_ff
+        d = self.d_model
         gen = torch.Generator().manual_seed(_seed_mix(self.seed, -1))
         self.router.weight.copy_(_uniform(self.router.weight.shape, 1.0 / math.sqrt(d), gen))
         for e in range(self.num_experts):
