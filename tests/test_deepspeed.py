@@ -232,3 +232,21 @@ def test_replace_untrained_identical_experts_warns_and_seeds():
 def test_replace_checks_expert_count():
     with pytest.raises(ValueError, match="num_experts"):
         replace_moe_layers(DSModel(num_experts=4), small_config())
+
+
+def test_deepspeed_accepts_a_config_holding_our_section():
+    """One JSON for both: DeepSpeed ignores the "trilemma_moe" section, we read it."""
+    ds_config = {"train_batch_size": 4, "gradient_accumulation_steps": 1,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+                 "zero_optimization": {"stage": 1},
+                 "trilemma_moe": {"num_experts": 8, "num_groups": 4, "rank": 2, "burn_in": 1}}
+    cfg = TrilemmaMoEConfig.from_deepspeed_config(ds_config)
+    model = TinyLM(TrilemmaMoE(D, ffn(), config=cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(model), config=ds_config)
+    attach_engine(engine)
+    data = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        loss = engine(data)
+        engine.backward(loss)
+        engine.step()
+    assert model.moe.config.num_groups == 4 and model.moe.stats()["compressed"]
