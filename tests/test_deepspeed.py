@@ -250,3 +250,26 @@ def test_deepspeed_accepts_a_config_holding_our_section():
         engine.backward(loss)
         engine.step()
     assert model.moe.config.num_groups == 4 and model.moe.stats()["compressed"]
+
+
+class GatedFFN(nn.Module):
+    """The LLaMA-style expert users pass: act(gate_proj x) * up_proj x, then down_proj."""
+
+    def __init__(self, d=D, f=F):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_gated_expert_module_is_read_as_gated():
+    layer = TrilemmaMoE(D, GatedFFN(), num_experts=8, k=2, config=small_config())
+    spec = layer.moe.spec
+    assert spec.gated and spec.activation == "silu" and not spec.bias and spec.ffn_hidden_size == F
+    assert set(layer.moe.experts.full.keys()) == {"w1", "w2", "w3"}
+    out, _, counts = layer(torch.randn(5, D))
+    assert out.shape == (5, D) and int(counts.sum()) == 10
