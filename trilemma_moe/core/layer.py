@@ -182,7 +182,9 @@ class ClusteredMoE(nn.Module):
         if x.shape[0] == 0:
             if learning:  # still a training forward: keep the step count (and regroup times) in sync
                 self._set_c("micro_step", self._c("micro_step") + 1)
-            zero = hidden_states.new_zeros(()) + 0.0 * sum(p.sum() for p in self.router.parameters())
+            # Connected to every trainable parameter so data-parallel gradient reduction sees
+            # the same set of gradients on every rank, even one whose batch was empty.
+            zero = hidden_states.new_zeros(()) + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
             self._last_counts = torch.zeros(self.num_experts)
             return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
                                                                      device=hidden_states.device)
