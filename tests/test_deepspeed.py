@@ -273,3 +273,8 @@ def test_gated_expert_module_is_read_as_gated():
     assert set(layer.moe.experts.full.keys()) == {"w1", "w2", "w3"}
     out, _, counts = layer(torch.randn(5, D))
     assert out.shape == (5, D) and int(counts.sum()) == 10
+
+
+def test_capacity_arguments_warn_that_routing_is_dropless():
+    with pytest.warns(UserWarning, match="dropless"):
+        TrilemmaMoE(D, ffn(), num_experts=8, k=2, config=small_config(), capacity_factor=1.25)

@@ -160,6 +160,9 @@ class TrilemmaMoE(_DeepSpeedMoE):
             raise ValueError("use_residual=True (Residual MoE) is not supported by TrilemmaMoE")
         if noisy_gate_policy not in (None, "None"):
             raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} is not supported by TrilemmaMoE (use None)")
+        if (capacity_factor, eval_capacity_factor, min_capacity) != (1.0, 1.0, 4):
+            warnings.warn("TrilemmaMoE routes dropless: capacity_factor, eval_capacity_factor and min_capacity "
+                          "have no effect")
         if use_tutel or enable_expert_tensor_parallelism:
             raise ValueError("use_tutel and enable_expert_tensor_parallelism are not supported by TrilemmaMoE")
         if expert is not None:
