@@ -137,8 +137,9 @@ def test_train_ours(tmp_path, kind):
     assert summary.get("compressed") is True
 
 
-def test_train_loss_decreases_on_synthetic(tmp_path):
-    summary = train.main(["--ffn", "switch", "--steps", "100", "--lr", "1e-2"] + TINY
+@pytest.mark.parametrize("kind", ["switch", "ours"])
+def test_train_loss_decreases_on_synthetic(tmp_path, kind):
+    summary = train.main(["--ffn", kind, "--steps", "100", "--lr", "1e-2"] + TINY
                          + ["--eval-every", "0", "--eval-batches", "4", "--batch-size", "8"])
     assert summary["final_train_loss"] < math.log(512) - 0.6  # ln 512 = 6.24 at init
     assert summary["valid_loss"] < math.log(512) - 0.6
