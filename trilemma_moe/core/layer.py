@@ -308,23 +308,22 @@ class ClusteredMoE(nn.Module):
         if was_compressed:
             keep = (new_to_old.view(G, K) == torch.arange(E, device=dev).view(G, K)).all(dim=1)
         keep_slots = keep.repeat_interleave(K)
+        redo = (~keep).nonzero().squeeze(1)   # only these groups are decomposed (SVD is the cost)
         rel_errors, gated = [], 0
         for name, w in eff.items():
-            dec = decompose_groups(w[new_to_old].view(G, K, *w.shape[1:]), cfg.rank, cfg.gamma)
-            base_v, a_v, b_v, rel, gate = dec.base, dec.a, dec.b, dec.rel_error, dec.gated
-            if bool(keep.any()):
-                kg = keep.to(base_v.device).view(G, 1)
-                base_v = torch.where(kg[..., None], io.read(ex.base[name]).to(base_v), base_v)
-                a_v = torch.where(kg[..., None, None], io.read(ex.fa[name]).to(a_v).view_as(a_v), a_v)
-                b_v = torch.where(kg[..., None, None], io.read(ex.fb[name]).to(b_v).view_as(b_v), b_v)
-                rel, gate = rel.masked_fill(kg, 0.0), gate & ~kg
+            base_v = io.read(ex.base[name]).to(w.dtype).clone()
+            a_v = io.read(ex.fa[name]).to(w.dtype).view(G, K, *ex.fa[name].shape[1:]).clone()
+            b_v = io.read(ex.fb[name]).to(w.dtype).view(G, K, *ex.fb[name].shape[1:]).clone()
+            if redo.numel():
+                dec = decompose_groups(w[new_to_old].view(G, K, *w.shape[1:])[redo], cfg.rank, cfg.gamma)
+                base_v[redo], a_v[redo], b_v[redo] = dec.base, dec.a, dec.b
+                rel_errors.append(dec.rel_error.reshape(-1))
+                gated += int(dec.gated.sum())
             mix = (lambda key, s: (overlap.to(s.dtype) @ s.reshape(G, -1)).reshape(s.shape)) if was_compressed else None
             io.write(ex.base[name], base_v, mix)
             old_rows = new_to_old if was_compressed else None
             io.write_fresh(ex.fa[name], a_v.reshape(E, *a_v.shape[2:]), old_rows, keep_slots)
             io.write_fresh(ex.fb[name], b_v.reshape(E, *b_v.shape[2:]), old_rows, keep_slots)
-            rel_errors.append(rel.reshape(-1))
-            gated += int(gate.sum())
         for p in ex.bias.values():
             io.permute_rows(p, new_to_old)
         self.router.regroup(new_to_old, overlap, io)
@@ -337,7 +336,8 @@ class ClusteredMoE(nn.Module):
         self._set_c("frozen_until", self.step + cfg.router_freeze_steps)
         self._last_regroup = {
             "last_gain": float(gain),
-            "reconstruction_error": float(torch.cat(rel_errors).mean()),
+            # over the re-decomposed groups (0.0 when every group was kept)
+            "reconstruction_error": float(torch.cat(rel_errors).mean()) if rel_errors else 0.0,
             "gated_residuals": gated,
             "moved_experts": int((new_to_old != torch.arange(E, device=dev)).sum()),
         }
