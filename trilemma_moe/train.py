@@ -302,8 +302,8 @@ def _run(args) -> Dict[str, Any]:
     ema_loss, last_loss, last_eval = None, float("nan"), None
     cv_window: List[float] = []
     loss_window: List[float] = []
-    prev_reclusters = _moe_stats(model)["reclusters"]
-    prev_skipped = _moe_stats(model).get("skipped_reclusters", 0)
+    st = _moe_stats(model)
+    prev_reclusters, prev_skipped = st["reclusters"], st.get("skipped_reclusters", 0)
     train_time, tokens_seen = 0.0, 0
     history: List[Dict[str, float]] = []
     for step in range(args.steps):

@@ -123,10 +123,4 @@ class GPT(nn.Module):
 
 def _stored_expert_params(m: nn.Module) -> int:
     fn = getattr(m, "stored_expert_parameter_count", None)
-    if callable(fn):
-        return int(fn())
-    layer = getattr(m, "layer", None)
-    fn = getattr(layer, "stored_expert_parameter_count", None)
-    if callable(fn):
-        return int(fn())
-    return int(m.expert_parameter_count())
+    return int(fn()) if callable(fn) else int(m.expert_parameter_count())
