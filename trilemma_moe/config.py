@@ -51,6 +51,11 @@ class TrilemmaMoEConfig:
     grad_clip: float = 1.0         # gradient-norm clip used by our trainer / DeepSpeed "gradient_clipping"
     gradient_accumulation_steps: int = 1  # forwards per optimizer step (regroups happen on step boundaries)
     seed: int = 1234               # expert init, k-means++ and cache sketches derive from it
+    # --- expert parallelism (trilemma_moe.parallel) -----------------------------------------
+    ep_size: int = 1               # ranks one layer's groups are spread over; num_groups % ep_size == 0
+    capacity_factor: Optional[float] = None  # None = dropless; else (token, group) pairs per group and
+    min_capacity: int = 4          # source rank capped at max(min_capacity, ceil(cf * pairs / G)), rest dropped
+    comm_timeout_s: float = 600.0  # an expert-parallel collective waiting longer raises (a rank stopped answering)
 
     def __post_init__(self) -> None:
         self._check_int("num_experts", 1)
@@ -97,6 +102,17 @@ class TrilemmaMoEConfig:
         if self.recluster_interval is None:
             self.recluster_interval = 100 if E <= 256 else 200
         self._check_int("recluster_interval", 1)
+        self._check_ep()
+
+    def _check_ep(self) -> None:
+        self._check_int("ep_size", 1)
+        if self.num_groups % self.ep_size != 0:
+            raise ValueError(f"num_groups ({self.num_groups}) must be divisible by ep_size ({self.ep_size}): "
+                             f"each expert-parallel rank owns num_groups/ep_size whole groups")
+        if self.capacity_factor is not None:
+            self._check_range("capacity_factor", 0.0, float("inf"), low_open=True)
+        self._check_int("min_capacity", 0)
+        self._check_range("comm_timeout_s", 0.0, float("inf"), low_open=True)
 
     # --- validation helpers ---------------------------------------------------------------
     def _check_int(self, name: str, minimum: int) -> None:
