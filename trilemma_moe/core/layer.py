@@ -81,6 +81,7 @@ class ClusteredMoE(nn.Module):
         self.sync = LocalSync() if expert_parallel is None else expert_parallel
         self._last_counts = torch.zeros(E)
         self._last_regroup: Dict[str, float] = {}
+        self.routing_log: Optional[list] = None   # a list: forwards append (group_idx, expert ids) for profile-comm
 
     _COUNTERS = ("micro_step", "compressed", "reclusters", "skipped", "last_recluster_step", "frozen_until")
 
@@ -207,6 +208,9 @@ class ClusteredMoE(nn.Module):
             return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
                                                                      device=hidden_states.device)
         routing = self.route(x)
+        if self.routing_log is not None:
+            self.routing_log.append((routing.group_idx.detach().cpu(),
+                                     self.expert_of_slot[routing.slot_idx].detach().cpu()))
         plan = self.dispatch(routing)
         if self.ep is None:
             y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
@@ -291,9 +295,11 @@ class ClusteredMoE(nn.Module):
         inverse[order] = torch.arange(R, device=order.device)
         y_recv = y_sorted.index_select(0, inverse)
         if R == 0 and torch.is_grad_enabled():
-            # no rows here: still give every local expert parameter a (zero) gradient, so all ranks
-            # hold the same optimizer state keys (regroups read them collectively)
-            y_recv = y_recv + 0.0 * sum(p.sum() for p in ex.parameters() if p.requires_grad)
+            # No rows here. The backward must still enter every collective the other ranks enter
+            # (the received tensor stays in the graph), and every local expert parameter gets a
+            # (zero) gradient so all ranks hold the same optimizer state keys (regroups read them
+            # collectively).
+            y_recv = y_recv + 0.0 * (recv.sum() + sum(p.sum() for p in ex.parameters() if p.requires_grad))
         y_back = ep.all_to_all(y_recv, recv_counts, send_counts, "tokens_back")
         return x.new_zeros(x.shape[0], d).index_add(0, plan["pair_token"], y_back.to(x.dtype))
 

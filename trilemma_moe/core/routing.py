@@ -131,7 +131,7 @@ def _reduced_aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, re
     total = reduce(torch.cat(parts))
     cnt_g, cnt_e, psum_g, joint_sum, zg, ze, n = torch.split(total, [G, E, G, E, 1, 1, 1])
     loss = total.sum() * 0.0   # keeps the graph (and the collective's backward) on every rank
-    if float(n) == 0:
+    if float(n.detach()) == 0:
         return loss
     if aux_loss_coef > 0:
         lb_group = G * ((cnt_g / (n * g1)) * (psum_g / n)).sum()

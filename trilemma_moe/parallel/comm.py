@@ -22,6 +22,7 @@ would have sent for the same routing.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from datetime import timedelta
 from typing import Dict, List, Optional
@@ -72,9 +73,9 @@ class ExpertParallelComm:
         except RuntimeError as exc:
             raise RuntimeError(
                 f"trilemma_moe expert parallelism: rank {dist.get_rank()} (layer {self.layer_index}, stage "
-                f"'{stage}') got no answer within comm_timeout_s={self.timeout.total_seconds():g} s: another "
-                f"rank stopped answering (crashed, hung, or is not running the same step); see its log. "
-                f"Cause: {exc}") from exc
+                f"'{stage}') failed or got no answer within comm_timeout_s={self.timeout.total_seconds():g} s: "
+                f"another rank stopped answering (crashed, hung, or is not running the same step); see its "
+                f"log. Cause: {exc}") from exc
 
     def _count(self, stage: str, nbytes: int) -> None:
         self.bytes[stage] += int(nbytes)
@@ -96,7 +97,7 @@ class ExpertParallelComm:
         w = dist.all_to_all_single(out, work_x, output_split_sizes=recv_counts, input_split_sizes=send_counts,
                                    group=self.group, async_op=True)
         self._wait(w, stage)
-        row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+        row = math.prod(x.shape[1:]) * x.element_size()
         self._count(stage, row * (sum(send_counts) - send_counts[self.rank]))
         return out.to(dev)
 
@@ -117,7 +118,8 @@ class ExpertParallelComm:
 
     # --- reductions ------------------------------------------------------------------------
     def sum_with_grad(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the expert-parallel group; the backward sums the gradients likewise."""
+        """Sum over every rank of the layer (l_aux statistics: the loss of the whole global batch,
+        as one process would compute it); the backward sums the gradients likewise."""
         return _AllReduceSum.apply(self, t)
 
     def _all_reduce(self, t: torch.Tensor, group, stage: str) -> torch.Tensor:
@@ -213,11 +215,11 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, comm, t):
         ctx.comm = comm
-        return comm._all_reduce(t, comm.group, "aux")
+        return comm._all_reduce(t, comm.topo.world_group, "aux")
 
     @staticmethod
     def backward(ctx, grad):
-        return None, ctx.comm._all_reduce(grad, ctx.comm.group, "aux_grad")
+        return None, ctx.comm._all_reduce(grad, ctx.comm.topo.world_group, "aux_grad")
 
 
 def average_gradients(module: torch.nn.Module, topology: ExpertParallelTopology) -> None:

@@ -89,6 +89,12 @@ class ExpertParallelTopology:
         """DeepSpeed's expert groups (``deepspeed.utils.groups``), created there once if needed, so
         the engine reduces our expert gradients over the same expert-data-parallel group."""
         from deepspeed.utils import groups
+        if not dist.is_initialized():
+            raise RuntimeError("ep_size > 1 needs torch.distributed initialised before the layer is built: "
+                               "call deepspeed.init_distributed() first (the launcher sets RANK/WORLD_SIZE)")
+        world = dist.get_world_size()
+        if ep_size < 1 or world % ep_size != 0:
+            raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world})")
         name = f"ep_size_{ep_size}"
         if name not in groups._get_expert_parallel_group_dict():
             groups._create_expert_and_data_parallel(
