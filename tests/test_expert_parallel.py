@@ -167,3 +167,25 @@ def test_a_rank_that_stops_answering_is_a_clear_error(tmp_path):
     assert len(res) == 1
     assert "stopped answering" in res[0]["error"] and "comm_timeout_s=3" in res[0]["error"]
     assert res[0]["seconds"] < 10
+
+
+def test_profile_comm_replays_a_recorded_run(tmp_path, capsys):
+    from trilemma_moe import cli
+    from trilemma_moe.train import main as train_main
+    path = tmp_path / "routing.pt"
+    train_main(["--steps", "3", "--d-model", "32", "--d-ff", "64", "--layers", "2", "--heads", "2", "--seq-len", "16",
+                "--batch-size", "4", "--num-experts", "16", "--num-groups", "4", "--rank", "4", "--eval-batches", "1",
+                "--no-progress", "--record-routing", str(path)])
+    rec = torch.load(path, weights_only=True)
+    assert len(rec["layers"]) == 2 and rec["hidden_size"] == 32
+    assert rec["layers"][0]["group_idx"].shape == (3 * 4 * 16, 1)          # every token of 3 steps
+    assert rec["layers"][0]["expert_idx"].shape == (3 * 4 * 16, 1, 2)
+    assert cli.main(["profile-comm", "--routing", str(path), "--nodes", "4", "--gpus-per-node", "2",
+                     "--ep-size", "4", "--tokens-per-gpu", "64", "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ours/flat" in out and "8 GPUs" in out
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert len(res) == 2
+    for r in res:   # ep groups of 4 over nodes of 2: both schemes send within and across nodes
+        assert r["ours_inter_bytes"] > 0 and r["flat_inter_bytes"] > 0
+        assert 0.4 < r["ratio_total"] < 0.65

@@ -81,7 +81,7 @@ class ClusteredMoE(nn.Module):
         self.sync = LocalSync() if expert_parallel is None else expert_parallel
         self._last_counts = torch.zeros(E)
         self._last_regroup: Dict[str, float] = {}
-        self.routing_log: Optional[list] = None   # a list: forwards append (group_idx, expert ids) for profile-comm
+        self.routing_log: Optional[list] = None   # a list: training forwards append (group_idx, expert ids) (profile-comm)
 
     _COUNTERS = ("micro_step", "compressed", "reclusters", "skipped", "last_recluster_step", "frozen_until")
 
@@ -208,7 +208,7 @@ class ClusteredMoE(nn.Module):
             return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
                                                                      device=hidden_states.device)
         routing = self.route(x)
-        if self.routing_log is not None:
+        if self.routing_log is not None and self.training:
             self.routing_log.append((routing.group_idx.detach().cpu(),
                                      self.expert_of_slot[routing.slot_idx].detach().cpu()))
         plan = self.dispatch(routing)
