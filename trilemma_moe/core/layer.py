@@ -8,6 +8,7 @@ the first forward of an optimizer step, so gradient accumulation never straddles
 from __future__ import annotations
 
 import math
+import time
 from typing import Dict, Optional
 
 import torch
@@ -355,6 +356,7 @@ class ClusteredMoE(nn.Module):
         io = self.io
         was_compressed = self.compressed
         dev = self.expert_of_slot.device
+        t_start = time.perf_counter()
         ep, ex = self.ep, self.experts
         Gl = ex.G                                    # groups held here (G without expert parallelism)
         local = slice(ex.group_offset * K, (ex.group_offset + Gl) * K)   # their global slots
@@ -383,9 +385,11 @@ class ClusteredMoE(nn.Module):
                                                    new_assign.to(torch.float64)]))
         gain, new_assign = float(decision[0]), decision[1:].round().long()
         self._set_c("last_recluster_step", self.step)
+        t_decided = time.perf_counter()
         if was_compressed and not force and gain < cfg.delta:
             self._set_c("skipped", self._c("skipped") + 1)
             self._last_regroup["last_gain"] = float(gain)
+            self._last_regroup["regroup_cluster_s"] = t_decided - t_start
             return False
         new_assign = clustering.match_group_labels(old_assign, new_assign, G)
         new_expert_of_slot = self._place(old_assign, new_assign, slot_of_expert.cpu()).to(dev)
@@ -445,6 +449,9 @@ class ClusteredMoE(nn.Module):
             "reconstruction_error": float(torch.cat(rel_errors).mean()) if rel_errors else 0.0,
             "gated_residuals": gated,
             "moved_experts": int((new_to_old != torch.arange(E, device=dev)).sum()),
+            # wall time: similarity + k-means + agreement; then decomposition + moving slots and moments
+            "regroup_cluster_s": t_decided - t_start,
+            "regroup_migrate_s": time.perf_counter() - t_decided,
         }
         return True
 
