@@ -2,7 +2,8 @@
 
 One ClusteredMoE layer trains (forward, backward, gradient averaging, AdamW) on ``--ep-size``
 gloo CPU processes with a fixed global batch; then regroups of the compressed layer are forced
-with scrambled activation statistics so experts really move (between ranks when ep_size > 1).
+with scrambled activation statistics and alpha=0 so experts really move (between ranks when
+ep_size > 1); the clustering itself costs the same at any alpha.
 A regroup check runs every T steps, so its share of training time is
 ``regroup / (T * step + regroup)``. Times are the slowest rank's.
 
@@ -33,7 +34,8 @@ def worker(rank, world, port, args, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = TrilemmaMoEConfig(num_experts=args.experts, num_groups=args.groups, rank=args.rank, top_k=2,
-                            burn_in=10 ** 9, recluster_interval=args.interval, delta=0.0, ep_size=world, seed=0)
+                            burn_in=10 ** 9, recluster_interval=args.interval, delta=0.0, ep_size=world, seed=0,
+                            alpha=args.alpha)
     topo = ExpertParallelTopology.create(world)
     comm = ExpertParallelComm(topo, cfg) if world > 1 else None
     layer = ClusteredMoE(args.d, args.f, cfg, expert_parallel=comm)
@@ -103,6 +105,9 @@ def main(argv=None):
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--tokens", type=int, default=2048, help="global batch (tokens per step, all ranks)")
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="S_param weight; 0 so the scrambled activation statistics decide and experts move "
+                        "(with alpha 0.7 compressed groups share a base and stay put: migration would be ~0)")
     p.add_argument("--interval", type=int, default=100, help="T: steps between regroup checks")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
