@@ -82,7 +82,7 @@ def test_main_job_with_expert_parallelism_matches_one_process(tmp_path):
     two = tmp_path / "two.json"
     cmd = LAUNCHER + ["--num_gpus", "2", "--master_port", str(free_port()), "--module", "trilemma_moe.train",
                       "--deepspeed_config", ds_config(tmp_path, "two", 2, 2), *TRAIN, "--summary-json", str(two),
-                      "--comm-log", str(tmp_path / "comm2.json")]
+                      "--comm-log", str(tmp_path / "comm2.json"), "--logdir", str(tmp_path / "tb")]
     check(subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300))
 
     # 4 ranks as two nodes of 2 on localhost: the multi-node example, one launcher per node
@@ -104,6 +104,13 @@ def test_main_job_with_expert_parallelism_matches_one_process(tmp_path):
             node1.kill()
     check(node0)
     assert node1.returncode == 0, node1_out[-4000:]
+
+    # rank 0's byte counters are TensorBoard scalars of the 2-rank run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(tmp_path / "tb"))
+    tb.Reload()
+    series = tb.Scalars("comm/layer0/bytes_tokens_out")
+    assert len(series) == 8 and series[-1].value > series[0].value > 0
 
     ref = json.loads(one.read_text())
     assert ref["reclusters"] >= 3 and ref["compressed"] is True
