@@ -141,7 +141,8 @@ def test_simulator_at_1024_gpus_halves_top2_traffic():
 # --- multi-process (gloo) ----------------------------------------------------------------------
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_matches_one_process(tmp_path, world):
-    res = run_workers("mismatch,equiv,train,bytes,capacity", world, tmp_path)
+    res = run_workers("mismatch,comm,equiv,train,bytes,capacity", world, tmp_path)
+    assert len(res["comm"]) == world   # the communicator's primitives (asserted in the workers)
     # config hash: every rank got the error naming the rank that differs
     assert len(res["mismatch"]) == world and all("ranks [1" in r["error"] for r in res["mismatch"])
     # outputs, l_aux, gradients (float32, 1e-5) and, in float64, parameters and Adam moments

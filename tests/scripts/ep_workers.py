@@ -244,6 +244,43 @@ def mode_capacity(rank, world, out):
     json.dump({"error": err, "dropped": dropped}, open(os.path.join(out, f"rank{rank}.json"), "w"))
 
 
+def mode_comm(rank, world, out):
+    """The communicator's primitives against plain indexing of data every rank can rebuild:
+    all-to-all with random (some zero) splits, forward and backward; row fetches; the
+    differentiable sum; byte counts of each."""
+    cfg = make_config(world)
+    comm = ExpertParallelComm(ExpertParallelTopology.create(world), cfg)
+    gen = torch.Generator().manual_seed(11)
+    splits = torch.randint(0, 4, (world, world), generator=gen)   # splits[src, dst]
+    splits[0, world - 1] = 0
+    rows = {(s, d): torch.randn(int(splits[s, d]), 5, generator=torch.Generator().manual_seed(100 * s + d),
+                                dtype=torch.float64) for s in range(world) for d in range(world)}
+    x = torch.cat([rows[rank, d] for d in range(world)]).requires_grad_(True)
+    send = splits[rank].tolist()
+    recv = comm.exchange_counts(send)
+    assert recv == splits[:, rank].tolist()
+    y = comm.all_to_all(x, send, recv, "tokens_out")
+    assert torch.equal(y, torch.cat([rows[s, rank] for s in range(world)]))
+    w = {(s, d): torch.randn(int(splits[s, d]), 5, generator=torch.Generator().manual_seed(7 + 100 * s + d),
+                             dtype=torch.float64) for s in range(world) for d in range(world)}
+    (y * torch.cat([w[s, rank] for s in range(world)])).sum().backward()
+    assert torch.equal(x.grad, torch.cat([w[rank, d] for d in range(world)]))   # d(out)/d(in) routed back
+    row_bytes = 5 * 8
+    assert comm.bytes["tokens_out"] == row_bytes * (sum(send) - send[rank])
+    assert comm.bytes["tokens_out_grad"] == row_bytes * (sum(recv) - recv[rank])
+    # take_rows: rank r holds rows [3r, 3r+3) of a global table
+    table = torch.randn(3 * world, 4, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want = torch.randint(0, 3 * world, (7,), generator=torch.Generator().manual_seed(rank))
+    assert torch.equal(comm.take_rows(table[3 * rank:3 * rank + 3], want), table[want])
+    # differentiable sum: value = sum over ranks, gradient = sum of every rank's upstream gradient
+    v = torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True)
+    total = comm.sum_with_grad(v)
+    assert torch.equal(total, torch.full((3,), world * (world + 1) / 2, dtype=torch.float64))
+    (total * (rank + 1)).sum().backward()
+    assert torch.equal(v.grad, torch.full((3,), world * (world + 1) / 2, dtype=torch.float64))
+    json.dump({"ok": True}, open(os.path.join(out, f"rank{rank}.json"), "w"))
+
+
 def mode_timeout(rank, world, out):
     """Rank 1 stops answering: the others raise a clear error within comm_timeout_s."""
     cfg = make_config(world, comm_timeout_s=3.0)
