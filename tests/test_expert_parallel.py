@@ -190,3 +190,21 @@ def test_profile_comm_replays_a_recorded_run(tmp_path, capsys):
     for r in res:   # ep groups of 4 over nodes of 2: both schemes send within and across nodes
         assert r["ours_inter_bytes"] > 0 and r["flat_inter_bytes"] > 0
         assert 0.4 < r["ratio_total"] < 0.65
+
+
+def test_trilemma_moe_ep_size_needs_a_matching_process_group():
+    """ep_size > 1 places groups on ranks when the layer is built: without torch.distributed, or
+    with a world that ep_size does not divide, the constructor says so."""
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+    import torch.nn as nn
+    from trilemma_moe import TrilemmaMoE
+    expert = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    if dist.is_initialized():   # e.g. test_deepspeed's world-1 group in this process
+        with pytest.raises(ValueError, match=r"ep_size \(2\) must divide the world size \(1\)"):
+            TrilemmaMoE(8, expert, num_experts=8, ep_size=2, num_groups=4)
+    else:
+        with pytest.raises(RuntimeError, match="deepspeed.init_distributed"):
+            TrilemmaMoE(8, expert, num_experts=8, ep_size=2, num_groups=4)
+    with pytest.raises(ValueError, match="ep_size=2 but config.ep_size=4"):
+        TrilemmaMoE(8, expert, num_experts=8, ep_size=2, config=TrilemmaMoEConfig(num_experts=8, num_groups=4, ep_size=4))

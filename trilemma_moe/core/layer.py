@@ -422,9 +422,12 @@ class ClusteredMoE(nn.Module):
             base_v = io.read(ex.base[name]).to(w.dtype).clone()
             a_v = io.read(ex.fa[name]).to(w.dtype).view(Gl, K, *ex.fa[name].shape[1:]).clone()
             b_v = io.read(ex.fb[name]).to(w.dtype).view(Gl, K, *ex.fb[name].shape[1:]).clone()
-            members = w[rows] if take is None else take(w, rows)   # weights of the experts now in each slot
+            # weights of the experts now in the slots of the groups to decompose (under expert
+            # parallelism fetched from their old owners; every rank joins, with or without rows)
+            redo_rows = rows.view(Gl, K)[redo].reshape(-1)
+            members = w[redo_rows] if take is None else take(w, redo_rows)
             if redo.numel():
-                dec = decompose_groups(members.view(Gl, K, *w.shape[1:])[redo], cfg.rank, cfg.gamma)
+                dec = decompose_groups(members.view(redo.numel(), K, *w.shape[1:]), cfg.rank, cfg.gamma)
                 base_v[redo], a_v[redo], b_v[redo] = dec.base, dec.a, dec.b
                 rel_errors.append(dec.rel_error.reshape(-1))
                 gated += int(dec.gated.sum())
