@@ -1,5 +1,5 @@
 """Run by tests/test_launch_ep.py under the real `deepspeed` launcher:
-    ep_deepspeed.py EP_SIZE ZERO_STAGE OUT_DIR
+    ep_deepspeed.py EP_SIZE ZERO_STAGE OUT_DIR [bf16]
 
 A tiny LM holding TrilemmaMoE(ep_size=EP_SIZE) trains under deepspeed.initialize at ZeRO stage
 ZERO_STAGE on one global batch per step split across the ranks, through the first clustering and
@@ -39,6 +39,8 @@ def main():
     ds_config = {"train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0,
                  "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "torch_adam": True}},
                  "zero_optimization": {"stage": stage}}
+    if len(args) > 3 and args[3] == "bf16":
+        ds_config["bf16"] = {"enabled": True}   # fp32 masters in DeepSpeed's bf16 optimizer
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(model), config=ds_config)
     attach_engine(engine)
     gen = torch.Generator().manual_seed(100)   # the same global batches whatever the world size
