@@ -141,7 +141,7 @@ def test_simulator_at_1024_gpus_halves_top2_traffic():
 # --- multi-process (gloo) ----------------------------------------------------------------------
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_matches_one_process(tmp_path, world):
-    res = run_workers("mismatch,comm,equiv,train,bytes,capacity", world, tmp_path)
+    res = run_workers("mismatch,comm,equiv,variants,train,bytes,capacity", world, tmp_path)
     assert len(res["comm"]) == world   # the communicator's primitives (asserted in the workers)
     # config hash: every rank got the error naming the rank that differs
     assert len(res["mismatch"]) == world and all("ranks [1" in r["error"] for r in res["mismatch"])
@@ -161,6 +161,8 @@ def test_expert_parallel_matches_one_process(tmp_path, world):
         if world == 4:   # E=32, G=8, top-2, d=64: (64 + 2 + 2 int32) / (2 * 64) per remote pair
             assert m["stage1_ratio_to_flat_topk"] <= 0.55
     assert all(r["dropped"] > 0 and r["error"] < 1e-9 for r in res["capacity"])
+    # g1=2 (two owners per token), gated experts without bias, top-1
+    assert len(res["variants"]) == world and all(r["max_error"] < 1e-9 for r in res["variants"])
 
 
 def test_a_rank_that_stops_answering_is_a_clear_error(tmp_path):

@@ -230,6 +230,28 @@ def mode_bytes(rank, world, out):
     json.dump({"measured": measured, "predicted": pred}, open(os.path.join(out, f"rank{rank}.json"), "w"))
 
 
+def mode_variants(rank, world, out):
+    """Two groups per token (g1=2: a token crosses twice, to two owners), gated experts without
+    biases, top-1: same outputs, l_aux and gradients as one process, before and after a regroup."""
+    errors = []
+    for kw, layer_kw in [(dict(group_top_k=2), {}), (dict(top_k=1), dict(gated=True, bias=False, activation="silu"))]:
+        topo = ExpertParallelTopology.create(world)
+        cfg_ep, cfg_1 = make_config(world, **kw), make_config(1, **kw)
+        ep = ClusteredMoE(D, F, cfg_ep, expert_parallel=ExpertParallelComm(topo, cfg_ep), **layer_kw).double()
+        ref = ClusteredMoE(D, F, cfg_1, **layer_kw).double()
+        for phase in range(3):
+            if phase:
+                scramble_centroids(ep, ref)
+                assert ep.recluster(force=True) and ref.recluster(force=True)
+            x, t = batch(world, 12, 500 + phase, torch.float64)
+            y, l_aux, y_ref, l_ref = step_both(ep, ref, topo, x, t, world, 12)
+            errors += [close(y, y_ref, f"{kw} output", 1e-9), close(l_aux, l_ref, f"{kw} l_aux", 1e-9),
+                       compare_params(ep, ref, 1e-9, grads=True)]
+            ep.zero_grad()
+            ref.zero_grad()
+    json.dump({"max_error": max(errors)}, open(os.path.join(out, f"rank{rank}.json"), "w"))
+
+
 def mode_capacity(rank, world, out):
     """With a capacity factor, pairs are dropped per source rank's batch (as DeepSpeed drops per
     rank): the expert-parallel output equals the one-process layer run on this rank's batch."""
