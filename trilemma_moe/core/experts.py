@@ -267,9 +267,9 @@ class ExpertSlots(nn.Module):
         out = x_pairs.new_zeros(P, d)
         if not extra_rows:
             return out
-        out = out.index_add(0, row_pair, torch.cat(extra_rows))
+        out = out.index_add(0, row_pair, torch.cat(extra_rows).to(out.dtype))  # bf16 under autocast
         if compressed:
-            h_sum = x_pairs.new_zeros(P, self.spec.ffn_hidden_size).index_add(0, row_pair, torch.cat(h_rows))
+            h_sum = x_pairs.new_zeros(P, self.spec.ffn_hidden_size).index_add(0, row_pair, torch.cat(h_rows).to(x_pairs.dtype))
             split_h = h_sum.split(pair_group_counts)
             out = out + torch.cat([hg @ base["w2"][g] for g, hg in enumerate(split_h)])
         return out
