@@ -16,6 +16,7 @@ from ..config import TrilemmaMoEConfig
 from . import clustering
 from .compression import compression_ratio, decompose_groups
 from .experts import ExpertSlots, ExpertSpec
+from ..kernels import fused
 from .metrics import coefficient_of_variation
 from .routing import HierarchicalRouter, Routing, aux_losses
 from .state_io import TorchParamIO
@@ -67,13 +68,22 @@ class ClusteredMoE(nn.Module):
         self.sync = LocalSync()
         self._last_counts = torch.zeros(E)
         self._last_regroup: Dict[str, float] = {}
+        self._host_counters: Optional[list] = None  # mirror of `counters`: reading a GPU buffer syncs
+        # Fused expert path (sort-based dispatch, grouped GEMMs, Triton kernels): None picks it for
+        # CUDA tensors when Triton is available; True/False force it (True on the CPU runs the same
+        # code on the kernels' torch twins).
+        self.fused: Optional[bool] = None
 
     _COUNTERS = ("micro_step", "compressed", "reclusters", "skipped", "last_recluster_step", "frozen_until")
 
     def _c(self, name: str) -> int:
-        return int(self.counters[self._COUNTERS.index(name)])
+        if self._host_counters is None:
+            self._host_counters = self.counters.tolist()
+        return self._host_counters[self._COUNTERS.index(name)]
 
     def _set_c(self, name: str, value: int) -> None:
+        self._c(name)
+        self._host_counters[self._COUNTERS.index(name)] = value
         self.counters[self._COUNTERS.index(name)] = value
 
     # --- public state --------------------------------------------------------------------
@@ -107,7 +117,7 @@ class ClusteredMoE(nn.Module):
         return sum(p.numel() for p in self.experts.expert_parameters(self.compressed))
 
     def stats(self) -> Dict[str, float]:
-        counts = self._last_counts.float()
+        counts = self._last_counts.float().cpu()
         group_counts = counts[self.expert_of_slot.cpu()].view(self.num_groups, -1).sum(1)
         s = {
             "load_cv": coefficient_of_variation(counts),
@@ -149,6 +159,7 @@ class ClusteredMoE(nn.Module):
     def set_extra_state(self, state) -> None:
         self.sim_cache.load_state_dict(state["sim_cache"])
         self._last_regroup = dict(state.get("last_regroup", {}))
+        self._host_counters = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         counters = state_dict.get(prefix + "counters")
@@ -162,6 +173,7 @@ class ClusteredMoE(nn.Module):
                 raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
                                    f"layer that has already been compressed; load it into a fresh layer")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_counters = None
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
@@ -189,15 +201,25 @@ class ClusteredMoE(nn.Module):
             return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
                                                                      device=hidden_states.device)
         routing = self.route(x)
-        plan = self.dispatch(routing)
-        y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
-                               plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed)
-        y = self.combine(y_pairs, plan, x.shape[0])
+        if self._use_fused(x):
+            y = fused.fused_expert_forward(self.experts, x, routing.group_idx, routing.slot_idx, routing.weights)
+        else:
+            plan = self.dispatch(routing)
+            y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
+                                   plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed)
+            y = self.combine(y_pairs, plan, x.shape[0])
         l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef).to(y.dtype)
-        exp_counts = self._observe(x, routing, plan, learning)
+        exp_counts = self._observe(x, routing, learning)
         if keep is not None:
             y = hidden_states.new_zeros(shape[:-1].numel(), self.hidden_size).index_copy(0, keep, y)
         return y.reshape(shape), l_aux, exp_counts
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if not self.compressed or not fused.supports(self.experts):
+            return False
+        if self.fused is None:
+            return x.is_cuda and fused.triton_available()
+        return self.fused
 
     def route(self, x: torch.Tensor) -> Routing:
         frozen = self.training and self.step < self._c("frozen_until")
@@ -229,20 +251,28 @@ class ClusteredMoE(nn.Module):
         return y_pairs.new_zeros(num_tokens, y_pairs.shape[1]).index_add(0, plan["pair_token"], y_pairs)
 
     @torch.no_grad()
-    def _observe(self, x: torch.Tensor, r: Routing, plan, learning: bool) -> torch.Tensor:
-        """Per-expert token counts and, in training, the EMA activation centroids (Eq. 5)."""
-        slot_counts = plan["slot_counts_tensor"]
+    def _observe(self, x: torch.Tensor, r: Routing, learning: bool) -> torch.Tensor:
+        """Per-expert token counts and, in training, the EMA activation centroids (Eq. 5).
+
+        Device-side only (no host sync): a [E, T] count matrix gives both the counts and, by one
+        matmul with x, the per-expert activation sums."""
+        E, T = self.num_experts, x.shape[0]
+        slots = r.slot_idx.reshape(T, -1)
+        token = torch.arange(T, device=x.device).unsqueeze(1).expand_as(slots)
+        hits = torch.zeros(E * T, device=x.device, dtype=torch.float32)
+        hits.scatter_add_(0, (slots * T + token).reshape(-1), torch.ones(slots.numel(), device=x.device))
+        hits = hits.view(E, T)
+        slot_counts = hits.sum(1).round().long()
         counts = torch.zeros_like(slot_counts)
         counts[self.expert_of_slot] = slot_counts
-        self._last_counts = counts.detach().cpu()
+        self._last_counts = counts.detach()
         if learning:
-            token_of_row = plan["pair_token"][plan["row_pair"]]
-            sums_slot = torch.zeros(self.num_experts, self.hidden_size, device=x.device).index_add_(
-                0, plan["row_slot"], x.detach().float().index_select(0, token_of_row))
+            dt = torch.promote_types(x.dtype, torch.float32)
+            sums_slot = hits.to(dt) @ x.detach().to(dt)
             sums = torch.zeros_like(sums_slot)
             sums[self.expert_of_slot] = sums_slot
-            c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, sums,
-                                                  counts.to(sums.dtype), self.config.beta)
+            c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, sums.to(self.centroids.dtype),
+                                                  counts.to(self.centroids.dtype), self.config.beta)
             self.centroids.copy_(c)
             self.centroid_seen.copy_(seen)
             self._set_c("micro_step", self._c("micro_step") + 1)
