@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summary-json", default=None, help="write the final metrics as JSON here")
     g.add_argument("--device", default="cpu",
                    help="cpu or cuda (without --deepspeed_config; under DeepSpeed the engine decides)")
+    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the training forward (without --deepspeed_config; DeepSpeed "
+                        "takes its \"bf16\" section)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -305,6 +308,7 @@ def _run(args) -> Dict[str, Any]:
     st = _moe_stats(model)
     prev_reclusters, prev_skipped = st["reclusters"], st.get("skipped_reclusters", 0)
     train_time, tokens_seen = 0.0, 0
+    step_times: List[float] = []
     history: List[Dict[str, float]] = []
     for step in range(args.steps):
         t0 = time.perf_counter()
@@ -322,7 +326,8 @@ def _run(args) -> Dict[str, Any]:
                 engine.step()
             else:
                 x, y = x.to(args.device), y.to(args.device)
-                _, loss, l_aux = model(x, y)
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                    _, loss, l_aux = model(x, y)
                 ((loss + l_aux) / ga).backward()
             step_loss += float(loss.detach()) / ga
             step_aux += float(l_aux.detach()) / ga
@@ -334,7 +339,8 @@ def _run(args) -> Dict[str, Any]:
                     [p for p in model.parameters() if p.grad is not None], cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        train_time += time.perf_counter() - t0
+        step_times.append(time.perf_counter() - t0)
+        train_time += step_times[-1]
 
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss became {step_loss} at step {step + 1}")
@@ -397,6 +403,9 @@ def _run(args) -> Dict[str, Any]:
         "expert_params": pc["expert"],
         "tokens_per_s": tokens_seen / max(train_time, 1e-9),
         "train_time_s": train_time,
+        # the second half of the run: no compilation, autotuning or first clustering in it
+        "tokens_per_s_second_half": (tokens_seen / args.steps) * (args.steps - args.steps // 2)
+        / max(sum(step_times[args.steps // 2:]), 1e-9),
         "load_cv": sum(cv_window) / max(1, len(cv_window)),
         "load_cv_last": st["load_cv"],
         "reclusters": st["reclusters"],
