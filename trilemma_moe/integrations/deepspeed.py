@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TrilemmaMoEConfig
+from ..core.checkpoint import from_slot_keys, to_slot_keys
 from ..core.experts import spec_from_module
 from ..core.layer import ClusteredMoE
 from ..core.state_io import TorchParamIO
@@ -187,6 +188,21 @@ class TrilemmaMoE(_DeepSpeedMoE):
             # DeepSpeed's tags for expert parameters: reduced over the expert-data-parallel group.
             p.allreduce = False
             p.group_name = self.expert_group_name
+        # Checkpoints by slot in DeepSpeed-MoE's key naming (core/checkpoint.py): one file per global
+        # expert slot from engine.save_checkpoint, the same keys in a plain state_dict.
+        self._register_state_dict_hook(TrilemmaMoE._slot_keys_out)
+        self.register_load_state_dict_pre_hook(TrilemmaMoE._slot_keys_in)
+
+    @staticmethod
+    def _slot_keys_out(module, state, prefix, local_metadata):
+        ex = module.moe.experts
+        to_slot_keys(state, prefix, ex.num_experts, ex.K)
+
+    @staticmethod
+    def _slot_keys_in(module, state, prefix, *args):
+        ex = module.moe.experts
+        stacked = dict(ex.state_dict(keep_vars=True))
+        from_slot_keys(state, prefix, ex.num_experts, ex.K, stacked)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the DeepSpeed engine: create (once) and remember the expert process groups."""
