@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save-dir", default=None,
+                   help="checkpoint directory (DeepSpeed: engine.save_checkpoint layout; otherwise latest.pt)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    g.add_argument("--loss-log", default=None, help="append one JSON line per step (step, loss) to this file")
     return p
 
 
@@ -265,6 +271,13 @@ def _run(args) -> Dict[str, Any]:
                            seed=args.seed + 1 + 1000 * rank)  # data-parallel ranks see different batches
     is_main = rank == 0
     logger = _Logger(args.logdir if is_main else None)
+    start_step = 0
+    if args.resume:
+        if not args.save_dir:
+            raise SystemExit("--resume needs --save-dir")
+        start_step = _load_training_checkpoint(args, model, optimizer, engine, sampler)
+        if is_main:
+            print(f"resumed from {args.save_dir} at step {start_step}")
 
     if is_main:
         print(corpus.describe())
@@ -306,7 +319,10 @@ def _run(args) -> Dict[str, Any]:
     prev_reclusters, prev_skipped = st["reclusters"], st.get("skipped_reclusters", 0)
     train_time, tokens_seen = 0.0, 0
     history: List[Dict[str, float]] = []
-    for step in range(args.steps):
+    if bar is not None and start_step:
+        bar.update(start_step)
+    loss_log = open(args.loss_log, "a") if args.loss_log and is_main else None
+    for step in range(start_step, args.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, args.steps, args.lr, warmup, args.min_lr_ratio)
         if not (use_ds and engine.lr_scheduler is not None):
@@ -339,6 +355,11 @@ def _run(args) -> Dict[str, Any]:
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss became {step_loss} at step {step + 1}")
         last_loss = step_loss
+        if loss_log is not None:
+            loss_log.write(json.dumps({"step": step + 1, "loss": step_loss}) + "\n")
+            loss_log.flush()
+        if args.save_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
+            _save_training_checkpoint(args, model, optimizer, engine, sampler, step + 1)
         loss_window = (loss_window + [step_loss])[-20:]
         ema_loss = step_loss if ema_loss is None else 0.95 * ema_loss + 0.05 * step_loss
         st = _moe_stats(model)
@@ -379,6 +400,8 @@ def _run(args) -> Dict[str, Any]:
                 f"ppl {last_eval['valid_ppl']:.2f} | load cv {st['load_cv']:.3f}")
     if bar is not None:
         bar.close()
+    if loss_log is not None:
+        loss_log.close()
 
     last_eval = evaluate(model, corpus.valid, args.seq_len, args.batch_size, args.eval_batches)
     logger.scalars(args.steps, last_eval, "valid")
@@ -429,6 +452,33 @@ def _run(args) -> Dict[str, Any]:
                 json.dump(summary, f, indent=2)
             print(f"summary written to {args.summary_json}")
     return summary
+
+
+def _save_training_checkpoint(args, model, optimizer, engine, sampler, step: int) -> None:
+    """Everything a resume needs: weights (layer state included), optimizer, step, data position.
+    Writes are atomic (a kill mid-save leaves the previous checkpoint in place)."""
+    client = {"step": step, "sampler_state": sampler.generator.get_state()}
+    if engine is not None:
+        from .integrations.checkpoint import save_checkpoint
+        save_checkpoint(engine, args.save_dir, tag=f"step{step}", client_state=client)
+        return
+    from .core.checkpoint import atomic_save
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **client},
+                os.path.join(args.save_dir, "latest.pt"))
+
+
+def _load_training_checkpoint(args, model, optimizer, engine, sampler) -> int:
+    if engine is not None:
+        path, client = engine.load_checkpoint(args.save_dir)
+        if path is None:
+            raise SystemExit(f"--resume: no DeepSpeed checkpoint in {args.save_dir}")
+    else:
+        from .core.checkpoint import safe_load
+        client = safe_load(os.path.join(args.save_dir, "latest.pt"))
+        model.load_state_dict(client["model"])
+        optimizer.load_state_dict(client["optimizer"])
+    sampler.generator.set_state(client["sampler_state"])
+    return int(client["step"])
 
 
 def _deepspeed_engine(args, model, groups, cfg: TrilemmaMoEConfig):
