@@ -16,7 +16,9 @@ from ..config import TrilemmaMoEConfig
 from . import clustering
 from .compression import compression_ratio, decompose_groups
 from .experts import ExpertSlots, ExpertSpec
+from . import quant
 from .metrics import coefficient_of_variation
+from .offload import CPUTier, GroupStore
 from .routing import HierarchicalRouter, Routing, aux_losses
 from .state_io import TorchParamIO
 
@@ -55,6 +57,10 @@ class ClusteredMoE(nn.Module):
         self.num_experts, self.num_groups, self.experts_per_group = E, G, K
         self.layer_index = layer_index
         self.experts = ExpertSlots(self.spec, G, K, cfg.rank, cfg.seed, layer_index)
+        self.experts.residual_bits = cfg.residual_bits
+        self.offload_tier = None    # where idle groups go (integrations set NVMe/aio); CPU memory if unset
+        self._store: Optional[GroupStore] = None
+        self._store_key = None
         gen = torch.Generator().manual_seed(cfg.seed * 31 + layer_index + 7)
         self.router = HierarchicalRouter(hidden_size, G, K, cfg.group_top_k, cfg.top_k, generator=gen)
         # Persistent state: the slot table and everything the clustering remembers.
@@ -162,6 +168,62 @@ class ClusteredMoE(nn.Module):
                 raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
                                    f"layer that has already been compressed; load it into a fresh layer")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._store_key = None  # new weights: the stored form is rebuilt at the next inference forward
+
+    # --- precision and memory (3.4) ------------------------------------------------------------
+    def _store_views(self, group_counts):
+        """Inference forwards with ``offload_idle_steps`` set read the stored form through the
+        offload store (rebuilt from the masters whenever they changed since it was built)."""
+        if self.config.offload_idle_steps is None or not self.compressed:
+            return None
+        key = (self._c("micro_step"), self._c("reclusters"),
+               sum(p._version for p in self.experts.expert_parameters(True)))
+        if self._store is None:
+            tier = self.offload_tier if self.offload_tier is not None else CPUTier()
+            cfg = self.config
+            self._store = GroupStore(self.experts, cfg.residual_bits, tier, self.layer_index,
+                                     cfg.offload_idle_steps, cfg.prefetch_lookahead, cfg.prefetch_ema_rate)
+        elif key != self._store_key:
+            self._store.build()
+        self._store_key = key
+        return self._store.step(group_counts)
+
+    def offload_stats(self) -> Dict[str, float]:
+        """Hits, misses, bytes written/read, stall time, resident/offloaded bytes of the offload store."""
+        if self._store is None:
+            return {"hits": 0, "misses": 0, "bytes_written": 0, "bytes_read": 0, "stall_s": 0.0, "steps": 0,
+                    "hit_rate": float("nan"), "resident_bytes": 0, "offloaded_bytes": 0}
+        return self._store.summary()
+
+    @torch.no_grad()
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes per component, from the tensors held (and, for the stored residuals, from the
+        packed tensors built now from the current masters).
+
+        ``bases``, ``residual_masters`` (the optimizer's factors), ``biases``, ``router``,
+        ``burn_in_full`` (full experts' storage still held): held now. ``residual_stored``: the
+        residuals as stored (offload files, inference store): INT4 ``residual_packed`` +
+        ``residual_scales`` (scales and zero points) at ``residual_bits=4``, else the factors as
+        held. ``stored_experts`` = bases + residual_stored + biases. ``store_resident`` /
+        ``store_offloaded``: the offload store's groups in memory / on the offload tier.
+        """
+        def nb(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+        ex = self.experts
+        factors = list(ex.fa.values()) + list(ex.fb.values())
+        r = {"bases": nb(ex.base.values()), "residual_masters": nb(factors), "biases": nb(ex.bias.values()),
+             "router": nb(self.router.parameters()), "burn_in_full": nb(ex.full.values())}
+        if self.config.residual_bits == 4:
+            qs = [quant.quantize(p) for p in factors]
+            r["residual_packed"] = nb(q["packed"] for q in qs)
+            r["residual_scales"] = nb(t for q in qs for t in (q["scale"], q["zero"]))
+            r["residual_stored"] = r["residual_packed"] + r["residual_scales"]
+        else:
+            r["residual_stored"] = r["residual_masters"]
+        r["stored_experts"] = r["bases"] + r["residual_stored"] + r["biases"]
+        st = self.offload_stats()
+        r["store_resident"], r["store_offloaded"] = int(st["resident_bytes"]), int(st["offloaded_bytes"])
+        return r
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
@@ -190,8 +252,9 @@ class ClusteredMoE(nn.Module):
                                                                      device=hidden_states.device)
         routing = self.route(x)
         plan = self.dispatch(routing)
+        views = self._store_views(plan["pair_group_counts"]) if not learning else None
         y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
-                               plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed)
+                               plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed, views)
         y = self.combine(y_pairs, plan, x.shape[0])
         l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef).to(y.dtype)
         exp_counts = self._observe(x, routing, plan, learning)

@@ -190,6 +190,9 @@ class TrilemmaMoE(_DeepSpeedMoE):
             p.group_name = self.expert_group_name
         # Checkpoints by slot in DeepSpeed-MoE's key naming (core/checkpoint.py): one file per global
         # expert slot from engine.save_checkpoint, the same keys in a plain state_dict.
+        if config.offload_idle_steps is not None:
+            from .aio import make_tier
+            self.moe.offload_tier = make_tier(config.offload_dir, config.aio)
         self._register_state_dict_hook(TrilemmaMoE._slot_keys_out)
         self.register_load_state_dict_pre_hook(TrilemmaMoE._slot_keys_in)
 
@@ -236,6 +239,12 @@ class TrilemmaMoE(_DeepSpeedMoE):
 
     def expert_parameter_count(self) -> int:
         return self.moe.expert_parameter_count()
+
+    def memory_report(self) -> Dict[str, int]:
+        return self.moe.memory_report()
+
+    def offload_stats(self) -> Dict[str, float]:
+        return self.moe.offload_stats()
 
 
 def clustered_layers(model: nn.Module) -> List[ClusteredMoE]:
