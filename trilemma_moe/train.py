@@ -33,7 +33,9 @@ DEFAULT_STEPS = 800  # no-argument run (ours): about 1.5 min wall on 2 CPU cores
 
 _FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank": "rank",
                   "top_k": "top_k", "burn_in": "burn_in",
-                  "recluster_interval": "recluster_interval"}
+                  "recluster_interval": "recluster_interval", "residual_bits": "residual_bits",
+                  "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
+                  "offload_dir": "offload_dir"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"T0 steps before the first clustering (default {CPU_MOE_DEFAULTS['burn_in']})")
     g.add_argument("--recluster-interval", type=int, default=None,
                    help=f"T (default {CPU_MOE_DEFAULTS['recluster_interval']})")
+    g = p.add_argument_group("precision and memory (override --config)")
+    g.add_argument("--residual-bits", type=int, default=None, choices=(4, 16), help="residual factor bits")
+    g.add_argument("--offload-idle-steps", type=int, default=None,
+                   help="S_idle: offload groups idle this many evaluation steps (default: off)")
+    g.add_argument("--prefetch-lookahead", type=int, default=None, help="L: prefetch lookahead (default 2)")
+    g.add_argument("--offload-dir", default=None, help="NVMe directory for offloaded groups (aio)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -431,6 +439,12 @@ def _run(args) -> Dict[str, Any]:
     for key in ("group_load_cv", "compression_ratio", "skipped_reclusters", "compressed"):
         if key in st:
             summary[key] = st[key]
+    mem_layers = [m for m in model.moe_layers() if hasattr(m, "memory_report")]
+    if mem_layers:
+        reports = [m.memory_report() for m in mem_layers]
+        summary["memory_bytes"] = {k: sum(r[k] for r in reports) for k in reports[0]}
+        if cfg.offload_idle_steps is not None:
+            summary["offload"] = _offload_summary([m.offload_stats() for m in mem_layers])
     logger.scalars(args.steps, {"tokens_per_s": summary["tokens_per_s"]}, "final")
     logger.close()
 
@@ -452,6 +466,18 @@ def _run(args) -> Dict[str, Any]:
                 json.dump(summary, f, indent=2)
             print(f"summary written to {args.summary_json}")
     return summary
+
+
+def _offload_summary(stats: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Offload counters summed over layers; peak resident bytes is the sum of per-layer peaks."""
+    out = {k: sum(s.get(k, 0) for s in stats) for k in ("hits", "misses", "offloads", "prefetches", "bytes_written",
+                                                         "bytes_read", "stall_s", "peak_resident_bytes",
+                                                         "write_failures")}
+    out["steps"] = max(s.get("steps", 0) for s in stats)
+    out["hit_rate"] = out["hits"] / (out["hits"] + out["misses"]) if out["hits"] + out["misses"] else None
+    out["stall_s_per_step"] = out["stall_s"] / max(1, out["steps"])
+    out["tier"] = stats[0].get("tier")
+    return out
 
 
 def _save_training_checkpoint(args, model, optimizer, engine, sampler, step: int) -> None:

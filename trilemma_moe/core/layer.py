@@ -171,7 +171,7 @@ class ClusteredMoE(nn.Module):
         self._store_key = None  # new weights: the stored form is rebuilt at the next inference forward
 
     # --- precision and memory (3.4) ------------------------------------------------------------
-    def _store_views(self, group_counts):
+    def _store_views(self, group_counts, group_probs=None):
         """Inference forwards with ``offload_idle_steps`` set read the stored form through the
         offload store (rebuilt from the masters whenever they changed since it was built)."""
         if self.config.offload_idle_steps is None or not self.compressed:
@@ -186,7 +186,7 @@ class ClusteredMoE(nn.Module):
         elif key != self._store_key:
             self._store.build()
         self._store_key = key
-        return self._store.step(group_counts)
+        return self._store.step(group_counts, group_probs)
 
     def offload_stats(self) -> Dict[str, float]:
         """Hits, misses, bytes written/read, stall time, resident/offloaded bytes of the offload store."""
@@ -252,7 +252,7 @@ class ClusteredMoE(nn.Module):
                                                                      device=hidden_states.device)
         routing = self.route(x)
         plan = self.dispatch(routing)
-        views = self._store_views(plan["pair_group_counts"]) if not learning else None
+        views = self._store_views(plan["pair_group_counts"], routing.group_probs) if not learning else None
         y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
                                plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed, views)
         y = self.combine(y_pairs, plan, x.shape[0])

@@ -12,7 +12,8 @@ the layer has trained since it was built, so it is never stale.
 Per step (one forward): the groups that receive tokens are *needed*. Pending prefetches are
 completed (time spent blocked is stall time); a needed group that is resident because a prefetch
 brought it back counts as a hit, one that is absent is read synchronously and counts as a miss.
-Then each group's EMA selection frequency ``p_g`` is updated (rate ``prefetch_ema_rate``);
+Then each group's EMA selection frequency ``p_g`` is updated (rate ``prefetch_ema_rate``; the
+evidence is soft, from the router's group probabilities, see :meth:`GroupStore.step`);
 resident groups idle for ``offload_idle_steps`` steps whose predicted chance of use within the
 next L steps, ``1 - (1 - p_g)^L``, is below :data:`PREFETCH_THRESHOLD` are written out, and
 offloaded groups above it are read back asynchronously.
@@ -230,11 +231,22 @@ class GroupStore:
         self._note_peak()
 
     # --- one forward ------------------------------------------------------------------------
-    def step(self, group_counts: List[int]):
+    def step(self, group_counts: List[int], group_probs: Optional[torch.Tensor] = None):
         """Make the needed groups resident, update the predictor, evict and prefetch; return the
-        forward's weight views (see ``ExpertSlots.param_views``)."""
+        forward's weight views (see ``ExpertSlots.param_views``).
+
+        ``group_probs`` (tokens, G): the router's group probabilities. The predictor's evidence for
+        group g in this step is ``max(selected, 1 - prod_t (1 - p_tg))``, the chance that some
+        token would pick g if tokens drew their group from the router: it keeps moving while a
+        group is offloaded (the router is always resident), so a group the router is warming to
+        is prefetched before its first selection.
+        """
         G = self.experts.G
         needed = [g for g in range(G) if group_counts[g] > 0]
+        if group_probs is not None and group_probs.numel():
+            soft = (-torch.expm1(torch.log1p(-group_probs.detach().double().clamp(max=1 - 1e-12)).sum(0))).tolist()
+        else:
+            soft = [0.0] * G
         self._drain()
         for g in needed:
             if g in self.resident:
@@ -251,7 +263,7 @@ class GroupStore:
         a = self.ema_rate
         for g in range(G):
             used = group_counts[g] > 0
-            self.ema[g] = (1 - a) * self.ema[g] + a * float(used)
+            self.ema[g] = (1 - a) * self.ema[g] + a * max(float(used), soft[g])
             self.idle[g] = 0 if used else self.idle[g] + 1
         self.stats["steps"] += 1
         if self.idle_steps is not None:
