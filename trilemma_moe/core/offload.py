@@ -211,14 +211,17 @@ class GroupStore:
         for key, exc in failed:            # writes that did not reach the disk: keep the CPU copy
             g = key[1]
             buf = self._write_bufs.pop(g)
-            self.resident[g] = unpack_group(buf, self.meta[g], self.layer, g, "memory")
+            dev = next(iter(self.experts.base.values())).device
+            self.resident[g] = {k: t.to(dev) for k, t in unpack_group(buf, self.meta[g], self.layer, g, "memory").items()}
             self.offloaded.pop(g, None)
             self.inflight.pop(g, None)
             self.tier.remove(key)
             self._write_failed(g, exc)
         for key, buf in done.items():
             g = key[1]
-            self.resident[g] = unpack_group(buf, self.meta[g], self.layer, g, self.tier.where(key))
+            dev = next(iter(self.experts.base.values())).device
+            self.resident[g] = {k: t.to(dev) for k, t in
+                                unpack_group(buf, self.meta[g], self.layer, g, self.tier.where(key)).items()}
             self.stats["bytes_read"] += buf.numel()
             self.offloaded.pop(g)
             self.tier.remove(key)
