@@ -253,3 +253,28 @@ def test_sigkill_and_resume_continues_the_same_loss_curve(tmp_path):
     ref, got = _losses(ref_log), _losses(run_log)
     assert sorted(got) == list(range(1, steps + 1))
     assert [got[s] for s in range(1, steps + 1)] == [ref[s] for s in range(1, steps + 1)]
+
+
+def test_ep2_ranks_read_their_slots_from_an_ep4_checkpoint(tmp_path):
+    """What each rank of an ep-2 run gets from DeepSpeed's loader (files of its global slots, ids
+    renamed global -> local) becomes, through our load hook, exactly its half of the layer."""
+    from trilemma_moe.core.checkpoint import from_slot_keys
+    e = _engine(0, num_groups=4)
+    _train(e, _batches(4))
+    src, dst = str(tmp_path / "ep1"), str(tmp_path / "ep4")
+    save_checkpoint(e, src, "t")
+    _ep_layout_checkpoint(src, dst, "t", ep_size=4)
+    ex = e.module.moe.moe.experts
+    E_loc, K = 4, ex.K
+    for r in range(2):
+        state = {}
+        for gid in range(r * E_loc, (r + 1) * E_loc):      # deepspeed load_moe_state_dict, ep 2, rank r
+            part = torch.load(deepspeed.DeepSpeedEngine._get_expert_ckpt_name(dst, 0, gid, "t"), weights_only=True)
+            lid = gid - r * E_loc
+            state.update({k.replace(f"{SLOT_PREFIX}{gid}", f"{SLOT_PREFIX}{lid}"): v for k, v in part.items()})
+        from_slot_keys(state, "moe.", E_loc, K, dict(ex.state_dict(keep_vars=True)))
+        for kn, t in ex.state_dict().items():
+            if t.numel() == 0:
+                continue
+            rows = slice(r * E_loc // K, (r + 1) * E_loc // K) if kn.startswith("base.") else slice(r * E_loc, (r + 1) * E_loc)
+            assert torch.equal(state[f"moe.moe.experts.{kn}"], t[rows]), kn
