@@ -202,14 +202,19 @@ def test_reshard_names_missing_and_corrupt_files(tmp_path):
     assert not (tmp_path / "o.pt").exists()
 
 
-def _train_cmd(tmp_path, steps, extra=()):
-    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-           "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9,
-           "trilemma_moe": {"num_experts": 8, "num_groups": 2, "rank": 4, "burn_in": 6, "recluster_interval": 5,
-                            "delta": 0.0}}
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(cfg))
-    return [sys.executable, "-m", "trilemma_moe.train", "--deepspeed_config", str(path), "--steps", str(steps),
+def _train_cmd(tmp_path, steps, extra=(), use_deepspeed=True):
+    knobs = {"num_experts": 8, "num_groups": 2, "rank": 4, "burn_in": 6, "recluster_interval": 5, "delta": 0.0}
+    if use_deepspeed:
+        cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+               "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9, "trilemma_moe": knobs}
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(cfg))
+        how = ["--deepspeed_config", str(path)]
+    else:
+        path = tmp_path / "knobs.yaml"
+        path.write_text(json.dumps(knobs))   # JSON is YAML
+        how = ["--config", str(path), "--batch-size", "8"]
+    return [sys.executable, "-m", "trilemma_moe.train", *how, "--steps", str(steps),
             "--d-model", "32", "--d-ff", "64", "--layers", "1", "--seq-len", "16", "--eval-every", "0",
             "--eval-batches", "2", "--no-progress", "--threads", "1", *extra]
 
@@ -222,15 +227,17 @@ def _losses(path):
     return out
 
 
-def test_sigkill_and_resume_continues_the_same_loss_curve(tmp_path):
+@pytest.mark.parametrize("use_deepspeed", [True, False], ids=["deepspeed", "plain"])
+def test_sigkill_and_resume_continues_the_same_loss_curve(tmp_path, use_deepspeed):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT="29561")
-    steps = 60
+    steps = 80
     ref_log, run_log = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
-    subprocess.run(_train_cmd(tmp_path, steps, ["--loss-log", str(ref_log)]), env=env, check=True,
+    subprocess.run(_train_cmd(tmp_path, steps, ["--loss-log", str(ref_log)], use_deepspeed), env=env, check=True,
                    timeout=240, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "ckpt"
-    cmd = _train_cmd(tmp_path, steps, ["--loss-log", str(run_log), "--save-dir", str(ckpt), "--save-every", "10"])
+    cmd = _train_cmd(tmp_path, steps, ["--loss-log", str(run_log), "--save-dir", str(ckpt), "--save-every", "10"],
+                     use_deepspeed)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -246,7 +253,10 @@ def test_sigkill_and_resume_continues_the_same_loss_curve(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed_from = int(latest_tag(str(ckpt))[len("step"):])
+    if use_deepspeed:
+        resumed_from = int(latest_tag(str(ckpt))[len("step"):])
+    else:
+        resumed_from = int(safe_load(str(ckpt / "latest.pt"))["step"])
     assert 20 <= resumed_from < steps
     subprocess.run(cmd + ["--resume"], env=env, check=True, timeout=240,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
