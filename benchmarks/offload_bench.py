@@ -33,8 +33,10 @@ def main(argv=None):
     p.add_argument("--idle-steps", type=int, default=4)
     p.add_argument("--lookahead", type=int, default=2)
     p.add_argument("--ema-rate", type=float, default=0.3)
+    p.add_argument("--no-router-evidence", action="store_true", help="predictor counts hard selections only")
     p.add_argument("--eval-seqs", type=int, default=1, help="sequences per evaluation step")
     p.add_argument("--eval-steps", type=int, default=400)
+    p.add_argument("--window", type=int, default=None, help="tokens per sequence (default: the model's seq_len)")
     p.add_argument("--run-summary", required=True, help="the training run's --summary-json (model shape, knobs)")
     p.add_argument("--summary-json", default=None)
     args = p.parse_args(argv)
@@ -45,24 +47,28 @@ def main(argv=None):
     corpus = load_wikitext(args.data)
     results = {}
     for name, idle in (("no offload", 10 ** 9), ("offload", args.idle_steps)):
+        torch.manual_seed(0)
         model = _model(run, corpus.vocab_size, state)
         for ffn in model.moe_layers():
             moe = ffn.layer.moe
             moe.config = TrilemmaMoEConfig.from_dict(moe.config.to_dict(), offload_idle_steps=idle,
                                                      prefetch_lookahead=args.lookahead,
-                                                     prefetch_ema_rate=args.ema_rate)
+                                                     prefetch_ema_rate=args.ema_rate,
+                                                     prefetch_router_evidence=not args.no_router_evidence)
             moe.offload_tier = make_tier(args.offload_dir if idle < 10 ** 9 else None, None) \
                 if idle < 10 ** 9 else None
         model.eval()
         total, n = 0.0, 0
         t0 = time.perf_counter()
         with torch.no_grad():
-            for x, y in eval_batches(corpus.valid, run["seq_len"], args.eval_seqs, max_batches=args.eval_steps):
+            for x, y in eval_batches(corpus.valid, args.window or run["seq_len"], args.eval_seqs, max_batches=args.eval_steps):
                 _, loss, _ = model(x, y)
                 total += float(loss) * y.numel()
                 n += y.numel()
         wall = time.perf_counter() - t0
         st = _offload_summary([f.offload_stats() for f in model.moe_layers()])
+        st["stored_mean_resident_fraction"] = st["mean_resident_bytes"] / sum(
+            f.memory_report()["stored_experts"] for f in model.moe_layers())
         mem = [f.memory_report() for f in model.moe_layers()]
         results[name] = {"valid_loss": total / n, "valid_ppl": math.exp(total / n), "tokens": n,
                          "wall_s": wall, "stored_experts_bytes": sum(m["stored_experts"] for m in mem),

@@ -103,9 +103,9 @@ def test_store_is_rebuilt_after_training():
     assert not all(torch.equal(a, b) for a, b in zip(first, got))
 
 
-def _store(idle=2, lookahead=1, ema=0.5):
+def _store(idle=2, lookahead=1, ema=0.5, router_evidence=True):
     layer = _trained(4)
-    return GroupStore(layer.experts, 4, CPUTier(), 0, idle, lookahead, ema)
+    return GroupStore(layer.experts, 4, CPUTier(), 0, idle, lookahead, ema, router_evidence)
 
 
 def test_idle_groups_leave_and_a_needed_absent_group_is_a_miss():
@@ -116,21 +116,26 @@ def test_idle_groups_leave_and_a_needed_absent_group_is_a_miss():
     assert set(s.offloaded) == {1, 2, 3} and set(s.resident) == {0}
     assert s.stats["offloads"] == 3
     views = s.step([5, 0, 4, 0], one_hot)   # group 2 needed, absent: synchronous load
-    assert s.stats["misses"] == 1 and s.stats["hits"] == 0 and 2 in s.resident
+    assert s.stats["misses"] == 1 and s.stats["hits"] == 3 and s.stats["accesses"] == 4 and 2 in s.resident
+    assert s.summary()["hit_rate"] == 0.75 and s.stats["prefetch_hits"] == 0
     assert views[0]["w1"][2] is not None and views[0]["w1"][1] is None
 
 
-def test_predictor_prefetches_a_group_the_router_warms_to():
-    s = _store(idle=2, lookahead=2, ema=0.5)
+@pytest.mark.parametrize("router_evidence", [True, False])
+def test_predictor_prefetches_a_group_the_router_warms_to(router_evidence):
+    s = _store(idle=2, lookahead=2, ema=0.5, router_evidence=router_evidence)
     cold = torch.tensor([[1.0, 0, 0, 0]]).double()
     for _ in range(3):
         s.step([5, 0, 0, 0], cold)
     assert 3 in s.offloaded
     warm = torch.tensor([[0.6, 0, 0, 0.4]] * 4).double()   # group 3 gains router mass, not yet selected
     s.step([5, 0, 0, 0], warm)
-    assert s.stats["prefetches"] >= 1 and s.inflight.get(3) == "read"
-    s.step([3, 0, 0, 2], warm)                               # now selected: resident thanks to the prefetch
-    assert s.stats["hits"] == 1 and s.stats["misses"] == 0
+    if router_evidence:
+        assert s.stats["prefetches"] >= 1 and s.inflight.get(3) == "read"
+    else:   # selections only: nothing announces group 3
+        assert s.stats["prefetches"] == 0 and 3 not in s.inflight
+    s.step([3, 0, 0, 2], warm)                               # now selected
+    assert s.stats["prefetch_hits"] == int(router_evidence) and s.stats["misses"] == int(not router_evidence)
 
 
 def test_pack_unpack_detects_corruption():

@@ -470,11 +470,12 @@ def _run(args) -> Dict[str, Any]:
 
 def _offload_summary(stats: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Offload counters summed over layers; peak resident bytes is the sum of per-layer peaks."""
-    out = {k: sum(s.get(k, 0) for s in stats) for k in ("hits", "misses", "offloads", "prefetches", "bytes_written",
-                                                         "bytes_read", "stall_s", "peak_resident_bytes",
+    out = {k: sum(s.get(k, 0) for s in stats) for k in ("accesses", "hits", "misses", "prefetch_hits", "offloads",
+                                                         "prefetches", "bytes_written", "bytes_read", "stall_s",
+                                                         "peak_resident_bytes", "mean_resident_bytes",
                                                          "write_failures")}
     out["steps"] = max(s.get("steps", 0) for s in stats)
-    out["hit_rate"] = out["hits"] / (out["hits"] + out["misses"]) if out["hits"] + out["misses"] else None
+    out["hit_rate"] = out["hits"] / out["accesses"] if out["accesses"] else None
     out["stall_s_per_step"] = out["stall_s"] / max(1, out["steps"])
     out["tier"] = stats[0].get("tier")
     return out

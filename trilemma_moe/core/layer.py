@@ -182,7 +182,8 @@ class ClusteredMoE(nn.Module):
             tier = self.offload_tier if self.offload_tier is not None else CPUTier()
             cfg = self.config
             self._store = GroupStore(self.experts, cfg.residual_bits, tier, self.layer_index,
-                                     cfg.offload_idle_steps, cfg.prefetch_lookahead, cfg.prefetch_ema_rate)
+                                     cfg.offload_idle_steps, cfg.prefetch_lookahead, cfg.prefetch_ema_rate,
+                                     cfg.prefetch_router_evidence)
         elif key != self._store_key:
             self._store.build()
         self._store_key = key
@@ -191,8 +192,8 @@ class ClusteredMoE(nn.Module):
     def offload_stats(self) -> Dict[str, float]:
         """Hits, misses, bytes written/read, stall time, resident/offloaded bytes of the offload store."""
         if self._store is None:
-            return {"hits": 0, "misses": 0, "bytes_written": 0, "bytes_read": 0, "stall_s": 0.0, "steps": 0,
-                    "hit_rate": float("nan"), "resident_bytes": 0, "offloaded_bytes": 0}
+            return {"accesses": 0, "hits": 0, "misses": 0, "bytes_written": 0, "bytes_read": 0, "stall_s": 0.0,
+                    "steps": 0, "hit_rate": float("nan"), "resident_bytes": 0, "offloaded_bytes": 0}
         return self._store.summary()
 
     @torch.no_grad()

@@ -9,9 +9,10 @@ gradient reduction always sees every parameter (zeros for groups without tokens)
 optimizer state stays where DeepSpeed keeps it. The store is rebuilt from the masters whenever
 the layer has trained since it was built, so it is never stale.
 
-Per step (one forward): the groups that receive tokens are *needed*. Pending prefetches are
-completed (time spent blocked is stall time); a needed group that is resident because a prefetch
-brought it back counts as a hit, one that is absent is read synchronously and counts as a miss.
+Per step (one forward): the groups that receive tokens are *needed* (``accesses``). Pending
+prefetches are completed (time spent blocked is stall time); a needed group that is resident is a
+hit (``prefetch_hits``: resident because a prefetch brought it back), one that is absent is read
+synchronously and counts as a miss; ``hit_rate = hits / accesses``.
 Then each group's EMA selection frequency ``p_g`` is updated (rate ``prefetch_ema_rate``; the
 evidence is soft, from the router's group probabilities, see :meth:`GroupStore.step`);
 resident groups idle for ``offload_idle_steps`` steps whose predicted chance of use within the
@@ -124,9 +125,11 @@ class GroupStore:
     """Stored form of a layer's compressed experts, group by group, resident or offloaded."""
 
     def __init__(self, experts, residual_bits: int, tier, layer_index: int = 0,
-                 idle_steps: Optional[int] = None, lookahead: int = 2, ema_rate: float = 0.3):
+                 idle_steps: Optional[int] = None, lookahead: int = 2, ema_rate: float = 0.3,
+                 router_evidence: bool = True):
         self.experts, self.bits, self.tier, self.layer = experts, residual_bits, tier, layer_index
         self.idle_steps, self.lookahead, self.ema_rate = idle_steps, lookahead, ema_rate
+        self.router_evidence = router_evidence
         G = experts.G
         self.resident: Dict[int, Dict[str, torch.Tensor]] = {}
         self.meta: Dict[int, list] = {}
@@ -136,8 +139,9 @@ class GroupStore:
         self.idle = [0] * G
         self.ema = [0.0] * G
         self._prefetched = set()
-        self.stats = {"hits": 0, "misses": 0, "offloads": 0, "prefetches": 0, "bytes_written": 0, "bytes_read": 0,
-                      "stall_s": 0.0, "steps": 0, "peak_resident_bytes": 0, "write_failures": 0}
+        self.stats = {"hits": 0, "misses": 0, "prefetch_hits": 0, "offloads": 0, "prefetches": 0,
+                      "bytes_written": 0, "bytes_read": 0, "stall_s": 0.0, "steps": 0, "accesses": 0,
+                      "peak_resident_bytes": 0, "resident_byte_steps": 0, "write_failures": 0}
         self.build()
 
     # stored form of group g from the (master) parameters
@@ -176,7 +180,12 @@ class GroupStore:
         return sum(self.offloaded.values())
 
     def _note_peak(self) -> None:
-        self.stats["peak_resident_bytes"] = max(self.stats["peak_resident_bytes"], self.resident_bytes())
+        # Every group starts resident (the store is built from the masters): the peak counts from
+        # the first step at which an idle group could have left.
+        now = self.resident_bytes()
+        self._peak_all = max(getattr(self, "_peak_all", 0), now)
+        if self.idle_steps is None or self.stats["steps"] > self.idle_steps:
+            self.stats["peak_resident_bytes"] = max(self.stats["peak_resident_bytes"], now)
 
     # --- I/O ----------------------------------------------------------------------------------
     def _evict(self, g: int) -> None:
@@ -246,15 +255,17 @@ class GroupStore:
         """
         G = self.experts.G
         needed = [g for g in range(G) if group_counts[g] > 0]
-        if group_probs is not None and group_probs.numel():
+        if self.router_evidence and group_probs is not None and group_probs.numel():
             soft = (-torch.expm1(torch.log1p(-group_probs.detach().double().clamp(max=1 - 1e-12)).sum(0))).tolist()
         else:
             soft = [0.0] * G
         self._drain()
         for g in needed:
+            self.stats["accesses"] += 1
             if g in self.resident:
+                self.stats["hits"] += 1
                 if g in self._prefetched:
-                    self.stats["hits"] += 1
+                    self.stats["prefetch_hits"] += 1
             else:
                 self.stats["misses"] += 1
                 t0 = time.perf_counter()
@@ -262,6 +273,8 @@ class GroupStore:
                 self._drain(count_stall=False)
                 self.stats["stall_s"] += time.perf_counter() - t0
             self._prefetched.discard(g)
+        self._note_peak()
+        self.stats["resident_byte_steps"] += self.resident_bytes()
         views = self.views(needed)
         a = self.ema_rate
         for g in range(G):
@@ -309,7 +322,10 @@ class GroupStore:
 
     def summary(self) -> Dict[str, float]:
         s = dict(self.stats)
-        s["hit_rate"] = s["hits"] / (s["hits"] + s["misses"]) if s["hits"] + s["misses"] else float("nan")
+        s["hit_rate"] = s["hits"] / s["accesses"] if s["accesses"] else float("nan")
+        s["mean_resident_bytes"] = s["resident_byte_steps"] / max(1, s["steps"])
+        if not s["peak_resident_bytes"]:   # still within the first idle_steps steps: nothing could leave
+            s["peak_resident_bytes"] = getattr(self, "_peak_all", 0)
         s["stall_s_per_step"] = s["stall_s"] / max(1, s["steps"])
         s["resident_bytes"] = self.resident_bytes()
         s["offloaded_bytes"] = self.offloaded_bytes()

@@ -14,6 +14,7 @@ warning when aio cannot be built or no ``offload_dir`` is set.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import warnings
@@ -59,7 +60,16 @@ class AioTier:
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self._pending: List[Tuple[str, tuple, torch.Tensor, int]] = []
-        self._sizes: Dict[tuple, int] = {}
+        # The op aborts the process if a handle is destroyed with operations in flight.
+        atexit.register(self.flush)
+
+    def flush(self) -> None:
+        """Complete every operation in flight (writes land; reads are discarded)."""
+        if self._pending:
+            self.handle.wait()
+            for _, _, staged, _ in self._pending:
+                self.handle.free_cpu_locked_tensor(staged)
+            self._pending = []
 
     def path(self, key) -> str:
         return os.path.join(self.directory, f"layer{key[0]}_group{key[1]}.bin")
