@@ -166,9 +166,11 @@ def _offloaded_layer(tmp_path):
 @needs_aio
 def test_corrupt_missing_or_truncated_file_names_group_and_path(tmp_path):
     layer, store, g, path = _offloaded_layer(tmp_path)
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     data[200] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    with open(path, "wb") as f:
+        f.write(bytes(data))
     with pytest.raises(OffloadIntegrityError, match=f"group {g} of layer 0: checksum mismatch in {path}"):
         store.step([1 if i == g else 0 for i in range(4)])
     layer, store, g, path = _offloaded_layer(tmp_path / "b")
