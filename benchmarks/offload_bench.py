@@ -34,6 +34,7 @@ def main(argv=None):
     p.add_argument("--lookahead", type=int, default=2)
     p.add_argument("--ema-rate", type=float, default=0.3)
     p.add_argument("--no-router-evidence", action="store_true", help="predictor counts hard selections only")
+    p.add_argument("--threshold", type=float, default=0.25, help="prefetch_threshold")
     p.add_argument("--eval-seqs", type=int, default=1, help="sequences per evaluation step")
     p.add_argument("--eval-steps", type=int, default=400)
     p.add_argument("--window", type=int, default=None, help="tokens per sequence (default: the model's seq_len)")
@@ -54,7 +55,8 @@ def main(argv=None):
             moe.config = TrilemmaMoEConfig.from_dict(moe.config.to_dict(), offload_idle_steps=idle,
                                                      prefetch_lookahead=args.lookahead,
                                                      prefetch_ema_rate=args.ema_rate,
-                                                     prefetch_router_evidence=not args.no_router_evidence)
+                                                     prefetch_router_evidence=not args.no_router_evidence,
+                                                     prefetch_threshold=args.threshold)
             moe.offload_tier = make_tier(args.offload_dir if idle < 10 ** 9 else None, None) \
                 if idle < 10 ** 9 else None
         model.eval()

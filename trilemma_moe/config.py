@@ -57,6 +57,7 @@ class TrilemmaMoEConfig:
     prefetch_lookahead: int = 2    # L: prefetch groups the EMA predictor expects within the next L steps
     prefetch_ema_rate: float = 0.3  # EMA rate of the predictor's per-group selection frequency (ours)
     prefetch_router_evidence: bool = True  # predictor also counts the router's soft group probabilities (ours)
+    prefetch_threshold: float = 0.25  # "likely within L steps" above this: kept / prefetched (ours)
     offload_dir: Optional[str] = None  # NVMe directory; from_deepspeed_config defaults it to the ZeRO offload nvme_path
     aio: Optional[dict] = None     # DeepSpeed "aio" section (block_size, queue_depth, ...); from_deepspeed_config copies it
 
@@ -114,6 +115,7 @@ class TrilemmaMoEConfig:
             self._check_int("offload_idle_steps", 1)
         self._check_int("prefetch_lookahead", 0)
         self._check_range("prefetch_ema_rate", 0.0, 1.0, low_open=True)
+        self._check_range("prefetch_threshold", 0.0, 1.0, low_open=True)
         if not isinstance(self.prefetch_router_evidence, bool):
             raise ValueError(f"prefetch_router_evidence must be True or False, got {self.prefetch_router_evidence!r}")
         if self.offload_dir is not None and (not isinstance(self.offload_dir, str) or not self.offload_dir):

@@ -183,7 +183,7 @@ class ClusteredMoE(nn.Module):
             cfg = self.config
             self._store = GroupStore(self.experts, cfg.residual_bits, tier, self.layer_index,
                                      cfg.offload_idle_steps, cfg.prefetch_lookahead, cfg.prefetch_ema_rate,
-                                     cfg.prefetch_router_evidence)
+                                     cfg.prefetch_router_evidence, cfg.prefetch_threshold)
         elif key != self._store_key:
             self._store.build()
         self._store_key = key

@@ -16,7 +16,7 @@ synchronously and counts as a miss; ``hit_rate = hits / accesses``.
 Then each group's EMA selection frequency ``p_g`` is updated (rate ``prefetch_ema_rate``; the
 evidence is soft, from the router's group probabilities, see :meth:`GroupStore.step`);
 resident groups idle for ``offload_idle_steps`` steps whose predicted chance of use within the
-next L steps, ``1 - (1 - p_g)^L``, is below :data:`PREFETCH_THRESHOLD` are written out, and
+next L steps, ``1 - (1 - p_g)^L``, is below ``prefetch_threshold`` are written out, and
 offloaded groups above it are read back asynchronously.
 
 Every file carries a header (magic, layer/group id, payload bytes, CRC32 of the payload): a
@@ -40,7 +40,7 @@ import torch
 
 from . import quant
 
-PREFETCH_THRESHOLD = 0.25   # a miss (synchronous read) costs more than a wasted prefetch
+PREFETCH_THRESHOLD = 0.25   # default of ``prefetch_threshold``: a miss costs more than a wasted prefetch
 HEADER_BYTES = 64
 _MAGIC = b"TMOEGRP1"
 _HEADER = struct.Struct("<8sqqqQ")   # magic, layer, group, payload bytes, crc32
@@ -126,10 +126,10 @@ class GroupStore:
 
     def __init__(self, experts, residual_bits: int, tier, layer_index: int = 0,
                  idle_steps: Optional[int] = None, lookahead: int = 2, ema_rate: float = 0.3,
-                 router_evidence: bool = True):
+                 router_evidence: bool = True, threshold: float = PREFETCH_THRESHOLD):
         self.experts, self.bits, self.tier, self.layer = experts, residual_bits, tier, layer_index
         self.idle_steps, self.lookahead, self.ema_rate = idle_steps, lookahead, ema_rate
-        self.router_evidence = router_evidence
+        self.router_evidence, self.threshold = router_evidence, threshold
         G = experts.G
         self.resident: Dict[int, Dict[str, torch.Tensor]] = {}
         self.meta: Dict[int, list] = {}
@@ -285,7 +285,7 @@ class GroupStore:
         if self.idle_steps is not None:
             L = max(1, self.lookahead)
             for g in range(G):
-                likely = 1.0 - (1.0 - self.ema[g]) ** L >= PREFETCH_THRESHOLD
+                likely = 1.0 - (1.0 - self.ema[g]) ** L >= self.threshold
                 if g in self.resident and not likely and self.idle[g] >= self.idle_steps:
                     self._evict(g)
                 elif self.lookahead > 0 and g in self.offloaded and likely and g not in self.inflight:
