@@ -131,3 +131,24 @@ def test_memory_report_counts_tensors_held():
     assert r["residual_stored"] == r["residual_packed"] + r["residual_scales"]
     assert r["router"] == (2 + 8) * 16 * 4
     assert r["stored_experts"] == r["bases"] + r["residual_stored"] + r["biases"]
+
+
+@pytest.mark.parametrize("knob,value", [("residual_bits", 8), ("residual_bits", True), ("offload_idle_steps", 0),
+                                        ("prefetch_lookahead", -1), ("prefetch_ema_rate", 0.0),
+                                        ("prefetch_threshold", 1.5), ("prefetch_router_evidence", 1),
+                                        ("offload_dir", ""), ("aio", {"blocksize": 1})])
+def test_memory_knobs_are_validated(knob, value):
+    with pytest.raises(ValueError, match=knob):
+        TrilemmaMoEConfig(**{knob: value})
+
+
+def test_offload_dir_and_aio_come_from_the_deepspeed_config():
+    ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme/opt"}},
+          "aio": {"block_size": 262144, "queue_depth": 16}, "trilemma_moe": {"offload_idle_steps": 3}}
+    cfg = TrilemmaMoEConfig.from_deepspeed_config(ds)
+    assert cfg.offload_dir == "/nvme/opt" and cfg.aio == {"block_size": 262144, "queue_depth": 16}
+    ds["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": "/nvme/param"}
+    assert TrilemmaMoEConfig.from_deepspeed_config(ds).offload_dir == "/nvme/param"
+    ds["trilemma_moe"]["offload_dir"] = "/ours"
+    assert TrilemmaMoEConfig.from_deepspeed_config(ds).offload_dir == "/ours"
+    assert TrilemmaMoEConfig.from_deepspeed_config({}).offload_dir is None
