@@ -199,6 +199,16 @@ class TrilemmaMoE(_DeepSpeedMoE):
     @staticmethod
     def _slot_keys_out(module, state, prefix, local_metadata):
         ex = module.moe.experts
+        if module.ep_size > 1 and module.ep_group is not None:
+            # DeepSpeed names expert files by ep_rank * num_local_experts + local slot: that must be
+            # the global slot, i.e. ranks hold contiguous groups in rank order.
+            import torch.distributed as dist
+            first = getattr(ex, "group_offset", 0) * ex.K
+            expected = dist.get_rank(group=module.ep_group) * ex.num_experts
+            if first != expected:
+                raise RuntimeError(f"{prefix}: local slots start at global slot {first}, but DeepSpeed will name "
+                                   f"them from {expected} (ep rank x local slots); checkpoint files would be "
+                                   f"mislabelled")
         to_slot_keys(state, prefix, ex.num_experts, ex.K)
 
     @staticmethod
