@@ -226,11 +226,16 @@ class GroupStore:
             self.inflight.pop(g, None)
             self.tier.remove(key)
             self._write_failed(g, exc)
+        errors = []
         for key, buf in done.items():
             g = key[1]
             dev = next(iter(self.experts.base.values())).device
-            self.resident[g] = {k: t.to(dev) for k, t in
-                                unpack_group(buf, self.meta[g], self.layer, g, self.tier.where(key)).items()}
+            try:
+                tensors = unpack_group(buf, self.meta[g], self.layer, g, self.tier.where(key))
+            except OffloadIntegrityError as exc:
+                errors.append(exc)     # the file stays where it is, the group stays offloaded
+                continue
+            self.resident[g] = {k: t.to(dev) for k, t in tensors.items()}
             self.stats["bytes_read"] += buf.numel()
             self.offloaded.pop(g)
             self.tier.remove(key)
@@ -241,6 +246,8 @@ class GroupStore:
         if count_stall:
             self.stats["stall_s"] += time.perf_counter() - t0
         self._note_peak()
+        if errors:
+            raise errors[0]
 
     # --- one forward ------------------------------------------------------------------------
     def step(self, group_counts: List[int], group_probs: Optional[torch.Tensor] = None):
