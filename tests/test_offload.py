@@ -173,6 +173,7 @@ def test_corrupt_missing_or_truncated_file_names_group_and_path(tmp_path):
         f.write(bytes(data))
     with pytest.raises(OffloadIntegrityError, match=f"group {g} of layer 0: checksum mismatch in {path}"):
         store.step([1 if i == g else 0 for i in range(4)])
+    assert os.path.exists(path) and g in store.offloaded and not store.inflight   # nothing lost or dangling
     layer, store, g, path = _offloaded_layer(tmp_path / "b")
     os.unlink(path)
     with pytest.raises(FileNotFoundError, match=f"group {g} of layer 0: file {path} is missing"):
