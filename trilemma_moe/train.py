@@ -232,6 +232,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
+    if args.save_every < 0:
+        raise SystemExit("--save-every must be >= 0")
+    if (args.save_every or args.resume) and not args.save_dir:
+        raise SystemExit("--save-every and --resume need --save-dir")
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
@@ -281,8 +285,6 @@ def _run(args) -> Dict[str, Any]:
     logger = _Logger(args.logdir if is_main else None)
     start_step = 0
     if args.resume:
-        if not args.save_dir:
-            raise SystemExit("--resume needs --save-dir")
         start_step = _load_training_checkpoint(args, model, optimizer, engine, sampler)
         if is_main:
             print(f"resumed from {args.save_dir} at step {start_step}")
