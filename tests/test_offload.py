@@ -276,3 +276,27 @@ def test_zero2_training_with_offloaded_groups_between_steps(tmp_path):
         if idle is not None:
             assert e.module.moe.offload_stats()["offloads"] > 0
     assert curves[0] == curves[1]
+
+
+@pytest.mark.parametrize("idle", [None, 2])
+def test_release_masters_serves_the_same_function_from_the_stored_form(idle):
+    layer = _trained(4, idle=idle)
+    batches = _skewed_batches(layer, 16)
+    ref = _eval(layer, batches)
+    before = layer.memory_report()
+    layer.release_masters()
+    got = _eval(layer, batches)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    r = layer.memory_report()
+    assert r["residual_masters"] == 0 and all(p.numel() == 0 for p in layer.experts.parameters())
+    if idle is None:   # everything resident: exactly the stored form memory_report promised
+        for k in ("bases", "residual_packed", "residual_scales", "residual_stored", "biases", "stored_experts"):
+            assert r[k] == before[k], k
+    else:
+        assert layer.offload_stats()["offloads"] > 0
+        assert r["store_resident"] + r["store_offloaded"] >= r["bases"] + r["residual_stored"] + r["biases"]
+    layer.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        layer(torch.randn(4, D, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="released its master weights"):
+        layer.state_dict()

@@ -61,6 +61,7 @@ class ClusteredMoE(nn.Module):
         self.offload_tier = None    # where idle groups go (integrations set NVMe/aio); CPU memory if unset
         self._store: Optional[GroupStore] = None
         self._store_key = None
+        self._serving = False       # release_masters(): inference from the stored form only
         gen = torch.Generator().manual_seed(cfg.seed * 31 + layer_index + 7)
         self.router = HierarchicalRouter(hidden_size, G, K, cfg.group_top_k, cfg.top_k, generator=gen)
         # Persistent state: the slot table and everything the clustering remembers.
@@ -172,10 +173,16 @@ class ClusteredMoE(nn.Module):
 
     # --- precision and memory (3.4) ------------------------------------------------------------
     def _store_views(self, group_counts, group_probs=None):
-        """Inference forwards with ``offload_idle_steps`` set read the stored form through the
-        offload store (rebuilt from the masters whenever they changed since it was built)."""
-        if self.config.offload_idle_steps is None or not self.compressed:
-            return None
+        """Inference forwards with ``offload_idle_steps`` set (or after :meth:`release_masters`)
+        read the stored form through the offload store."""
+        if not self._serving:
+            if self.config.offload_idle_steps is None or not self.compressed:
+                return None
+            self._ensure_store()
+        return self._store.step(group_counts, group_probs)
+
+    def _ensure_store(self) -> None:
+        """The store, rebuilt from the masters whenever they changed since it was built."""
         key = (self._c("micro_step"), self._c("reclusters"),
                sum(p._version for p in self.experts.expert_parameters(True)))
         if self._store is None:
@@ -187,7 +194,26 @@ class ClusteredMoE(nn.Module):
         elif key != self._store_key:
             self._store.build()
         self._store_key = key
-        return self._store.step(group_counts, group_probs)
+
+    @torch.no_grad()
+    def release_masters(self) -> None:
+        """Inference only: compute from the stored form from now on (INT4-packed residuals at
+        ``residual_bits=4``; idle groups offloaded when ``offload_idle_steps`` is set) and free the
+        expert parameters' storage. Training or checkpointing the layer afterwards raises."""
+        if not self.compressed:
+            raise RuntimeError("release_masters: the layer is not compressed yet (it still trains full experts)")
+        self._ensure_store()
+        self._serving = True
+        for p in self.experts.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._serving:
+            raise RuntimeError(f"{prefix or 'layer'}: released its master weights (release_masters) and serves "
+                               f"from the stored form; checkpoints come from the training process")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def offload_stats(self) -> Dict[str, float]:
         """Hits, misses, bytes written/read, stall time, resident/offloaded bytes of the offload store."""
@@ -214,14 +240,18 @@ class ClusteredMoE(nn.Module):
         factors = list(ex.fa.values()) + list(ex.fb.values())
         r = {"bases": nb(ex.base.values()), "residual_masters": nb(factors), "biases": nb(ex.bias.values()),
              "router": nb(self.router.parameters()), "burn_in_full": nb(ex.full.values())}
-        if self.config.residual_bits == 4:
+        if self._serving:   # masters freed: the stored form is what the store holds (resident + offloaded)
+            r.update(self._store.resident_breakdown())
+            r["stored_experts"] = r["bases"] + r["residual_stored"] + r["biases"] + self._store.offloaded_bytes()
+        elif self.config.residual_bits == 4:
             qs = [quant.quantize(p) for p in factors]
             r["residual_packed"] = nb(q["packed"] for q in qs)
             r["residual_scales"] = nb(t for q in qs for t in (q["scale"], q["zero"]))
             r["residual_stored"] = r["residual_packed"] + r["residual_scales"]
         else:
             r["residual_stored"] = r["residual_masters"]
-        r["stored_experts"] = r["bases"] + r["residual_stored"] + r["biases"]
+        if not self._serving:
+            r["stored_experts"] = r["bases"] + r["residual_stored"] + r["biases"]
         st = self.offload_stats()
         r["store_resident"], r["store_offloaded"] = int(st["resident_bytes"]), int(st["offloaded_bytes"])
         return r
@@ -240,6 +270,8 @@ class ClusteredMoE(nn.Module):
             keep = used_token.reshape(-1).nonzero().squeeze(-1)
             x = x.index_select(0, keep)
         learning = self.training and torch.is_grad_enabled()
+        if learning and self._serving:
+            raise RuntimeError("this layer released its master weights (release_masters): inference only")
         if learning:
             self._maybe_recluster()
         if x.shape[0] == 0:

@@ -170,11 +170,34 @@ class GroupStore:
             self.tier.remove((self.layer, g))
         self.offloaded.clear()
         self._prefetched.clear()
+        # rows and dtype of every factor, kept for decoding (the masters may be released later)
+        self._factor_info = {(kind, n): (p.shape[1], p.dtype) for kind, pd in (("fa", self.experts.fa),
+                                                                             ("fb", self.experts.fb))
+                             for n, p in pd.items()}
         self.resident = {g: self._group_tensors(g) for g in range(self.experts.G)}
         self._note_peak()
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in self.resident.values() for t in d.values())
+
+    def resident_breakdown(self) -> Dict[str, int]:
+        """Bytes of the resident groups by component (names as in ``memory_report``)."""
+        out = {"bases": 0, "residual_packed": 0, "residual_scales": 0, "residual_stored": 0, "biases": 0}
+        for tensors in self.resident.values():
+            for name, t in tensors.items():
+                n = t.numel() * t.element_size()
+                kind = name.split(".")[0]
+                if kind == "base":
+                    out["bases"] += n
+                elif kind == "bias":
+                    out["biases"] += n
+                else:
+                    out["residual_stored"] += n
+                    if name.endswith(".packed"):
+                        out["residual_packed"] += n
+                    elif name.endswith((".scale", ".zero")):
+                        out["residual_scales"] += n
+        return out
 
     def offloaded_bytes(self) -> int:
         return sum(self.offloaded.values())
@@ -312,12 +335,12 @@ class GroupStore:
             t = self.resident[g]
             for n in base:
                 base[n][g] = t[f"base.{n}"]
-            for kind, dst, pd in (("fa", fa, ex.fa), ("fb", fb, ex.fb)):
+            for kind, dst in (("fa", fa), ("fb", fb)):
                 for n in dst:
                     if self.bits == 4:
-                        rows = pd[n].shape[1]
+                        rows, dtype = self._factor_info[(kind, n)]
                         vals = quant.dequantize({k: t[f"{kind}.{n}.{k}"] for k in ("packed", "scale", "zero")},
-                                                rows, pd[n].dtype)
+                                                rows, dtype)
                     else:
                         vals = t[f"{kind}.{n}"]
                     for j in range(K):
