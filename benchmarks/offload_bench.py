@@ -35,6 +35,8 @@ def main(argv=None):
     p.add_argument("--ema-rate", type=float, default=0.3)
     p.add_argument("--no-router-evidence", action="store_true", help="predictor counts hard selections only")
     p.add_argument("--threshold", type=float, default=0.25, help="prefetch_threshold")
+    p.add_argument("--release-masters", action="store_true",
+                   help="free the expert parameters first (layer.release_masters): inference from the stored form")
     p.add_argument("--eval-seqs", type=int, default=1, help="sequences per evaluation step")
     p.add_argument("--eval-steps", type=int, default=400)
     p.add_argument("--window", type=int, default=None, help="tokens per sequence (default: the model's seq_len)")
@@ -59,6 +61,11 @@ def main(argv=None):
                                                      prefetch_threshold=args.threshold)
             moe.offload_tier = make_tier(args.offload_dir if idle < 10 ** 9 else None, None) \
                 if idle < 10 ** 9 else None
+        held_before = sum(f.memory_report()["bases"] + f.memory_report()["residual_masters"]
+                          + f.memory_report()["biases"] for f in model.moe_layers())
+        if args.release_masters:
+            for ffn in model.moe_layers():
+                ffn.layer.moe.release_masters()
         model.eval()
         total, n = 0.0, 0
         t0 = time.perf_counter()
@@ -74,7 +81,9 @@ def main(argv=None):
         mem = [f.memory_report() for f in model.moe_layers()]
         results[name] = {"valid_loss": total / n, "valid_ppl": math.exp(total / n), "tokens": n,
                          "wall_s": wall, "stored_experts_bytes": sum(m["stored_experts"] for m in mem),
-                         "master_param_bytes": sum(m["bases"] + m["residual_masters"] + m["biases"] for m in mem),
+                         "master_param_bytes_before": held_before,
+                         "master_param_bytes_held": sum(m["bases"] + m["residual_masters"] + m["biases"] for m in mem)
+                         if not args.release_masters else 0,
                          **st}
         print(name, json.dumps(results[name], indent=1))
     assert results["offload"]["valid_loss"] == results["no offload"]["valid_loss"], "offload changed results"
