@@ -26,8 +26,9 @@ _NP = tuple(int(p) for p in __import__("numpy").__version__.split(".")[:2])
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _layer(E=16, G=4, r=4, k=2, g1=1, act="gelu", bias=True, d=24, f=40, seed=0, dtype=torch.float64):
-    cfg = TrilemmaMoEConfig(num_experts=E, num_groups=G, rank=r, top_k=k, group_top_k=g1, gamma=None, seed=seed)
+def _layer(E=16, G=4, r=4, k=2, g1=1, act="gelu", bias=True, d=24, f=40, seed=0, dtype=torch.float64, bits=16):
+    cfg = TrilemmaMoEConfig(num_experts=E, num_groups=G, rank=r, top_k=k, group_top_k=g1, gamma=None, seed=seed,
+                            residual_bits=bits)
     layer = ClusteredMoE(d, f, cfg, activation=act, bias=bias).to(dtype)
     layer.recluster(force=True)
     with torch.no_grad():  # factors and biases away from their SVD values, so every term matters
@@ -45,15 +46,16 @@ def _run(layer, x):
     return y.detach(), l_aux.detach(), counts, xx.grad, grads
 
 
-@pytest.mark.parametrize("act,bias,g1,k,E,G,r", [
-    ("gelu", True, 1, 2, 16, 4, 4),
-    ("relu", False, 2, 2, 12, 4, 5),     # K*r = 15: not a power of two
-    ("silu", True, 2, 1, 8, 2, 3),
-    ("gelu_tanh", True, 1, 3, 32, 4, 2),
+@pytest.mark.parametrize("act,bias,g1,k,E,G,r,bits", [
+    ("gelu", True, 1, 2, 16, 4, 4, 16),
+    ("gelu", True, 1, 2, 16, 4, 4, 4),      # INT4 residuals: both paths see the same dequantized factors
+    ("relu", False, 2, 2, 12, 4, 5, 16),     # K*r = 15: not a power of two
+    ("silu", True, 2, 1, 8, 2, 3, 16),
+    ("gelu_tanh", True, 1, 3, 32, 4, 2, 16),
 ])
-def test_fused_path_equals_slot_path(act, bias, g1, k, E, G, r):
+def test_fused_path_equals_slot_path(act, bias, g1, k, E, G, r, bits):
     torch.manual_seed(E * 7 + r)
-    slow = _layer(E, G, r, k, g1, act, bias)
+    slow = _layer(E, G, r, k, g1, act, bias, bits=bits)
     fast = copy.deepcopy(slow)
     fast.fused = True
     x = torch.randn(3, 37, 24, dtype=torch.float64)

@@ -11,6 +11,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("trilemma_moe.train", "train the small GPT (dense / switch / deepspeed / ours / static)"),
+    "reshard": ("trilemma_moe.integrations.checkpoint",
+                "DeepSpeed checkpoint saved at any ep_size -> one ep_size-1 state dict"),
 }
 
 

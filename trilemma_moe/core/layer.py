@@ -16,8 +16,10 @@ from ..config import TrilemmaMoEConfig
 from . import clustering
 from .compression import compression_ratio, decompose_groups
 from .experts import ExpertSlots, ExpertSpec
+from . import quant
 from ..kernels import fused
 from .metrics import coefficient_of_variation
+from .offload import CPUTier, GroupStore
 from .routing import HierarchicalRouter, Routing, aux_losses
 from .state_io import TorchParamIO
 
@@ -56,6 +58,11 @@ class ClusteredMoE(nn.Module):
         self.num_experts, self.num_groups, self.experts_per_group = E, G, K
         self.layer_index = layer_index
         self.experts = ExpertSlots(self.spec, G, K, cfg.rank, cfg.seed, layer_index)
+        self.experts.residual_bits = cfg.residual_bits
+        self.offload_tier = None    # where idle groups go (integrations set NVMe/aio); CPU memory if unset
+        self._store: Optional[GroupStore] = None
+        self._store_key = None
+        self._serving = False       # release_masters(): inference from the stored form only
         gen = torch.Generator().manual_seed(cfg.seed * 31 + layer_index + 7)
         self.router = HierarchicalRouter(hidden_size, G, K, cfg.group_top_k, cfg.top_k, generator=gen)
         # Persistent state: the slot table and everything the clustering remembers.
@@ -174,6 +181,92 @@ class ClusteredMoE(nn.Module):
                                    f"layer that has already been compressed; load it into a fresh layer")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host_counters = None
+        self._store_key = None  # new weights: the stored form is rebuilt at the next inference forward
+
+    # --- precision and memory (3.4) ------------------------------------------------------------
+    def _store_views(self, group_counts, group_probs=None):
+        """Inference forwards with ``offload_idle_steps`` set (or after :meth:`release_masters`)
+        read the stored form through the offload store."""
+        if not self._serving:
+            if self.config.offload_idle_steps is None or not self.compressed:
+                return None
+            self._ensure_store()
+        return self._store.step(group_counts, group_probs)
+
+    def _ensure_store(self) -> None:
+        """The store, rebuilt from the masters whenever they changed since it was built."""
+        key = (self._c("micro_step"), self._c("reclusters"),
+               sum(p._version for p in self.experts.expert_parameters(True)))
+        if self._store is None:
+            tier = self.offload_tier if self.offload_tier is not None else CPUTier()
+            cfg = self.config
+            self._store = GroupStore(self.experts, cfg.residual_bits, tier, self.layer_index,
+                                     cfg.offload_idle_steps, cfg.prefetch_lookahead, cfg.prefetch_ema_rate,
+                                     cfg.prefetch_router_evidence, cfg.prefetch_threshold)
+        elif key != self._store_key:
+            self._store.build()
+        self._store_key = key
+
+    @torch.no_grad()
+    def release_masters(self) -> None:
+        """Inference only: compute from the stored form from now on (INT4-packed residuals at
+        ``residual_bits=4``; idle groups offloaded when ``offload_idle_steps`` is set) and free the
+        expert parameters' storage. Training or checkpointing the layer afterwards raises."""
+        if not self.compressed:
+            raise RuntimeError("release_masters: the layer is not compressed yet (it still trains full experts)")
+        self._ensure_store()
+        self._serving = True
+        for p in self.experts.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._serving:
+            raise RuntimeError(f"{prefix or 'layer'}: released its master weights (release_masters) and serves "
+                               f"from the stored form; checkpoints come from the training process")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def offload_stats(self) -> Dict[str, float]:
+        """Hits, misses, bytes written/read, stall time, resident/offloaded bytes of the offload store."""
+        if self._store is None:
+            return {"accesses": 0, "hits": 0, "misses": 0, "bytes_written": 0, "bytes_read": 0, "stall_s": 0.0,
+                    "steps": 0, "hit_rate": float("nan"), "resident_bytes": 0, "offloaded_bytes": 0}
+        return self._store.summary()
+
+    @torch.no_grad()
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes per component, from the tensors held (and, for the stored residuals, from the
+        packed tensors built now from the current masters).
+
+        ``bases``, ``residual_masters`` (the optimizer's factors), ``biases``, ``router``,
+        ``burn_in_full`` (full experts' storage still held): held now. ``residual_stored``: the
+        residuals as stored (offload files, inference store): INT4 ``residual_packed`` +
+        ``residual_scales`` (scales and zero points) at ``residual_bits=4``, else the factors as
+        held. ``stored_experts`` = bases + residual_stored + biases. ``store_resident`` /
+        ``store_offloaded``: the offload store's groups in memory / on the offload tier.
+        """
+        def nb(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+        ex = self.experts
+        factors = list(ex.fa.values()) + list(ex.fb.values())
+        r = {"bases": nb(ex.base.values()), "residual_masters": nb(factors), "biases": nb(ex.bias.values()),
+             "router": nb(self.router.parameters()), "burn_in_full": nb(ex.full.values())}
+        if self._serving:   # masters freed: the stored form is what the store holds (resident + offloaded)
+            r.update(self._store.resident_breakdown())
+            r["stored_experts"] = r["bases"] + r["residual_stored"] + r["biases"] + self._store.offloaded_bytes()
+        elif self.config.residual_bits == 4:
+            qs = [quant.quantize(p) for p in factors]
+            r["residual_packed"] = nb(q["packed"] for q in qs)
+            r["residual_scales"] = nb(t for q in qs for t in (q["scale"], q["zero"]))
+            r["residual_stored"] = r["residual_packed"] + r["residual_scales"]
+        else:
+            r["residual_stored"] = r["residual_masters"]
+        if not self._serving:
+            r["stored_experts"] = r["bases"] + r["residual_stored"] + r["biases"]
+        st = self.offload_stats()
+        r["store_resident"], r["store_offloaded"] = int(st["resident_bytes"]), int(st["offloaded_bytes"])
+        return r
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
@@ -189,6 +282,8 @@ class ClusteredMoE(nn.Module):
             keep = used_token.reshape(-1).nonzero().squeeze(-1)
             x = x.index_select(0, keep)
         learning = self.training and torch.is_grad_enabled()
+        if learning and self._serving:
+            raise RuntimeError("this layer released its master weights (release_masters): inference only")
         if learning:
             self._maybe_recluster()
         if x.shape[0] == 0:
@@ -201,12 +296,13 @@ class ClusteredMoE(nn.Module):
             return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
                                                                      device=hidden_states.device)
         routing = self.route(x)
-        if self._use_fused(x):
+        if self._use_fused(x, learning):
             y = fused.fused_expert_forward(self.experts, x, routing.group_idx, routing.slot_idx, routing.weights)
         else:
             plan = self.dispatch(routing)
+            views = self._store_views(plan["pair_group_counts"], routing.group_probs) if not learning else None
             y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
-                                   plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed)
+                                   plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed, views)
             y = self.combine(y_pairs, plan, x.shape[0])
         l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef).to(y.dtype)
         exp_counts = self._observe(x, routing, learning)
@@ -214,9 +310,11 @@ class ClusteredMoE(nn.Module):
             y = hidden_states.new_zeros(shape[:-1].numel(), self.hidden_size).index_copy(0, keep, y)
         return y.reshape(shape), l_aux, exp_counts
 
-    def _use_fused(self, x: torch.Tensor) -> bool:
+    def _use_fused(self, x: torch.Tensor, learning: bool = True) -> bool:
         if not self.compressed or not fused.supports(self.experts):
             return False
+        if not learning and (self._serving or self.config.offload_idle_steps is not None):
+            return False  # inference through the offload store reads its own weight views
         if self.fused is None:
             return x.is_cuda and fused.triton_available()
         return self.fused

@@ -179,8 +179,9 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
         return t.to(cdt).contiguous()
     base, fa, fb, bias = slots.base, slots.fa, slots.fb, slots.bias
     W1, W2 = c(base["w1"]), c(base["w2"])
-    A1, B1 = c(_cat_factors(fa["w1"], G, K)), c(_cat_factors(fb["w1"], G, K))
-    A2, B2 = _cat_factors(fa["w2"], G, K), _cat_factors(fb["w2"], G, K)
+    res = slots.residual   # the factors as the forward sees them (INT4 values at residual_bits=4)
+    A1, B1 = c(_cat_factors(res(fa["w1"]), G, K)), c(_cat_factors(res(fb["w1"]), G, K))
+    A2, B2 = _cat_factors(res(fa["w2"]), G, K), _cat_factors(res(fb["w2"]), G, K)
     d = B2.shape[1]
     if "b2" in bias:
         b2 = bias["b2"].view(G, K, d).transpose(1, 2)

@@ -316,6 +316,12 @@ class OursFFN(nn.Module):
     def attach_optimizer(self, optimizer) -> None:
         self.layer.attach_optimizer(optimizer)
 
+    def memory_report(self) -> Dict[str, int]:
+        return self.layer.memory_report()
+
+    def offload_stats(self) -> Dict[str, float]:
+        return self.layer.offload_stats()
+
     def expert_parameter_count(self) -> int:
         return int(self.layer.expert_parameter_count())
 
