@@ -107,27 +107,21 @@ def from_slot_keys(state: MutableMapping[str, object], prefix: str, num_slots: i
 def atomic_save(obj, path: str) -> None:
     """``torch.save`` to a temporary file in the same directory, fsync, then rename: a reader
     sees the old file or the complete new one, never a torn write."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    _atomic_write(path, "w", lambda f: f.write(text))
+
+
+def _atomic_write(path: str, mode: str, write) -> None:
+    """Temp file in the target directory, fsync, rename: a reader sees the old file or the new one."""
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
