@@ -15,7 +15,12 @@ setup(
         "deepspeed": ["deepspeed>=0.14"],
         "megatron": ["megatron-core>=0.9"],
         "plots": ["matplotlib"],
-        "test": ["pytest", "pytest-timeout", "matplotlib"],
+        # CUDA builds of torch bring a matching triton; the fused path uses it when present.
+        "gpu": ["triton"],
+        # triton here runs the GPU kernels through Triton's interpreter on the CPU; that
+        # interpreter breaks on numpy >= 2.4 (1-element arrays as loop bounds).
+        "test": ["pytest", "pytest-timeout", "matplotlib",
+                 "triton; platform_system == 'Linux' and platform_machine == 'x86_64'", "numpy<2.4"],
     },
     entry_points={"console_scripts": ["trilemma-moe=trilemma_moe.cli:main"]},
 )

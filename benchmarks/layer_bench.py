@@ -1,11 +1,14 @@
-"""One FFN layer forward+backward: ours vs dropless Switch top-2 vs a dense FFN of the same d_ff.
+"""One FFN layer forward+backward, same inputs for every layer: ours vs the MoE baselines.
 
-Same inputs for every layer; warm-up, then the median of ``--repeats`` timed runs. Ours is
-measured in its compressed phase (after the first clustering), which is where it spends training.
-Plain torch ops on either device (the fused GPU path is future work).
+Layers: a dense FFN of the same d_ff; dropless Switch top-2 on torch._grouped_mm ("switch",
+sort-based dispatch) and as a per-expert GEMM loop ("switch_loop"); DeepSpeed-MoE (k=2,
+capacity factor 1.0, when deepspeed imports); ours in its compressed phase (after the first
+clustering, where it spends training): "ours" picks the fused path on CUDA (Triton kernels),
+"ours_torch" forces the per-slot torch path. Warm-up, then the median of ``--repeats`` timed runs
+(CUDA events on a GPU), peak memory of one forward+backward, tokens/s.
 
-    python benchmarks/layer_bench.py --out docs/BENCHMARKS.md                  # CPU, small dims
-    python benchmarks/layer_bench.py --device cuda --dtype bf16 --configs paper  # GPU, paper dims
+    python benchmarks/layer_bench.py --out docs/BENCHMARKS.md                            # CPU, small dims
+    python benchmarks/layer_bench.py --device cuda --dtype bf16 --configs paper --repeats 20
 """
 from __future__ import annotations
 
@@ -25,37 +28,52 @@ from trilemma_moe.models.ffn import DenseFFN, SwitchTop2FFN
 
 CONFIGS = {  # (tokens, d_model, d_ff, E, G, r)
     "small": [(2048, 128, 512, 32, 8, 16), (2048, 256, 1024, 32, 8, 16), (2048, 512, 2048, 32, 8, 16)],
+    "paper1": [(16384, 768, 3072, 32, 8, 16)],
     "paper": [(16384, 768, 3072, 32, 8, 16), (16384, 768, 3072, 128, 16, 16), (16384, 2048, 8192, 32, 8, 16)],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def time_fwd_bwd(layer, x, repeats: int, dtype, warmup: int = 3) -> float:
-    cuda = x.is_cuda
+def _once(layer, x, dtype):
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = layer(x)
+    y, l_aux = out[0], out[1]
+    (y.float().pow(2).mean() + l_aux).backward()
 
-    def once():
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = layer(x)
-        y, l_aux = out[0], out[1]
-        (y.float().pow(2).mean() + l_aux).backward()
+
+def time_fwd_bwd(layer, x, repeats: int, dtype, warmup: int = 5) -> float:
     for _ in range(warmup):
-        once()
+        _once(layer, x, dtype)
     times = []
     for _ in range(repeats):
-        if cuda:
+        if x.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
             start.record()
-            once()
+            _once(layer, x, dtype)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
             t0 = time.perf_counter()
-            once()
+            _once(layer, x, dtype)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def peak_bytes(layer, x, dtype) -> float:
+    """Peak memory of one forward+backward above what was allocated before it (CUDA only)."""
+    if not x.is_cuda:
+        return float("nan")
+    _once(layer, x, dtype)            # gradients exist, as in training
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _once(layer, x, dtype)
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - base)
 
 
 def expert_params(layer) -> int:
@@ -64,48 +82,80 @@ def expert_params(layer) -> int:
     return layer.expert_parameter_count()
 
 
-def run(repeats: int, threads: int, device: str, dtype, configs):
+def build_layers(names, d, f, E, G, r, device):
+    layers = {}
+    for name in names:
+        if name == "dense":
+            layers[name] = DenseFFN(d, f)
+        elif name in ("switch", "switch_loop"):
+            impl = "loop" if name == "switch_loop" or device == "cpu" else "grouped"
+            layers[name] = SwitchTop2FFN(d, f, E, k=2, impl=impl)
+        elif name == "deepspeed":
+            try:
+                from trilemma_moe.models.ffn import DeepSpeedMoEFFN
+                layers[name] = DeepSpeedMoEFFN(d, f, E, k=2, drop_tokens=True, capacity_factor=1.0)
+            except ImportError as exc:
+                print(f"skipping deepspeed: {exc}", flush=True)
+                continue
+        elif name in ("ours", "ours_torch"):
+            cfg = TrilemmaMoEConfig(num_experts=E, num_groups=G, rank=r, top_k=2, burn_in=10 ** 9)
+            layer = ClusteredMoE(d, f, cfg)
+            layer.recluster(force=True)          # compressed phase
+            layer.config.dynamic_regroup = False  # no regroup inside the timed loop
+            layer.fused = False if name == "ours_torch" else None
+            layers[name] = layer
+        else:
+            raise ValueError(f"unknown layer {name!r}")
+        layers[name].to(device)
+    return layers
+
+
+def run(repeats: int, threads: int, device: str, dtype, configs, names):
     torch.set_num_threads(threads)
     rows = []
     for tokens, d, f, E, G, r in configs:
         x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
-        cfg = TrilemmaMoEConfig(num_experts=E, num_groups=G, rank=r, top_k=2, burn_in=10 ** 9)
-        ours = ClusteredMoE(d, f, cfg).to(device)
-        ours.recluster(force=True)          # compressed phase
-        ours.config.burn_in = 10 ** 9        # no regroup inside the timed loop
-        ours.config.dynamic_regroup = False
-        switch = SwitchTop2FFN(d, f, E, k=2)
-        dense = DenseFFN(d, f)
-        layers = {"dense": dense.to(device), "switch": switch.to(device), "ours": ours.to(device)}
-        t = {name: time_fwd_bwd(m, x, repeats, dtype) for name, m in layers.items()}
-        p = {"dense": expert_params(dense), "switch": expert_params(switch), "ours": expert_params(ours)}
-        rows.append((tokens, d, f, E, G, r, t, p))
-        print(f"T={tokens} d={d} d_ff={f} E={E} G={G} r={r}: dense {t['dense']*1e3:.1f} ms, "
-              f"switch {t['switch']*1e3:.1f} ms, ours {t['ours']*1e3:.1f} ms "
-              f"(ours/switch {t['ours']/t['switch']:.2f}x time, {p['ours']/p['switch']:.2f}x expert params)",
-              flush=True)
+        layers = build_layers(names, d, f, E, G, r, device)
+        res = {}
+        for name, m in layers.items():
+            t = time_fwd_bwd(m, x, repeats, dtype)
+            res[name] = {"ms": t * 1e3, "tokens_per_s": tokens / t, "peak_mb": peak_bytes(m, x, dtype) / 2 ** 20,
+                         "expert_params": expert_params(m)}
+            print(f"T={tokens} d={d} d_ff={f} E={E} G={G} r={r} {name:>11}: {t * 1e3:8.2f} ms  "
+                  f"peak {res[name]['peak_mb']:9.1f} MiB  {tokens / t / 1e6:6.2f} M tok/s", flush=True)
+            del m
+        layers.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(((tokens, d, f, E, G, r), res))
     return rows
 
 
 def markdown(rows, repeats: int, threads: int, command: str, device: str, dtype_name: str) -> str:
     if device == "cuda":
         machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+        try:
+            import triton
+            machine += f", triton {triton.__version__}"
+        except ImportError:
+            pass
     else:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s)"
     lines = [
         f"## Layer benchmark on {device} ({datetime.date.today().isoformat()})",
         "",
-        f"Machine: {machine}; {dtype_name}, forward+backward, median of {repeats}; plain torch ops.",
+        f"Machine: {machine}; {dtype_name}, one FFN layer forward+backward, median of {repeats}.",
         f"Command: `{command}`",
         "",
-        "| tokens | d | d_ff | E | G | r | dense ms | switch top-2 ms | ours ms | ours / switch time "
-        "| switch expert params | ours expert params | ours / switch params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tokens | d | d_ff | E | G | r | layer | ms | tokens/s | peak MiB | expert params | time / ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for tokens, d, f, E, G, r, t, p in rows:
-        lines.append(f"| {tokens} | {d} | {f} | {E} | {G} | {r} | {t['dense']*1e3:.1f} | {t['switch']*1e3:.1f} | "
-                     f"{t['ours']*1e3:.1f} | {t['ours']/t['switch']:.2f} | {p['switch']:,} | {p['ours']:,} | "
-                     f"{p['ours']/p['switch']:.3f} |")
+    for (tokens, d, f, E, G, r), res in rows:
+        ours = res.get("ours", {}).get("ms")
+        for name, v in res.items():
+            ratio = f"{v['ms'] / ours:.2f}" if ours else "-"
+            lines.append(f"| {tokens} | {d} | {f} | {E} | {G} | {r} | {name} | {v['ms']:.2f} | "
+                         f"{v['tokens_per_s'] / 1e6:.2f}M | {v['peak_mb']:.0f} | {v['expert_params']:,} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,9 +166,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--configs", choices=sorted(CONFIGS), default="small")
+    ap.add_argument("--layers", default="dense,switch,switch_loop,deepspeed,ours_torch,ours",
+                    help="comma-separated: dense, switch, switch_loop, deepspeed, ours_torch, ours")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
-    rows = run(args.repeats, args.threads, args.device, DTYPES[args.dtype], CONFIGS[args.configs])
+    rows = run(args.repeats, args.threads, args.device, DTYPES[args.dtype], CONFIGS[args.configs],
+               args.layers.split(","))
     text = markdown(rows, args.repeats, args.threads, "python " + " ".join(sys.argv), args.device, args.dtype)
     print(text)
     if args.out:

@@ -51,6 +51,15 @@ class TrilemmaMoEConfig:
     grad_clip: float = 1.0         # gradient-norm clip used by our trainer / DeepSpeed "gradient_clipping"
     gradient_accumulation_steps: int = 1  # forwards per optimizer step (regroups happen on step boundaries)
     seed: int = 1234               # expert init, k-means++ and cache sketches derive from it
+    # --- precision and memory (3.4) ---------------------------------------------------------
+    residual_bits: int = 16        # 4: INT4 residual factors (packed, per (slot, rank column) scale/zero); 16: as the params
+    offload_idle_steps: Optional[int] = None  # S_idle: evict a group idle this many steps (inference store); None = off
+    prefetch_lookahead: int = 2    # L: prefetch groups the EMA predictor expects within the next L steps
+    prefetch_ema_rate: float = 0.3  # EMA rate of the predictor's per-group selection frequency (ours)
+    prefetch_router_evidence: bool = True  # predictor also counts the router's soft group probabilities (ours)
+    prefetch_threshold: float = 0.25  # "likely within L steps" above this: kept / prefetched (ours)
+    offload_dir: Optional[str] = None  # NVMe directory; from_deepspeed_config defaults it to the ZeRO offload nvme_path
+    aio: Optional[dict] = None     # DeepSpeed "aio" section (block_size, queue_depth, ...); from_deepspeed_config copies it
     # --- expert parallelism (trilemma_moe.parallel) -----------------------------------------
     ep_size: int = 1               # ranks one layer's groups are spread over; num_groups % ep_size == 0
     capacity_factor: Optional[float] = None  # None = dropless; else (token, group) pairs per group and
@@ -102,6 +111,7 @@ class TrilemmaMoEConfig:
         if self.recluster_interval is None:
             self.recluster_interval = 100 if E <= 256 else 200
         self._check_int("recluster_interval", 1)
+        self._check_memory_knobs()
         self._check_ep()
 
     def _check_ep(self) -> None:
@@ -113,6 +123,26 @@ class TrilemmaMoEConfig:
             self._check_range("capacity_factor", 0.0, float("inf"), low_open=True)
         self._check_int("min_capacity", 0)
         self._check_range("comm_timeout_s", 0.0, float("inf"), low_open=True)
+
+    def _check_memory_knobs(self) -> None:
+        if isinstance(self.residual_bits, bool) or self.residual_bits not in (4, 16):
+            raise ValueError(f"residual_bits must be 4 or 16, got {self.residual_bits!r}")
+        if self.offload_idle_steps is not None:
+            self._check_int("offload_idle_steps", 1)
+        self._check_int("prefetch_lookahead", 0)
+        self._check_range("prefetch_ema_rate", 0.0, 1.0, low_open=True)
+        self._check_range("prefetch_threshold", 0.0, 1.0, low_open=True)
+        if not isinstance(self.prefetch_router_evidence, bool):
+            raise ValueError(f"prefetch_router_evidence must be True or False, got {self.prefetch_router_evidence!r}")
+        if self.offload_dir is not None and (not isinstance(self.offload_dir, str) or not self.offload_dir):
+            raise ValueError(f"offload_dir must be a non-empty path string or None, got {self.offload_dir!r}")
+        if self.aio is not None:
+            known = {"block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events",
+                     "use_gds", "thread_count"}
+            if not isinstance(self.aio, Mapping) or set(self.aio) - known:
+                raise ValueError(f"aio must be a DeepSpeed 'aio' section with keys among {sorted(known)}, "
+                                 f"got {self.aio!r}")
+            self.aio = dict(self.aio)
 
     # --- validation helpers ---------------------------------------------------------------
     def _check_int(self, name: str, minimum: int) -> None:
@@ -193,4 +223,14 @@ class TrilemmaMoEConfig:
             section["gradient_accumulation_steps"] = gas
         if "grad_clip" not in section and clip not in (None, "auto"):
             section["grad_clip"] = clip
+        # Idle groups go where the user already sends ZeRO's NVMe traffic, with the same aio settings.
+        if "offload_dir" not in section:
+            zero = config.get("zero_optimization") or {}
+            for key in ("offload_param", "offload_optimizer"):
+                path = (zero.get(key) or {}).get("nvme_path")
+                if path:
+                    section["offload_dir"] = str(path)
+                    break
+        if "aio" not in section and isinstance(config.get("aio"), Mapping):
+            section["aio"] = dict(config["aio"])
         return cls.from_dict(section, **overrides)

@@ -33,7 +33,9 @@ DEFAULT_STEPS = 800  # no-argument run (ours): about 1.5 min wall on 2 CPU cores
 
 _FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank": "rank",
                   "top_k": "top_k", "burn_in": "burn_in",
-                  "recluster_interval": "recluster_interval", "ep_size": "ep_size"}
+                  "recluster_interval": "recluster_interval", "residual_bits": "residual_bits",
+                  "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
+                  "offload_dir": "offload_dir", "ep_size": "ep_size"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ep-size", type=int, default=None,
                    help="expert parallelism: ranks each layer's groups are spread over (needs "
                         "--deepspeed_config and a launcher with a multiple of this many ranks; default 1)")
+    g = p.add_argument_group("precision and memory (override --config)")
+    g.add_argument("--residual-bits", type=int, default=None, choices=(4, 16), help="residual factor bits")
+    g.add_argument("--offload-idle-steps", type=int, default=None,
+                   help="S_idle: offload groups idle this many evaluation steps (default: off)")
+    g.add_argument("--prefetch-lookahead", type=int, default=None, help="L: prefetch lookahead (default 2)")
+    g.add_argument("--offload-dir", default=None, help="NVMe directory for offloaded groups (aio)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -89,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summary-json", default=None, help="write the final metrics as JSON here")
     g.add_argument("--device", default="cpu",
                    help="cpu or cuda (without --deepspeed_config; under DeepSpeed the engine decides)")
+    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the training forward (without --deepspeed_config; DeepSpeed "
+                        "takes its \"bf16\" section)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -96,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert parallelism: write every rank's per-layer byte counters (JSON) here")
     g.add_argument("--record-routing", default=None,
                    help="save the routing of the last 20 steps (torch file) for `trilemma-moe profile-comm`")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save-dir", default=None,
+                   help="checkpoint directory (DeepSpeed: engine.save_checkpoint layout; otherwise latest.pt)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    g.add_argument("--loss-log", default=None, help="append one JSON line per step (step, loss) to this file")
     return p
 
 
@@ -225,6 +242,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
+    if args.save_every < 0:
+        raise SystemExit("--save-every must be >= 0")
+    if (args.save_every or args.resume) and not args.save_dir:
+        raise SystemExit("--save-every and --resume need --save-dir")
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
@@ -277,6 +298,11 @@ def _run(args) -> Dict[str, Any]:
                          rank, args.batch_size)
     is_main = rank == 0
     logger = _Logger(args.logdir if is_main else None)
+    start_step = 0
+    if args.resume:
+        start_step = _load_training_checkpoint(args, model, optimizer, engine, sampler)
+        if is_main:
+            print(f"resumed from {args.save_dir} at step {start_step}")
 
     if is_main:
         print(corpus.describe())
@@ -317,6 +343,7 @@ def _run(args) -> Dict[str, Any]:
     st = _moe_stats(model)
     prev_reclusters, prev_skipped = st["reclusters"], st.get("skipped_reclusters", 0)
     train_time, tokens_seen = 0.0, 0
+    step_times: List[float] = []
     history: List[Dict[str, float]] = []
     loss_curve: List[float] = []
     routing_logs = None
@@ -325,7 +352,10 @@ def _run(args) -> Dict[str, Any]:
         for layer in _clustered(model):
             layer.routing_log = []
             routing_logs.append(layer.routing_log)
-    for step in range(args.steps):
+    if bar is not None and start_step:
+        bar.update(start_step)
+    loss_log = open(args.loss_log, "a") if args.loss_log and is_main else None
+    for step in range(start_step, args.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, args.steps, args.lr, warmup, args.min_lr_ratio)
         if not (use_ds and engine.lr_scheduler is not None):
@@ -341,7 +371,8 @@ def _run(args) -> Dict[str, Any]:
                 engine.step()
             else:
                 x, y = x.to(args.device), y.to(args.device)
-                _, loss, l_aux = model(x, y)
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                    _, loss, l_aux = model(x, y)
                 ((loss + l_aux) / ga).backward()
             step_loss += _global_mean(loss, world) / ga
             step_aux += _global_mean(l_aux, world) / ga
@@ -353,12 +384,18 @@ def _run(args) -> Dict[str, Any]:
                     [p for p in model.parameters() if p.grad is not None], cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        train_time += time.perf_counter() - t0
+        step_times.append(time.perf_counter() - t0)
+        train_time += step_times[-1]
 
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss became {step_loss} at step {step + 1}")
         last_loss = step_loss
         loss_curve.append(step_loss)
+        if loss_log is not None:
+            loss_log.write(json.dumps({"step": step + 1, "loss": step_loss}) + "\n")
+            loss_log.flush()
+        if args.save_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
+            _save_training_checkpoint(args, model, optimizer, engine, sampler, step + 1)
         loss_window = (loss_window + [step_loss])[-20:]
         ema_loss = step_loss if ema_loss is None else 0.95 * ema_loss + 0.05 * step_loss
         st = _moe_stats(model)
@@ -404,6 +441,8 @@ def _run(args) -> Dict[str, Any]:
                 f"ppl {last_eval['valid_ppl']:.2f} | load cv {st['load_cv']:.3f}")
     if bar is not None:
         bar.close()
+    if loss_log is not None:
+        loss_log.close()
 
     last_eval = evaluate(model, corpus.valid, args.seq_len, args.batch_size, args.eval_batches)
     logger.scalars(args.steps, last_eval, "valid")
@@ -422,6 +461,9 @@ def _run(args) -> Dict[str, Any]:
         "expert_params": pc["expert"],
         "tokens_per_s": tokens_seen / max(train_time, 1e-9),
         "train_time_s": train_time,
+        # the second half of the run: no compilation, autotuning or first clustering in it
+        "tokens_per_s_second_half": (tokens_seen / args.steps) * (args.steps - args.steps // 2)
+        / max(sum(step_times[args.steps // 2:]), 1e-9),
         "load_cv": sum(cv_window) / max(1, len(cv_window)),
         "load_cv_last": st["load_cv"],
         "reclusters": st["reclusters"],
@@ -434,6 +476,12 @@ def _run(args) -> Dict[str, Any]:
     for key in ("group_load_cv", "compression_ratio", "skipped_reclusters", "compressed"):
         if key in st:
             summary[key] = st[key]
+    mem_layers = [m for m in model.moe_layers() if hasattr(m, "memory_report")]
+    if mem_layers:
+        reports = [m.memory_report() for m in mem_layers]
+        summary["memory_bytes"] = {k: sum(r[k] for r in reports) for k in reports[0]}
+        if cfg.offload_idle_steps is not None:
+            summary["offload"] = _offload_summary([m.offload_stats() for m in mem_layers])
     comm = _comm_stats(model)
     if comm:
         summary["comm"] = comm
@@ -478,6 +526,10 @@ class _RankShare:
     def __init__(self, sampler: BatchSampler, rank: int, batch_size: int):
         self.sampler, self.lo, self.hi = sampler, rank * batch_size, (rank + 1) * batch_size
 
+    @property
+    def generator(self) -> torch.Generator:   # checkpoints save and restore the data position
+        return self.sampler.generator
+
     def __next__(self):
         x, y = next(self.sampler)
         return x[self.lo:self.hi], y[self.lo:self.hi]
@@ -521,6 +573,46 @@ def _save_routing(path: str, model, cfg: TrilemmaMoEConfig, d_model: int) -> Non
     torch.save({"num_experts": cfg.num_experts, "num_groups": cfg.num_groups, "top_k": cfg.top_k,
                 "group_top_k": cfg.group_top_k, "hidden_size": d_model, "layers": layers}, path)
     print(f"routing of {len(layers)} layer(s) written to {path} (trilemma-moe profile-comm --routing {path})")
+
+
+def _offload_summary(stats: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Offload counters summed over layers; peak resident bytes is the sum of per-layer peaks."""
+    out = {k: sum(s.get(k, 0) for s in stats) for k in ("accesses", "hits", "misses", "prefetch_hits", "offloads",
+                                                         "prefetches", "bytes_written", "bytes_read", "stall_s",
+                                                         "peak_resident_bytes", "mean_resident_bytes",
+                                                         "write_failures")}
+    out["steps"] = max(s.get("steps", 0) for s in stats)
+    out["hit_rate"] = out["hits"] / out["accesses"] if out["accesses"] else None
+    out["stall_s_per_step"] = out["stall_s"] / max(1, out["steps"])
+    out["tier"] = stats[0].get("tier")
+    return out
+
+
+def _save_training_checkpoint(args, model, optimizer, engine, sampler, step: int) -> None:
+    """Everything a resume needs: weights (layer state included), optimizer, step, data position.
+    Writes are atomic (a kill mid-save leaves the previous checkpoint in place)."""
+    client = {"step": step, "sampler_state": sampler.generator.get_state()}
+    if engine is not None:
+        from .integrations.checkpoint import save_checkpoint
+        save_checkpoint(engine, args.save_dir, tag=f"step{step}", client_state=client)
+        return
+    from .core.checkpoint import atomic_save
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **client},
+                os.path.join(args.save_dir, "latest.pt"))
+
+
+def _load_training_checkpoint(args, model, optimizer, engine, sampler) -> int:
+    if engine is not None:
+        path, client = engine.load_checkpoint(args.save_dir)
+        if path is None:
+            raise SystemExit(f"--resume: no DeepSpeed checkpoint in {args.save_dir}")
+    else:
+        from .core.checkpoint import safe_load
+        client = safe_load(os.path.join(args.save_dir, "latest.pt"))
+        model.load_state_dict(client["model"])
+        optimizer.load_state_dict(client["optimizer"])
+    sampler.generator.set_state(client["sampler_state"])
+    return int(client["step"])
 
 
 def _deepspeed_engine(args, model, groups, cfg: TrilemmaMoEConfig):

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .quant import fake_quant
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -205,33 +207,49 @@ class ExpertSlots(nn.Module):
         return out
 
     # --- forward -------------------------------------------------------------------------
+    residual_bits = 16  # set by the layer from its config; 4 = forward sees INT4 factors (core/quant.py)
+
+    def residual(self, p: torch.Tensor) -> torch.Tensor:
+        """A factor as the forward sees it: the master, or its INT4 value (straight-through grad)."""
+        return fake_quant(p) if self.residual_bits == 4 else p
+
+    def param_views(self):
+        """``(base, fa, fb, bias)``: name -> per-group / per-slot tensors of the compressed form."""
+        # unbind once: indexing a stacked parameter per expert would make autograd allocate a
+        # full-size zero gradient for every slice (E x the expert weights per step).
+        return ({n: p.unbind(0) for n, p in self.base.items()},
+                {n: self.residual(p).unbind(0) for n, p in self.fa.items()},
+                {n: self.residual(p).unbind(0) for n, p in self.fb.items()},
+                {n: p.unbind(0) for n, p in self.bias.items()})
+
     def forward(self, x_pairs: torch.Tensor, pair_group_counts: List[int], row_pair: torch.Tensor,
-                row_weight: torch.Tensor, slot_counts: List[int], compressed: bool) -> torch.Tensor:
+                row_weight: torch.Tensor, slot_counts: List[int], compressed: bool, views=None) -> torch.Tensor:
         """Compute stage. Inputs come from the dispatch stage:
 
         x_pairs (P, d): one row per (token, chosen group), sorted by group;
         pair_group_counts: rows per group; row_pair/row_weight (R,): one row per
         (pair, chosen expert), sorted by slot, with its combine weight; slot_counts: rows per slot.
+        ``views``: compressed weights from elsewhere (the offload store), as :meth:`param_views`
+        returns them; only the groups and slots that receive rows are read.
         Returns (P, d): sum over the pair's chosen experts of w_i * expert_i(x).
         """
         act = ACTIVATIONS[self.spec.activation]
         P, d = x_pairs.shape
         gated = self.spec.gated
-        # unbind once: indexing a stacked parameter per expert would make autograd allocate a
-        # full-size zero gradient for every slice (E x the expert weights per step).
-        bias = {n: p.unbind(0) for n, p in self.bias.items()}
         if compressed:
-            fa = {n: p.unbind(0) for n, p in self.fa.items()}
-            fb = {n: p.unbind(0) for n, p in self.fb.items()}
-            base = {n: p.unbind(0) for n, p in self.base.items()}
+            base, fa, fb, bias = views if views is not None else self.param_views()
         else:
+            bias = {n: p.unbind(0) for n, p in self.bias.items()}
             full = {n: p.unbind(0) for n, p in self.full.items()}
         row_x = x_pairs.index_select(0, row_pair)
         if compressed:
             # Base GEMMs once per (token, group): W_base x is shared by the k chosen experts.
             split_x = x_pairs.split(pair_group_counts)
-            base1 = torch.cat([xg @ base["w1"][g] for g, xg in enumerate(split_x)])
-            base3 = torch.cat([xg @ base["w3"][g] for g, xg in enumerate(split_x)]) if gated else None
+            f = self.spec.ffn_hidden_size
+            # a group without tokens is skipped: its weights may be offloaded
+            base1 = torch.cat([xg @ base["w1"][g] if len(xg) else xg.new_zeros(0, f) for g, xg in enumerate(split_x)])
+            base3 = torch.cat([xg @ base["w3"][g] if len(xg) else xg.new_zeros(0, f)
+                               for g, xg in enumerate(split_x)]) if gated else None
             row_b1 = base1.index_select(0, row_pair)
             row_b3 = base3.index_select(0, row_pair) if gated else None
         h_rows, extra_rows = [], []
@@ -274,9 +292,9 @@ class ExpertSlots(nn.Module):
         out = x_pairs.new_zeros(P, d)
         if not extra_rows:
             return out
-        out = out.index_add(0, row_pair, torch.cat(extra_rows))
+        out = out.index_add(0, row_pair, torch.cat(extra_rows).to(out.dtype))  # bf16 under autocast
         if compressed:
-            h_sum = x_pairs.new_zeros(P, self.spec.ffn_hidden_size).index_add(0, row_pair, torch.cat(h_rows))
+            h_sum = x_pairs.new_zeros(P, self.spec.ffn_hidden_size).index_add(0, row_pair, torch.cat(h_rows).to(x_pairs.dtype))
             split_h = h_sum.split(pair_group_counts)
-            out = out + torch.cat([hg @ base["w2"][g] for g, hg in enumerate(split_h)])
+            out = out + torch.cat([hg @ base["w2"][g] if len(hg) else hg.new_zeros(0, d) for g, hg in enumerate(split_h)])
         return out

@@ -18,7 +18,10 @@ from ..config import TrilemmaMoEConfig
 from . import clustering
 from .compression import compression_ratio, decompose_groups
 from .experts import ExpertSlots, ExpertSpec
+from . import quant
+from ..kernels import fused
 from .metrics import coefficient_of_variation
+from .offload import CPUTier, GroupStore
 from .routing import HierarchicalRouter, Routing, aux_losses
 from .state_io import TorchParamIO
 
@@ -69,6 +72,11 @@ class ClusteredMoE(nn.Module):
         G_local = G // ep_size
         offset = 0 if expert_parallel is None else expert_parallel.rank * G_local
         self.experts = ExpertSlots(self.spec, G_local, K, cfg.rank, cfg.seed, layer_index, group_offset=offset)
+        self.experts.residual_bits = cfg.residual_bits
+        self.offload_tier = None    # where idle groups go (integrations set NVMe/aio); CPU memory if unset
+        self._store: Optional[GroupStore] = None
+        self._store_key = None
+        self._serving = False       # release_masters(): inference from the stored form only
         gen = torch.Generator().manual_seed(cfg.seed * 31 + layer_index + 7)
         self.router = HierarchicalRouter(hidden_size, G, K, cfg.group_top_k, cfg.top_k, generator=gen)
         # Persistent state: the slot table and everything the clustering remembers.
@@ -84,13 +92,22 @@ class ClusteredMoE(nn.Module):
         self._last_regroup: Dict[str, float] = {}
         self._regroup_times: Dict[str, float] = {}
         self.routing_log: Optional[list] = None   # a list: training forwards append (group_idx, expert ids) (profile-comm)
+        self._host_counters: Optional[list] = None  # mirror of `counters`: reading a GPU buffer syncs
+        # Fused expert path (sort-based dispatch, grouped GEMMs, Triton kernels): None picks it for
+        # CUDA tensors when Triton is available; True/False force it (True on the CPU runs the same
+        # code on the kernels' torch twins).
+        self.fused: Optional[bool] = None
 
     _COUNTERS = ("micro_step", "compressed", "reclusters", "skipped", "last_recluster_step", "frozen_until")
 
     def _c(self, name: str) -> int:
-        return int(self.counters[self._COUNTERS.index(name)])
+        if self._host_counters is None:
+            self._host_counters = self.counters.tolist()
+        return self._host_counters[self._COUNTERS.index(name)]
 
     def _set_c(self, name: str, value: int) -> None:
+        self._c(name)
+        self._host_counters[self._COUNTERS.index(name)] = value
         self.counters[self._COUNTERS.index(name)] = value
 
     # --- public state --------------------------------------------------------------------
@@ -124,7 +141,7 @@ class ClusteredMoE(nn.Module):
         return sum(p.numel() for p in self.experts.expert_parameters(self.compressed))
 
     def stats(self) -> Dict[str, float]:
-        counts = self._last_counts.float()
+        counts = self._last_counts.float().cpu()
         group_counts = counts[self.expert_of_slot.cpu()].view(self.num_groups, -1).sum(1)
         s = {
             "load_cv": coefficient_of_variation(counts),
@@ -171,6 +188,7 @@ class ClusteredMoE(nn.Module):
     def set_extra_state(self, state) -> None:
         self.sim_cache.load_state_dict(state["sim_cache"])
         self._last_regroup = dict(state.get("last_regroup", {}))
+        self._host_counters = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         counters = state_dict.get(prefix + "counters")
@@ -184,6 +202,93 @@ class ClusteredMoE(nn.Module):
                 raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
                                    f"layer that has already been compressed; load it into a fresh layer")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_counters = None
+        self._store_key = None  # new weights: the stored form is rebuilt at the next inference forward
+
+    # --- precision and memory (3.4) ------------------------------------------------------------
+    def _store_views(self, group_counts, group_probs=None):
+        """Inference forwards with ``offload_idle_steps`` set (or after :meth:`release_masters`)
+        read the stored form through the offload store."""
+        if not self._serving:
+            if self.config.offload_idle_steps is None or not self.compressed:
+                return None
+            self._ensure_store()
+        return self._store.step(group_counts, group_probs)
+
+    def _ensure_store(self) -> None:
+        """The store, rebuilt from the masters whenever they changed since it was built."""
+        key = (self._c("micro_step"), self._c("reclusters"),
+               sum(p._version for p in self.experts.expert_parameters(True)))
+        if self._store is None:
+            tier = self.offload_tier if self.offload_tier is not None else CPUTier()
+            cfg = self.config
+            self._store = GroupStore(self.experts, cfg.residual_bits, tier, self.layer_index,
+                                     cfg.offload_idle_steps, cfg.prefetch_lookahead, cfg.prefetch_ema_rate,
+                                     cfg.prefetch_router_evidence, cfg.prefetch_threshold)
+        elif key != self._store_key:
+            self._store.build()
+        self._store_key = key
+
+    @torch.no_grad()
+    def release_masters(self) -> None:
+        """Inference only: compute from the stored form from now on (INT4-packed residuals at
+        ``residual_bits=4``; idle groups offloaded when ``offload_idle_steps`` is set) and free the
+        expert parameters' storage. Training or checkpointing the layer afterwards raises."""
+        if not self.compressed:
+            raise RuntimeError("release_masters: the layer is not compressed yet (it still trains full experts)")
+        self._ensure_store()
+        self._serving = True
+        for p in self.experts.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._serving:
+            raise RuntimeError(f"{prefix or 'layer'}: released its master weights (release_masters) and serves "
+                               f"from the stored form; checkpoints come from the training process")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def offload_stats(self) -> Dict[str, float]:
+        """Hits, misses, bytes written/read, stall time, resident/offloaded bytes of the offload store."""
+        if self._store is None:
+            return {"accesses": 0, "hits": 0, "misses": 0, "bytes_written": 0, "bytes_read": 0, "stall_s": 0.0,
+                    "steps": 0, "hit_rate": float("nan"), "resident_bytes": 0, "offloaded_bytes": 0}
+        return self._store.summary()
+
+    @torch.no_grad()
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes per component, from the tensors held (and, for the stored residuals, from the
+        packed tensors built now from the current masters).
+
+        ``bases``, ``residual_masters`` (the optimizer's factors), ``biases``, ``router``,
+        ``burn_in_full`` (full experts' storage still held): held now. ``residual_stored``: the
+        residuals as stored (offload files, inference store): INT4 ``residual_packed`` +
+        ``residual_scales`` (scales and zero points) at ``residual_bits=4``, else the factors as
+        held. ``stored_experts`` = bases + residual_stored + biases. ``store_resident`` /
+        ``store_offloaded``: the offload store's groups in memory / on the offload tier.
+        """
+        def nb(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+        ex = self.experts
+        factors = list(ex.fa.values()) + list(ex.fb.values())
+        r = {"bases": nb(ex.base.values()), "residual_masters": nb(factors), "biases": nb(ex.bias.values()),
+             "router": nb(self.router.parameters()), "burn_in_full": nb(ex.full.values())}
+        if self._serving:   # masters freed: the stored form is what the store holds (resident + offloaded)
+            r.update(self._store.resident_breakdown())
+            r["stored_experts"] = r["bases"] + r["residual_stored"] + r["biases"] + self._store.offloaded_bytes()
+        elif self.config.residual_bits == 4:
+            qs = [quant.quantize(p) for p in factors]
+            r["residual_packed"] = nb(q["packed"] for q in qs)
+            r["residual_scales"] = nb(t for q in qs for t in (q["scale"], q["zero"]))
+            r["residual_stored"] = r["residual_packed"] + r["residual_scales"]
+        else:
+            r["residual_stored"] = r["residual_masters"]
+        if not self._serving:
+            r["stored_experts"] = r["bases"] + r["residual_stored"] + r["biases"]
+        st = self.offload_stats()
+        r["store_resident"], r["store_offloaded"] = int(st["resident_bytes"]), int(st["offloaded_bytes"])
+        return r
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
@@ -199,6 +304,8 @@ class ClusteredMoE(nn.Module):
             keep = used_token.reshape(-1).nonzero().squeeze(-1)
             x = x.index_select(0, keep)
         learning = self.training and torch.is_grad_enabled()
+        if learning and self._serving:
+            raise RuntimeError("this layer released its master weights (release_masters): inference only")
         if learning:
             self._maybe_recluster()
         if x.shape[0] == 0 and self.ep is None:
@@ -214,19 +321,31 @@ class ClusteredMoE(nn.Module):
         if self.routing_log is not None and self.training:
             self.routing_log.append((routing.group_idx.detach().cpu(),
                                      self.expert_of_slot[routing.slot_idx].detach().cpu()))
-        plan = self.dispatch(routing)
-        if self.ep is None:
-            y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
-                                   plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed)
-            y = self.combine(y_pairs, plan, x.shape[0])
+        if self.ep is not None:
+            y = self._expert_parallel_compute(x, routing, self.dispatch(routing))
+        elif self._use_fused(x, learning):
+            y = fused.fused_expert_forward(self.experts, x, routing.group_idx, routing.slot_idx, routing.weights)
         else:
-            y = self._expert_parallel_compute(x, routing, plan)
+            plan = self.dispatch(routing)
+            views = self._store_views(plan["pair_group_counts"], routing.group_probs) if not learning else None
+            y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
+                                   plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed, views)
+            y = self.combine(y_pairs, plan, x.shape[0])
         l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef,
                            reduce=None if self.ep is None else self.ep.sum_with_grad).to(y.dtype)
-        exp_counts = self._observe(x, routing, plan, learning)
+        exp_counts = self._observe(x, routing, learning)
         if keep is not None:
             y = hidden_states.new_zeros(shape[:-1].numel(), self.hidden_size).index_copy(0, keep, y)
         return y.reshape(shape), l_aux, exp_counts
+
+    def _use_fused(self, x: torch.Tensor, learning: bool = True) -> bool:
+        if not self.compressed or not fused.supports(self.experts):
+            return False
+        if not learning and (self._serving or self.config.offload_idle_steps is not None):
+            return False  # inference through the offload store reads its own weight views
+        if self.fused is None:
+            return x.is_cuda and fused.triton_available()
+        return self.fused
 
     def route(self, x: torch.Tensor) -> Routing:
         frozen = self.training and self.step < self._c("frozen_until")
@@ -311,16 +430,24 @@ class ClusteredMoE(nn.Module):
         return y_pairs.new_zeros(num_tokens, y_pairs.shape[1]).index_add(0, plan["pair_token"], y_pairs)
 
     @torch.no_grad()
-    def _observe(self, x: torch.Tensor, r: Routing, plan, learning: bool) -> torch.Tensor:
-        """Per-expert token counts and, in training, the EMA activation centroids (Eq. 5)."""
-        slot_counts = plan["slot_counts_tensor"]
+    def _observe(self, x: torch.Tensor, r: Routing, learning: bool) -> torch.Tensor:
+        """Per-expert token counts and, in training, the EMA activation centroids (Eq. 5).
+
+        Device-side only (no host sync): a [E, T] count matrix gives both the counts and, by one
+        matmul with x, the per-expert activation sums."""
+        E, T = self.num_experts, x.shape[0]
+        slots = r.slot_idx.flatten(1)   # (T, g1*k); T may be 0 on an expert-parallel rank
+        token = torch.arange(T, device=x.device).unsqueeze(1).expand_as(slots)
+        hits = torch.zeros(E * T, device=x.device, dtype=torch.float32)
+        hits.scatter_add_(0, (slots * T + token).reshape(-1), torch.ones(slots.numel(), device=x.device))
+        hits = hits.view(E, T)
+        slot_counts = hits.sum(1).round().long()
         counts = torch.zeros_like(slot_counts)
         counts[self.expert_of_slot] = slot_counts
-        self._last_counts = counts.detach().cpu()
+        self._last_counts = counts.detach()
         if learning:
-            token_of_row = plan["pair_token"][plan["row_pair"]]
-            sums_slot = torch.zeros(self.num_experts, self.hidden_size, device=x.device).index_add_(
-                0, plan["row_slot"], x.detach().float().index_select(0, token_of_row))
+            dt = torch.promote_types(x.dtype, torch.float32)
+            sums_slot = hits.to(dt) @ x.detach().to(dt)
             sums = torch.zeros_like(sums_slot)
             sums[self.expert_of_slot] = sums_slot
             n = counts.to(sums.dtype)
@@ -328,8 +455,8 @@ class ClusteredMoE(nn.Module):
                 # centroids follow the tokens of every rank: identical everywhere, as at ep_size 1
                 both = self.ep.reduce_stats(torch.cat([sums, n.unsqueeze(1)], dim=1))
                 sums, n = both[:, :-1], both[:, -1]
-            c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, sums,
-                                                  n, self.config.beta)
+            c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, sums.to(self.centroids.dtype),
+                                                  n.to(self.centroids.dtype), self.config.beta)
             self.centroids.copy_(c)
             self.centroid_seen.copy_(seen)
             self._set_c("micro_step", self._c("micro_step") + 1)

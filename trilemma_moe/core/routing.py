@@ -53,8 +53,9 @@ class HierarchicalRouter(nn.Module):
         # Logits in at least float32 (bf16/fp16 are upcast; a float64 router stays float64).
         dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
         xc = x.to(dt)
-        group_logits = (xc @ u.to(dt).t()) / temperature
-        expert_logits = ((xc @ v.to(dt).t()) / temperature).view(-1, G, K)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run them in bf16
+            group_logits = (xc @ u.to(dt).t()) / temperature
+            expert_logits = ((xc @ v.to(dt).t()) / temperature).view(-1, G, K)
         return hierarchical_topk(group_logits, expert_logits, self.group_top_k, self.top_k)
 
     @torch.no_grad()
@@ -80,6 +81,12 @@ def hierarchical_topk(group_logits: torch.Tensor, expert_logits: torch.Tensor, g
     return Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits, expert_logits)
 
 
+def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """bincount as float, without bincount's host sync on CUDA (integer-valued sums are exact)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(n, device=flat.device).scatter_add_(0, flat, torch.ones(flat.numel(), device=flat.device))
+
+
 def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None) -> torch.Tensor:
     """Switch-style load balancing at both levels plus an ST-MoE z-loss.
 
@@ -100,10 +107,10 @@ def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None
         return torch.zeros((), device=dev)
     loss = torch.zeros((), device=dev)
     if aux_loss_coef > 0:
-        f_g = torch.bincount(r.group_idx.reshape(-1), minlength=G).float() / r.group_idx.numel()
+        f_g = _count(r.group_idx, G) / r.group_idx.numel()
         lb_group = G * (f_g * r.group_probs.mean(0)).sum()
         E = G * K
-        f_e = torch.bincount(r.slot_idx.reshape(-1), minlength=E).float() / r.slot_idx.numel()
+        f_e = _count(r.slot_idx, E) / r.slot_idx.numel()
         joint = (r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E).mean(0)
         lb_expert = E * (f_e * joint).sum()
         loss = loss + aux_loss_coef * (lb_group + lb_expert)
@@ -121,8 +128,8 @@ def _reduced_aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, re
     E, g1, k = G * K, r.group_idx.shape[1], r.slot_idx.shape[-1]
     dt = r.group_probs.dtype
     chosen = r.expert_logits.gather(1, r.group_idx.unsqueeze(-1).expand(-1, -1, K))
-    parts = [torch.bincount(r.group_idx.reshape(-1), minlength=G).to(dt),
-             torch.bincount(r.slot_idx.reshape(-1), minlength=E).to(dt),
+    parts = [_count(r.group_idx, G).to(dt),
+             _count(r.slot_idx, E).to(dt),
              r.group_probs.sum(0),
              (r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E).sum(0),
              torch.logsumexp(r.group_logits, dim=-1).pow(2).sum().reshape(1),

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TrilemmaMoEConfig
+from ..core.checkpoint import from_slot_keys, to_slot_keys
 from ..core.experts import spec_from_module
 from ..core.layer import ClusteredMoE
 from ..core.state_io import TorchParamIO
@@ -203,6 +204,34 @@ class TrilemmaMoE(_DeepSpeedMoE):
             # DeepSpeed's tags for expert parameters: reduced over the expert-data-parallel group.
             p.allreduce = False
             p.group_name = self.expert_group_name
+        # Checkpoints by slot in DeepSpeed-MoE's key naming (core/checkpoint.py): one file per global
+        # expert slot from engine.save_checkpoint, the same keys in a plain state_dict.
+        if config.offload_idle_steps is not None:
+            from .aio import make_tier
+            self.moe.offload_tier = make_tier(config.offload_dir, config.aio)
+        self._register_state_dict_hook(TrilemmaMoE._slot_keys_out)
+        self.register_load_state_dict_pre_hook(TrilemmaMoE._slot_keys_in)
+
+    @staticmethod
+    def _slot_keys_out(module, state, prefix, local_metadata):
+        ex = module.moe.experts
+        if module.ep_size > 1 and module.ep_group is not None:
+            # DeepSpeed names expert files by ep_rank * num_local_experts + local slot: that must be
+            # the global slot, i.e. ranks hold contiguous groups in rank order.
+            import torch.distributed as dist
+            first = getattr(ex, "group_offset", 0) * ex.K
+            expected = dist.get_rank(group=module.ep_group) * ex.num_experts
+            if first != expected:
+                raise RuntimeError(f"{prefix}: local slots start at global slot {first}, but DeepSpeed will name "
+                                   f"them from {expected} (ep rank x local slots); checkpoint files would be "
+                                   f"mislabelled")
+        to_slot_keys(state, prefix, ex.num_experts, ex.K)
+
+    @staticmethod
+    def _slot_keys_in(module, state, prefix, *args):
+        ex = module.moe.experts
+        stacked = dict(ex.state_dict(keep_vars=True))
+        from_slot_keys(state, prefix, ex.num_experts, ex.K, stacked)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the DeepSpeed engine: create (once) and remember the expert process groups."""
@@ -241,6 +270,12 @@ class TrilemmaMoE(_DeepSpeedMoE):
 
     def comm_stats(self) -> Dict[str, float]:
         return self.moe.comm_stats()
+
+    def memory_report(self) -> Dict[str, int]:
+        return self.moe.memory_report()
+
+    def offload_stats(self) -> Dict[str, float]:
+        return self.moe.offload_stats()
 
 
 def clustered_layers(model: nn.Module) -> List[ClusteredMoE]:

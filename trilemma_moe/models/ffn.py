@@ -81,10 +81,15 @@ class SwitchTop2FFN(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2,
                  aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0, seed: int = 0,
-                 activation: str = "gelu"):
+                 activation: str = "gelu", impl: str = "auto"):
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"k ({k}) must be in [1, num_experts={num_experts}]")
+        if impl not in ("auto", "loop", "grouped"):
+            raise ValueError(f"impl must be 'auto', 'loop' or 'grouped', got {impl!r}")
+        # "grouped": all experts in one torch._grouped_mm per matrix (no host sync; on A100 torch
+        # runs it as a per-expert loop); "loop": one GEMM per expert; "auto": grouped on CUDA.
+        self.impl = impl
         self.d_model, self.d_ff, self.num_experts, self.k = d_model, d_ff, num_experts, k
         self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
         self.seed = int(seed)
@@ -140,6 +145,9 @@ class SwitchTop2FFN(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         N, k, E = x2.shape[0], self.k, self.num_experts
         probs, top_i, gates, logits = self.route(x2)
+        if self.impl == "grouped" or (self.impl == "auto" and x2.is_cuda and hasattr(torch, "_grouped_mm")):
+            y, counts = self._experts_grouped(x2, top_i, gates)
+            return y.reshape(shape), self._aux(counts, probs, logits, N)
 
         flat_e = top_i.reshape(-1)                                     # [N*k]
         order = torch.argsort(flat_e, stable=True)
@@ -161,13 +169,36 @@ class SwitchTop2FFN(nn.Module):
         # unsort by a gather (no scatter-add), then weight the k rows of each token and sum
         y = (ys[inv].view(N, k, -1) * gates.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
 
+        return y.reshape(shape), self._aux(counts, probs, logits, N)
+
+    def _aux(self, counts: Tensor, probs: Tensor, logits: Tensor, N: int) -> Tensor:
         self.last_counts = counts.detach()
-        f = counts.to(probs.dtype) / float(N * k)
+        f = counts.to(probs.dtype) / float(N * self.k)
         P = probs.mean(dim=0)
-        l_aux = self.aux_loss_coef * E * torch.sum(f * P)
+        l_aux = self.aux_loss_coef * self.num_experts * torch.sum(f * P)
         if self.z_loss_coef > 0:
             l_aux = l_aux + self.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return y.reshape(shape), l_aux
+        return l_aux
+
+    def _experts_grouped(self, x2: Tensor, top_i: Tensor, gates: Tensor):
+        """Sort-based dispatch (gathers both ways) and one grouped GEMM per matrix."""
+        from ..kernels.fused import _GatherRows, _SumGatherRows
+        N, k, E = x2.shape[0], self.k, self.num_experts
+        flat_e = top_i.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.zeros(E, dtype=torch.long, device=x2.device).scatter_add_(0, flat_e, torch.ones_like(flat_e))
+        offs = counts.cumsum(0).to(torch.int32)
+        cdt = torch.get_autocast_dtype(x2.device.type) if torch.is_autocast_enabled(x2.device.type) else x2.dtype
+        e_sorted = flat_e.index_select(0, order)
+        with torch.autocast(x2.device.type, enabled=False):
+            xs = _GatherRows.apply(x2.to(cdt), order // k, inv, k)
+            h = torch._grouped_mm(xs, self.w1.to(cdt), offs=offs) + self.b1.to(cdt).index_select(0, e_sorted)
+            ys = torch._grouped_mm(self.act(h), self.w2.to(cdt), offs=offs) + self.b2.to(cdt).index_select(0, e_sorted)
+            g_sorted = _GatherRows.apply(gates.reshape(-1, 1).to(cdt), order, inv, 1)
+            y = _SumGatherRows.apply(ys * g_sorted, inv, order // k, k)
+        return y, counts
 
     def stats(self) -> Dict[str, float]:
         return {"load_cv": load_cv(self.last_counts),
@@ -284,6 +315,12 @@ class OursFFN(nn.Module):
 
     def attach_optimizer(self, optimizer) -> None:
         self.layer.attach_optimizer(optimizer)
+
+    def memory_report(self) -> Dict[str, int]:
+        return self.layer.memory_report()
+
+    def offload_stats(self) -> Dict[str, float]:
+        return self.layer.offload_stats()
 
     def expert_parameter_count(self) -> int:
         return int(self.layer.expert_parameter_count())

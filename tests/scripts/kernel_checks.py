@@ -1,0 +1,96 @@
+"""Each Triton kernel against its torch twin on fresh random inputs.
+
+Runs on a GPU (``--device cuda``) or, with ``TRITON_INTERPRET=1``, on the CPU through Triton's
+interpreter (float32 only there). Exits non-zero on the first mismatch; prints one line per check.
+"""
+import argparse
+import sys
+
+import torch
+
+from trilemma_moe.kernels import reference as ref
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def random_offsets(P, G, gen, empty_group=True):
+    cuts = torch.sort(torch.randint(0, P + 1, (G - 1,), generator=gen)).values
+    if empty_group and G > 2:
+        cuts[G // 2] = cuts[G // 2 - 1]   # one empty group
+    return torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([P])]).to(torch.int32)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default="fp32")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--quick", action="store_true",
+                    help="two kernel variants and one GEMM shape (each variant compiles on a GPU)")
+    args = ap.parse_args(argv)
+    from trilemma_moe.kernels import triton_moe as tk
+    dev = torch.device(args.device)
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    print(f"seed {seed}", flush=True)
+    tol = {"fp32": 2e-5, "bf16": 2e-2}
+    failures = 0
+
+    def report(name, err, dt):
+        nonlocal failures
+        ok = err < tol[dt] and err == err
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name:<28} {dt} rel err {err:.2e}", flush=True)
+
+    def rnd(*shape, dt=torch.float32):
+        return torch.randn(*shape, generator=gen).to(dev, dt)
+
+    for dname in args.dtypes.split(","):
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+        # sizes that leave partial tiles and an empty group
+        for P, G, d, f in ((333, 5, 64, 96),) if args.quick else ((150, 4, 48, 80), (333, 5, 64, 96)):
+            off = random_offsets(P, G, gen).to(dev)
+            x, w = rnd(P, d, dt=dt), rnd(G, d, f, dt=dt)
+            report(f"gmm_rows P={P} G={G}", rel(tk.gmm_rows(x, w, off), ref.gmm_rows(x.float(), w.float(), off)), dname)
+            wt = rnd(G, f, d, dt=dt).transpose(1, 2)     # strided weights, as the backward passes them
+            report(f"gmm_rows strided w P={P}", rel(tk.gmm_rows(x, wt, off), ref.gmm_rows(x.float(), wt.float(), off)), dname)
+            dyf = rnd(P, f, dt=dt)
+            report(f"gmm_rows trans_w P={P}", rel(tk.gmm_rows(dyf, w, off, trans_w=True), ref.gmm_rows(dyf.float(), w.float(), off, trans_w=True)), dname)
+            report(f"gmm_wgrad P={P}", rel(tk.gmm_wgrad(x, dyf, off), ref.gmm_wgrad(x.float(), dyf.float(), off)), dname)
+        variants = [(act, shape) for act in ("gelu", "gelu_tanh", "relu", "silu")
+                    for shape in ((130, 4, 4, 4, 2, 72, True), (97, 3, 3, 5, 1, 40, False), (200, 2, 8, 16, 2, 64, True))]
+        if args.quick:
+            variants = [("gelu", (700, 8, 4, 16, 2, 200, True)), ("relu", (97, 3, 3, 5, 1, 40, False))]
+        for act, (P, G, K, r, k, f, bias) in variants:
+            off = random_offsets(P, G, gen).to(dev)
+            KR = K * r
+            z, a = rnd(P, f, dt=dt), rnd(P, KR, dt=dt) * 0.5
+            jloc = torch.stack([torch.randperm(K, generator=gen)[:k] for _ in range(P)]).to(dev, torch.int32)
+            w = torch.rand(P, k, generator=gen).to(dev)
+            b1, a2 = rnd(G, f, KR, dt=dt) * 0.3, rnd(G, f, KR, dt=dt) * 0.3
+            bias1 = rnd(G * K, f, dt=dt) if bias else None
+            hs, q = tk.act_combine_fwd(z, a, jloc, w, b1, bias1, a2, off, K, r, act)
+            hs_r, q_r = ref.act_combine_fwd(z.float(), a.float(), jloc, w, b1.float(),
+                                            None if bias1 is None else bias1.float(), a2.float(), off, K, r, act)
+            name = f"{act} K={K} r={r} k={k}"
+            report(f"fwd hs {name}", rel(hs, hs_r), dname)
+            report(f"fwd q {name}", rel(q, q_r), dname)
+            dhs, dq = rnd(P, f, dt=dt), rnd(P, KR + K, dt=dt)
+            got = tk.act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K, r, act)
+            want = ref.act_combine_bwd(z.float(), a.float(), jloc, w, b1.float(),
+                                       None if bias1 is None else bias1.float(), a2.float(), dhs.float(),
+                                       dq.float(), off, K, r, act)
+            for label, g_, w_ in zip(("dz", "da", "dw", "db1cat", "dbias1", "da2cat"), got, want):
+                if w_ is None:
+                    assert g_ is None
+                    continue
+                report(f"bwd {label} {name}", rel(g_, w_), dname)
+    print("all kernel checks passed" if not failures else f"{failures} kernel checks FAILED", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

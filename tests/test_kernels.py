@@ -1,0 +1,208 @@
+"""The fused expert path against the per-slot path, and every Triton kernel against its torch twin.
+
+On the CPU the fused path runs the kernels' torch twins (``kernels/reference.py``) through the same
+autograd code the GPU runs; the Triton kernels themselves run through Triton's interpreter
+(subprocess, float32) and, on a GPU, compiled (float32 and bf16).
+"""
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trilemma_moe import TrilemmaMoEConfig
+from trilemma_moe.core.layer import ClusteredMoE
+from trilemma_moe.kernels import fused
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKS = os.path.join(ROOT, "tests", "scripts", "kernel_checks.py")
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+# Triton 3.6's interpreter turns 1-element arrays into loop bounds, which numpy >= 2.4 refuses
+# (the test extra pins numpy < 2.4 for it).
+_NP = tuple(int(p) for p in __import__("numpy").__version__.split(".")[:2])
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _layer(E=16, G=4, r=4, k=2, g1=1, act="gelu", bias=True, d=24, f=40, seed=0, dtype=torch.float64, bits=16):
+    cfg = TrilemmaMoEConfig(num_experts=E, num_groups=G, rank=r, top_k=k, group_top_k=g1, gamma=None, seed=seed,
+                            residual_bits=bits)
+    layer = ClusteredMoE(d, f, cfg, activation=act, bias=bias).to(dtype)
+    layer.recluster(force=True)
+    with torch.no_grad():  # factors and biases away from their SVD values, so every term matters
+        for p in layer.experts.parameters():
+            if p.numel():
+                p.add_(torch.randn_like(p) * 0.1)
+    return layer
+
+
+def _run(layer, x):
+    xx = x.detach().clone().requires_grad_()
+    y, l_aux, counts = layer(xx)
+    (y.pow(2).sum() + l_aux).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), l_aux.detach(), counts, xx.grad, grads
+
+
+@pytest.mark.parametrize("act,bias,g1,k,E,G,r,bits", [
+    ("gelu", True, 1, 2, 16, 4, 4, 16),
+    ("gelu", True, 1, 2, 16, 4, 4, 4),      # INT4 residuals: both paths see the same dequantized factors
+    ("relu", False, 2, 2, 12, 4, 5, 16),     # K*r = 15: not a power of two
+    ("silu", True, 2, 1, 8, 2, 3, 16),
+    ("gelu_tanh", True, 1, 3, 32, 4, 2, 16),
+])
+def test_fused_path_equals_slot_path(act, bias, g1, k, E, G, r, bits):
+    torch.manual_seed(E * 7 + r)
+    slow = _layer(E, G, r, k, g1, act, bias, bits=bits)
+    fast = copy.deepcopy(slow)
+    fast.fused = True
+    x = torch.randn(3, 37, 24, dtype=torch.float64)
+    ys, ls, cs, gxs, gps = _run(slow, x)
+    yf, lf, cf, gxf, gpf = _run(fast, x)
+    torch.testing.assert_close(yf, ys, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lf, ls, rtol=1e-12, atol=1e-12)
+    assert torch.equal(cf, cs)
+    torch.testing.assert_close(gxf, gxs, rtol=1e-11, atol=1e-12)
+    assert sorted(gpf) == sorted(gps)
+    for n in gps:
+        torch.testing.assert_close(gpf[n], gps[n], rtol=1e-11, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_autocast_fused_and_slot_paths_agree(bias):
+    """Under bf16 autocast (CPU here) both paths run and agree to bf16 accuracy."""
+    torch.manual_seed(5)
+    slow = _layer(E=16, G=4, r=4, bias=bias, dtype=torch.float32)
+    fast = copy.deepcopy(slow)
+    fast.fused = True
+    x = torch.randn(64, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys, _, cs = slow(x)
+        yf, _, cf = fast(x)
+    yref, _, _ = slow(x)
+    assert torch.equal(cs, cf)
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    assert rel(yf, yref) < 3e-2 and rel(ys, yref) < 3e-2 and rel(yf, ys) < 3e-2
+
+
+def test_fused_expert_forward_gradcheck():
+    torch.manual_seed(1)
+    layer = _layer(E=8, G=2, r=2, k=2, g1=2, d=6, f=10)
+    ex = layer.experts
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    r = layer.route(x.detach())
+    w = r.weights.detach().clone().requires_grad_()
+
+    # x and w by gradcheck; one parameter entry by a central difference
+    torch.autograd.gradcheck(lambda x, w: fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w), (x, w))
+    p = ex.fa["w2"]
+    y = fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w)
+    g = torch.randn_like(y)
+    (analytic,) = torch.autograd.grad(y, p, g)
+    eps, idx = 1e-6, (3, 4, 1)
+    with torch.no_grad():
+        p[idx] += eps
+        up = (fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w) * g).sum()
+        p[idx] -= 2 * eps
+        down = (fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w) * g).sum()
+        p[idx] += eps
+    assert abs(float((up - down) / (2 * eps)) - float(analytic[idx])) < 1e-7
+
+
+def test_sort_by_group_and_gathers():
+    gen = torch.Generator().manual_seed(2)
+    G, T, g1 = 5, 40, 2
+    group_idx = torch.stack([torch.randperm(G, generator=gen)[:g1] for _ in range(T)])
+    group_idx[:, 0] = group_idx[:, 0].clamp(max=3)    # group 4 nearly empty, maybe empty
+    order, inverse, off, token_of_row = fused.sort_by_group(group_idx, G)
+    flat = group_idx.reshape(-1)
+    assert torch.equal(off.long(), torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(flat, minlength=G).cumsum(0)]))
+    assert torch.equal(flat[order], torch.sort(flat, stable=True).values)
+    assert torch.equal(inverse[order], torch.arange(T * g1))
+    x = torch.randn(T, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: fused._GatherRows.apply(x, token_of_row, inverse, g1), (x,))
+    rows = torch.randn(T * g1, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda y: fused._SumGatherRows.apply(y, inverse, token_of_row, g1), (rows,))
+    ref = rows.detach()[inverse].view(T, g1, 3).sum(1)
+    torch.testing.assert_close(fused._SumGatherRows.apply(rows, inverse, token_of_row, g1), ref)
+
+
+def test_fused_and_slot_paths_train_the_same_through_regroups():
+    cfg = TrilemmaMoEConfig(num_experts=16, num_groups=4, rank=4, burn_in=2, recluster_interval=2, delta=0.0)
+    slow = ClusteredMoE(16, 32, cfg).double()
+    fast = copy.deepcopy(slow)
+    fast.fused = True
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (slow, fast)]
+    for m, o in zip((slow, fast), opts):
+        m.attach_optimizer(o)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(8):
+        x = torch.randn(48, 16, generator=gen, dtype=torch.float64)
+        losses = []
+        for m, o in zip((slow, fast), opts):
+            o.zero_grad(set_to_none=True)
+            y, l_aux, _ = m(x)
+            loss = y.pow(2).mean() + l_aux
+            loss.backward()
+            o.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-10 * max(1.0, abs(losses[0])), (step, losses)
+    assert fast.stats()["reclusters"] >= 3
+    assert torch.equal(fast.group_assignment(), slow.group_assignment())
+
+
+def test_gated_experts_keep_the_slot_path():
+    cfg = TrilemmaMoEConfig(num_experts=8, num_groups=2, rank=2)
+    layer = ClusteredMoE(8, 16, cfg, gated=True)
+    layer.recluster(force=True)
+    layer.fused = True
+    assert not fused.supports(layer.experts) and not layer._use_fused(torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="gated"):
+        r = layer.route(torch.randn(4, 8))
+        fused.fused_expert_forward(layer.experts, torch.randn(4, 8), r.group_idx, r.slot_idx, r.weights)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(_NP >= (2, 4), reason="Triton's interpreter needs numpy < 2.4")
+def test_triton_kernels_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, CHECKS, "--device", "cpu", "--dtypes", "fp32"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "all kernel checks passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@cuda
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_triton_kernels_on_gpu():
+    proc = subprocess.run([sys.executable, CHECKS, "--device", "cuda", "--dtypes", "fp32,bf16", "--quick"],
+                          env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+                          capture_output=True, text=True, timeout=600)
+    print(proc.stdout)
+    assert proc.returncode == 0 and "all kernel checks passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@cuda
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_layer_on_gpu_matches_slot_path(bias):
+    """Same device, dtype and routing: the Triton path against the per-slot path (float32), and
+    the bf16 fused path against the float32 one."""
+    torch.manual_seed(4)
+    slow = _layer(E=32, G=8, r=16, k=2, d=64, f=256, bias=bias, dtype=torch.float32).cuda()
+    slow.fused = False
+    fast = copy.deepcopy(slow)
+    fast.fused = None
+    assert fast._use_fused(torch.zeros(1, device="cuda")) == fused.triton_available()
+    x = torch.randn(1000, 64, device="cuda")
+    ys, _, cs, gxs, gps = _run(slow, x)
+    yf, _, cf, gxf, gpf = _run(fast, x)
+    rel = lambda a, b: float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())  # noqa: E731
+    assert torch.equal(cf, cs)
+    assert rel(yf, ys) < 1e-4 and rel(gxf, gxs) < 1e-4
+    for n in gps:
+        assert rel(gpf[n], gps[n]) < 1e-4, n
+    with torch.autocast("cuda", dtype=torch.bfloat16):   # bf16 fused vs bf16 per-slot: same routing
+        yb, _, _ = fast(x)
+        yb_slow, _, _ = slow(x)
+    assert rel(yb, ys) < 3e-2 and rel(yb, yb_slow) < 2e-2

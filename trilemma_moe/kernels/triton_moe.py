@@ -1,0 +1,400 @@
+"""Triton kernels of the clustered-expert layer (GPU fast path). Each has a plain-torch twin of the
+same name and arguments in ``reference.py``; see there for the conventions.
+
+* ``gmm_rows`` / ``gmm_wgrad``: grouped GEMMs over rows sorted by group (the group base GEMMs and
+  their gradients). Ordinary tiled GEMMs, one tile schedule over all groups in one launch, so they
+  need neither ``torch._grouped_mm`` (a per-expert loop on A100) nor a host sync for group sizes.
+* ``act_combine_fwd``: the rank-r part of the up projection of the k chosen experts, the
+  activation and the ``sum_j w_j h_j`` combine, fused: z (the base GEMM's output) is read once and
+  only hs is written; h_j never reaches memory.
+* ``act_combine_bwd``: its backward, recomputing h_j from z, in two kernels without atomics: one
+  walks f for each row tile (dz, and da, dw reduced over f), one walks the rows of a group for each
+  column chunk (the factor and bias gradients, reduced over rows).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import ACT_CODES
+
+
+@triton.jit
+def _group_tile(off_ptr, pid, G: tl.constexpr, BM: tl.constexpr):
+    """Tile ``pid`` of the concatenated per-group row tiles -> (group, first row, end row).
+
+    Beyond the last tile: group 0 with an empty row range (every load and store masked)."""
+    # int32 from the start: a loop-carried variable may not change type
+    tile0 = tl.full((), 0, tl.int32)
+    g_sel = tl.full((), 0, tl.int32)
+    r0 = tl.full((), 0, tl.int32)
+    r1 = tl.full((), 0, tl.int32)
+    for g in range(G):
+        s = tl.load(off_ptr + g)
+        e = tl.load(off_ptr + g + 1)
+        nt = (e - s + BM - 1) // BM
+        hit = (pid >= tile0) & (pid < tile0 + nt)
+        g_sel = tl.where(hit, g, g_sel)
+        r0 = tl.where(hit, s + (pid - tile0) * BM, r0)
+        r1 = tl.where(hit, e, r1)
+        tile0 += nt
+    return g_sel, r0, r1
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 0:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == 1:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
+    elif ACT == 2:
+        return tl.maximum(x, 0.0)
+    else:
+        return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    if ACT == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        return cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACT == 1:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    elif ACT == 2:
+        return tl.where(x > 0, 1.0, 0.0)
+    else:
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+
+
+# --- grouped GEMMs -----------------------------------------------------------------------------
+@triton.jit
+def _gmm_rows_kernel(x_ptr, w_ptr, y_ptr, off_ptr, N, KD, sxm, sxk, swg, swk, swn, sym, syn,
+                     G: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g, r0, r1 = _group_tile(off_ptr, pid_m, G, BM)
+    rm = r0 + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mmask = rm < r1
+    nmask = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, KD, BK):
+        kmask = (k0 + rk) < KD
+        xt = tl.load(x_ptr + rm[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + g * swg + (k0 + rk)[:, None] * swk + rn[None, :] * swn,
+                     mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc += _mm(xt, wt, IEEE)
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+_WGRAD_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=3),
+]
+
+
+@triton.jit
+def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, off_ptr, M, N, sxr, sxm, sdr, sdn, swg, swm, swn,
+                      G: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """dw[g] (M x N) = x[rows_g]^T (M x rows) @ dy[rows_g] (rows x N)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    s = tl.load(off_ptr + g)
+    e = tl.load(off_ptr + g + 1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mmask = rm < M
+    nmask = rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(s, e, BK):
+        kmask = (k0 + rk) < e
+        xt = tl.load(x_ptr + (k0 + rk)[None, :] * sxr + rm[:, None] * sxm, mask=kmask[None, :] & mmask[:, None], other=0.0)
+        dt = tl.load(dy_ptr + (k0 + rk)[:, None] * sdr + rn[None, :] * sdn, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc += _mm(xt, dt, IEEE)
+    tl.store(dw_ptr + g * swg + rm[:, None] * swm + rn[None, :] * swn, acc.to(dw_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+# Fixed tilings, not autotuning: every distinct shape would otherwise compile and time each
+# candidate at its first call (minutes over a model's shapes). Triton's interpreter (CPU tests)
+# gets small tiles.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tiles(dtype: torch.dtype, n: int) -> dict:
+    if _INTERPRETED:
+        return dict(BM=32, BN=32, BK=16)
+    if dtype == torch.float32:
+        return dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=2)
+    return dict(BM=128, BN=128 if n >= 128 else 64, BK=64, num_warps=8, num_stages=3)
+
+
+def _check(off: torch.Tensor, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t is not None and t.device != off.device:
+            raise ValueError(f"all kernel inputs must be on {off.device}, got a tensor on {t.device}")
+
+
+def gmm_rows(x: torch.Tensor, w: torch.Tensor, off: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
+    G = off.numel() - 1
+    P, KD = x.shape
+    if trans_w:
+        N = w.shape[1]
+        swk, swn = w.stride(2), w.stride(1)
+    else:
+        N = w.shape[2]
+        swk, swn = w.stride(1), w.stride(2)
+    y = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    t = _tiles(x.dtype, N)
+    grid = (triton.cdiv(P, t["BM"]) + G, triton.cdiv(N, t["BN"]))
+    _gmm_rows_kernel[grid](x, w, y, off, N, KD, x.stride(0), x.stride(1), w.stride(0), swk, swn,
+                           y.stride(0), y.stride(1), G=G, IEEE=x.dtype == torch.float32, **t)
+    return y
+
+
+def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    G = off.numel() - 1
+    M, N = x.shape[1], dy.shape[1]
+    dw = torch.empty(G, M, N, dtype=torch.float32, device=x.device)
+    t = _tiles(x.dtype, N)
+    grid = (triton.cdiv(M, t["BM"]), triton.cdiv(N, t["BN"]), G)
+    _gmm_wgrad_kernel[grid](x, dy, dw, off, M, N, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                            dw.stride(0), dw.stride(1), dw.stride(2), G=G, IEEE=x.dtype == torch.float32, **t)
+    return dw
+
+
+# --- fused rank-r up projection + activation + combine ------------------------------------------
+# No atomics: a reduction over f (q, da, dw) is done by one program that walks all of f for its
+# rows; a reduction over rows (the factor and bias gradients) by one program that walks all rows
+# of its group for its columns. (A first version tiled rows x columns and reduced with float32
+# atomics: 5 ms of an 8 ms layer on an H100, all of it atomic traffic.)
+@triton.jit
+def _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk):
+    """Expert position e, weight w and the block mask of choice j of each row."""
+    e = tl.load(j_ptr + rows * sjm + j, mask=rmask, other=0)
+    wj = tl.load(w_ptr + rows * swm + j, mask=rmask, other=0.0).to(tl.float32)
+    sel = blk[None, :] == e[:, None]
+    return e, wj, sel
+
+
+@triton.jit
+def _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+         IEEE: tl.constexpr):
+    am = tl.where(sel, a, 0.0).to(b1.dtype)
+    pre = z + _mm(am, tl.trans(b1), IEEE)
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + (g * K + e)[:, None] * F + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    return pre, am
+
+
+@triton.jit
+def _act_combine_fwd_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, hs_ptr, q_ptr, off_ptr,
+                            F, KR, szm, sam, sjm, swm, sbg, sbf, shm, sqm,
+                            G: tl.constexpr, K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
+                            KRP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    g, r0, r1 = _group_tile(off_ptr, tl.program_id(0), G, BM)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < r1
+    kk = tl.arange(0, KRP)
+    kmask = kk < KR
+    blk = kk // R
+    a = tl.load(a_ptr + rows[:, None] * sam + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    q = tl.zeros((BM, KRP), dtype=tl.float32)
+    for f0 in range(0, F, BN):
+        cols = f0 + tl.arange(0, BN)
+        cmask = cols < F
+        tile_mask = rmask[:, None] & cmask[None, :]
+        fac_mask = cmask[:, None] & kmask[None, :]
+        z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        b1 = tl.load(b1_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)   # [BN, KRP]
+        a2 = tl.load(a2_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
+        hs = tl.zeros((BM, BN), dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
+            pre, am = _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
+            hw = _act(pre, ACT) * wj[:, None]
+            hs += hw
+            q += tl.where(sel, _mm(hw.to(a2.dtype), a2, IEEE), 0.0)   # chosen experts' blocks are disjoint
+        tl.store(hs_ptr + rows[:, None] * shm + cols[None, :], hs.to(hs_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(q_ptr + rows[:, None] * sqm + kk[None, :], q, mask=rmask[:, None] & kmask[None, :])
+    for j in tl.static_range(TOPK):
+        e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
+        tl.store(q_ptr + rows * sqm + KR + e, wj, mask=rmask)
+
+
+@triton.jit
+def _act_combine_bwd_rows_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, dhs_ptr, dq_ptr, off_ptr,
+                                 dz_ptr, da_ptr, dw_ptr,
+                                 F, KR, szm, sam, sjm, swm, sbg, sbf, sdhm, sdqm, sdzm, sdam, sdwm,
+                                 G: tl.constexpr, K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
+                                 TP: tl.constexpr, KRP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """Per row: dz (over f, stored chunk by chunk), da and dw (reduced over f in registers)."""
+    g, r0, r1 = _group_tile(off_ptr, tl.program_id(0), G, BM)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < r1
+    kk = tl.arange(0, KRP)
+    kmask = kk < KR
+    blk = kk // R
+    tcol = tl.arange(0, TP)
+    rk_mask = rmask[:, None] & kmask[None, :]
+    a = tl.load(a_ptr + rows[:, None] * sam + kk[None, :], mask=rk_mask, other=0.0)
+    dq = tl.load(dq_ptr + rows[:, None] * sdqm + kk[None, :], mask=rk_mask, other=0.0)
+    da = tl.zeros((BM, KRP), dtype=tl.float32)
+    dw = tl.zeros((BM, TP), dtype=tl.float32)
+    for f0 in range(0, F, BN):
+        cols = f0 + tl.arange(0, BN)
+        cmask = cols < F
+        tile_mask = rmask[:, None] & cmask[None, :]
+        fac_mask = cmask[:, None] & kmask[None, :]
+        z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        dhs = tl.load(dhs_ptr + rows[:, None] * sdhm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        b1 = tl.load(b1_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
+        a2 = tl.load(a2_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
+        dz = tl.zeros((BM, BN), dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
+            pre, am = _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
+            dqm = tl.where(sel, dq, 0.0).to(b1.dtype)
+            gh = dhs + _mm(dqm, tl.trans(a2), IEEE)              # d loss / d hw_j
+            dw += tl.where(tcol[None, :] == j, tl.sum(_act(pre, ACT) * gh, axis=1)[:, None], 0.0)
+            dpre = tl.where(tile_mask, gh * wj[:, None] * _act_grad(pre, ACT), 0.0)
+            dz += dpre
+            da += tl.where(sel, _mm(dpre.to(b1.dtype), b1, IEEE), 0.0)
+        tl.store(dz_ptr + rows[:, None] * sdzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(da_ptr + rows[:, None] * sdam + kk[None, :], da, mask=rk_mask)
+    tl.store(dw_ptr + rows[:, None] * sdwm + tcol[None, :], dw, mask=rmask[:, None] & (tcol[None, :] < TOPK))
+
+
+@triton.jit
+def _act_combine_bwd_cols_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, dhs_ptr, dq_ptr, off_ptr,
+                                 db1_ptr, dbias_ptr, da2_ptr,
+                                 F, KR, szm, sam, sjm, swm, sbg, sbf, sdhm, sdqm,
+                                 K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+                                 KRP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+    """Per (column chunk, group): the factor and bias gradients, reduced over the group's rows in
+    registers."""
+    g = tl.program_id(1)
+    s = tl.load(off_ptr + g)
+    t = tl.load(off_ptr + g + 1)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < F
+    kk = tl.arange(0, KRP)
+    kmask = kk < KR
+    blk = kk // R
+    kx = tl.arange(0, KP)
+    fac_mask = cmask[:, None] & kmask[None, :]
+    b1 = tl.load(b1_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
+    a2 = tl.load(a2_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
+    db1 = tl.zeros((BN, KRP), dtype=tl.float32)
+    da2 = tl.zeros((BN, KRP), dtype=tl.float32)
+    dbias = tl.zeros((KP, BN), dtype=tl.float32)
+    for r0 in range(s, t, BM):
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < t
+        tile_mask = rmask[:, None] & cmask[None, :]
+        rk_mask = rmask[:, None] & kmask[None, :]
+        z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        dhs = tl.load(dhs_ptr + rows[:, None] * sdhm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + rows[:, None] * sam + kk[None, :], mask=rk_mask, other=0.0)
+        dq = tl.load(dq_ptr + rows[:, None] * sdqm + kk[None, :], mask=rk_mask, other=0.0)
+        for j in tl.static_range(TOPK):
+            e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
+            pre, am = _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
+            dqm = tl.where(sel, dq, 0.0).to(b1.dtype)
+            gh = dhs + _mm(dqm, tl.trans(a2), IEEE)
+            da2 += _mm(tl.trans((_act(pre, ACT) * wj[:, None]).to(b1.dtype)), dqm, IEEE)
+            dpre = tl.where(tile_mask, gh * wj[:, None] * _act_grad(pre, ACT), 0.0).to(b1.dtype)
+            db1 += _mm(tl.trans(dpre), am, IEEE)
+            if HAS_BIAS:
+                onehot = tl.where((kx[None, :] == e[:, None]) & rmask[:, None], 1.0, 0.0).to(b1.dtype)
+                dbias += _mm(tl.trans(onehot), dpre, IEEE)
+    tl.store(db1_ptr + g * F * KR + cols[:, None] * KR + kk[None, :], db1, mask=fac_mask)
+    tl.store(da2_ptr + g * F * KR + cols[:, None] * KR + kk[None, :], da2, mask=fac_mask)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + (g * K + kx)[:, None] * F + cols[None, :], dbias, mask=(kx[:, None] < K) & cmask[None, :])
+
+
+def _fused_meta(K, r):
+    KR = K * r
+    KRP = max(16, triton.next_power_of_2(KR))
+    # [BN, K*r] factor tiles and a few [BM, BN] float32 tiles stay in registers
+    BN = 64 if KRP <= 64 else 32
+    return KR, KRP, BN
+
+
+def _common(z, a, jloc, w, b1cat, a2cat, off, K, r):
+    _check(off, z, a, jloc, w, b1cat, a2cat)
+    if not (b1cat.stride(2) == 1 and a2cat.stride() == b1cat.stride() and z.stride(1) == 1 and a.stride(1) == 1):
+        raise ValueError("act_combine: z, a, b1cat and a2cat must be contiguous in their last dimension "
+                         "(b1cat and a2cat with equal strides)")
+    KR, KRP, BN = _fused_meta(K, r)
+    return z.shape[0], z.shape[1], off.numel() - 1, KR, KRP, BN
+
+
+_ROW_BM = 32   # rows per program of the row-walking kernels: more programs in flight
+
+
+def act_combine_fwd(z, a, jloc, w, b1cat, bias1: Optional[torch.Tensor], a2cat, off, K: int, r: int, act: str):
+    P, f, G, KR, KRP, BN = _common(z, a, jloc, w, b1cat, a2cat, off, K, r)
+    hs = torch.empty_like(z)
+    q = torch.zeros(P, KR + K, dtype=torch.float32, device=z.device)
+    _act_combine_fwd_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
+        z, a, jloc, w, b1cat, bias1 if bias1 is not None else z, a2cat, hs, q, off,
+        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1cat.stride(0), b1cat.stride(1),
+        hs.stride(0), q.stride(0),
+        G=G, K=K, R=r, TOPK=jloc.shape[1], KRP=KRP, BM=_ROW_BM, BN=BN, ACT=ACT_CODES[act],
+        HAS_BIAS=bias1 is not None, IEEE=z.dtype == torch.float32, num_warps=4)
+    return hs, q
+
+
+def act_combine_bwd(z, a, jloc, w, b1cat, bias1, a2cat, dhs, dq, off, K: int, r: int, act: str):
+    P, f, G, KR, KRP, BN = _common(z, a, jloc, w, b1cat, a2cat, off, K, r)
+    _check(off, dhs, dq, bias1)
+    if dhs.stride(1) != 1 or dq.stride(1) != 1:
+        raise ValueError("act_combine_bwd: dhs and dq must be contiguous in their last dimension")
+    f32 = dict(dtype=torch.float32, device=z.device)
+    topk = jloc.shape[1]
+    dz = torch.empty_like(z)
+    da = torch.empty(P, KR, **f32)
+    dw = torch.empty(P, topk, **f32)
+    db1 = torch.empty(G, f, KR, **f32)
+    da2 = torch.empty(G, f, KR, **f32)
+    dbias = torch.empty(G * K, f, **f32) if bias1 is not None else None
+    common = dict(K=K, R=r, TOPK=topk, KRP=KRP, BN=BN, ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None,
+                  IEEE=z.dtype == torch.float32, num_warps=4)
+    bias_arg = bias1 if bias1 is not None else z
+    _act_combine_bwd_rows_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
+        z, a, jloc, w, b1cat, bias_arg, a2cat, dhs, dq, off, dz, da, dw,
+        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1cat.stride(0), b1cat.stride(1),
+        dhs.stride(0), dq.stride(0), dz.stride(0), da.stride(0), dw.stride(0),
+        G=G, TP=triton.next_power_of_2(topk), BM=_ROW_BM, **common)
+    _act_combine_bwd_cols_kernel[(triton.cdiv(f, BN), G)](
+        z, a, jloc, w, b1cat, bias_arg, a2cat, dhs, dq, off, db1, dbias if dbias is not None else db1, da2,
+        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1cat.stride(0), b1cat.stride(1),
+        dhs.stride(0), dq.stride(0), KP=max(16, triton.next_power_of_2(K)), BM=64, **common)
+    return dz, da, dw, db1, dbias, da2
