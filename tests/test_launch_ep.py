@@ -2,7 +2,8 @@
 
 * a tiny LM under deepspeed.initialize with a forced regroup that moves experts between ranks:
   ep_size 2 on 2 ranks (ZeRO-2) and on 4 ranks (ZeRO-1, expert-data-parallel replicas) give the
-  one-rank loss curve (and in bf16 on 2 ranks, up to bf16 rounding);
+  one-rank loss curve (and in bf16 on 2 ranks, up to bf16 rounding); the DeepSpeed checkpoint
+  saved at ep_size 2 reloads in one process at ep_size 1 with the same loss;
 * the main job (small GPT, ZeRO-2) with ep_size 2 on 2 ranks (single-node launcher) and on 4 ranks
   as two "nodes" on localhost (launch/multinode_hostfile.sh, a hostfile, one launcher per node)
   gives the loss curve of the one-process run on the same global batches.
@@ -39,8 +40,9 @@ def test_regroup_moves_experts_and_adam_state_through_zero(tmp_path):
                                     (1, 1, 2, "bf16"), (2, 2, 2, "bf16")]:
         out = tmp_path / f"w{world}{dtype}"
         out.mkdir()
+        save = ["save"] if (world, dtype) == (2, "fp32") else []
         cmd = LAUNCHER + ["--num_gpus", str(world), "--master_port", str(free_port()), SCRIPT, str(ep), str(stage),
-                          str(out), dtype]
+                          str(out), dtype, *save]
         check(subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300))
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
         first = ranks[0]
@@ -49,10 +51,28 @@ def test_regroup_moves_experts_and_adam_state_through_zero(tmp_path):
             assert first["local_groups"] == 1                        # G=2 over 2 ranks
             assert sum(r["migration_bytes"] for r in ranks) > 0      # experts changed rank
         curves[world, dtype] = first["curve"]
+        if save:
+            saved = (out / "ckpt", first["eval_loss"])
     for world in (2, 4):
         assert max(abs(a - b) for a, b in zip(curves[world, "fp32"], curves[1, "fp32"])) < 1e-5, (world, curves)
     # bf16 (DeepSpeed's bf16 optimizer, fp32 masters): the same curve up to bf16 rounding of the loss
     assert max(abs(a - b) for a, b in zip(curves[2, "bf16"], curves[1, "bf16"])) < 0.05, curves
+
+    # the checkpoint written at ep_size 2 (expert files per global slot) loads into one process at
+    # ep_size 1 and gives the same loss on the same batch
+    import torch
+    from test_deepspeed import TinyLM, V, ffn, small_config
+
+    from trilemma_moe import TrilemmaMoE
+    from trilemma_moe.integrations.checkpoint import consolidate
+    ckpt, eval_loss = saved
+    model = TinyLM(TrilemmaMoE(16, ffn(), num_experts=8, k=2,
+                               config=small_config(alpha=0.0, burn_in=2, recluster_interval=100, comm_timeout_s=60)))
+    model.load_state_dict(consolidate(str(ckpt)))
+    model.eval()
+    with torch.no_grad():
+        loss = float(model(torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(999))))
+    assert model.moe.stats()["compressed"] and loss == pytest.approx(eval_loss, abs=1e-5)
 
 
 DS_CONFIG = {"gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 1000000,

@@ -1,12 +1,13 @@
 """Run by tests/test_launch_ep.py under the real `deepspeed` launcher:
-    ep_deepspeed.py EP_SIZE ZERO_STAGE OUT_DIR [bf16]
+    ep_deepspeed.py EP_SIZE ZERO_STAGE OUT_DIR [bf16] [save]
 
 A tiny LM holding TrilemmaMoE(ep_size=EP_SIZE) trains under deepspeed.initialize at ZeRO stage
 ZERO_STAGE on one global batch per step split across the ranks, through the first clustering and
 a forced regroup (activation statistics scrambled the same way on every rank) that moves
 experts between groups, so between ranks: slot contents and Adam moments go through DeepSpeed's
 fp32 partitions (safe_get/set_full_*). Rank 0 writes the global loss curve; the test compares
-it with the one-rank run.
+it with the one-rank run. With ``save``, a DeepSpeed checkpoint goes to OUT_DIR/ckpt and the
+loss of a fixed batch to the JSON (the test reloads the checkpoint at ep_size 1).
 """
 import json
 import os
@@ -39,7 +40,7 @@ def main():
     ds_config = {"train_micro_batch_size_per_gpu": micro, "gradient_clipping": 1.0,
                  "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "torch_adam": True}},
                  "zero_optimization": {"stage": stage}}
-    if len(args) > 3 and args[3] == "bf16":
+    if "bf16" in args[3:]:
         ds_config["bf16"] = {"enabled": True}   # fp32 masters in DeepSpeed's bf16 optimizer
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(model), config=ds_config)
     attach_engine(engine)
@@ -59,10 +60,22 @@ def main():
         g = loss.detach().clone()
         torch.distributed.all_reduce(g)
         curve.append(float(g) / world)
+    eval_loss = None
+    if "save" in args[3:]:
+        # a DeepSpeed checkpoint written under expert parallelism (files per global slot), and the
+        # loss of a fixed batch the test recomputes from it in one process at ep_size 1
+        from trilemma_moe.integrations.checkpoint import save_checkpoint
+        save_checkpoint(engine, os.path.join(out_dir, "ckpt"))
+        engine.eval()
+        with torch.no_grad():
+            idx = torch.randint(0, V, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(999))
+            e = engine(idx[rank * micro:(rank + 1) * micro]).detach().clone()
+        torch.distributed.all_reduce(e)
+        eval_loss = float(e) / world
     comm = layer.comm_stats()
     result = {"world": world, "ep_size": ep_size, "curve": curve, "moved": moved,
               "reclusters": layer.stats()["reclusters"], "local_groups": layer.moe.experts.G,
-              "migration_bytes": comm.get("bytes_regroup_migration", 0)}
+              "migration_bytes": comm.get("bytes_regroup_migration", 0), "eval_loss": eval_loss}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 

@@ -201,6 +201,15 @@ class ClusteredMoE(nn.Module):
             elif not incoming and self.compressed:
                 raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
                                    f"layer that has already been compressed; load it into a fresh layer")
+            if incoming:
+                # A checkpoint written under ZeRO still carries the burn-in experts (DeepSpeed keeps their
+                # storage); a layer that released them takes them as released. (state_dict is
+                # load_state_dict's own copy.)
+                for name, p in self.experts.full.items():
+                    key = f"{prefix}experts.full.{name}"
+                    t = state_dict.get(key)
+                    if p.numel() == 0 and torch.is_tensor(t) and t.numel() > 0:
+                        state_dict[key] = t.new_empty(0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host_counters = None
         self._store_key = None  # new weights: the stored form is rebuilt at the next inference forward
