@@ -13,8 +13,8 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py 2>&1 | tail -5 | tee "$OUT/kernel_tests.log"
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/layer_bench.py --device cuda --dtype bf16 --configs "${CONFIGS:-paper}" \
-      --repeats 20 --layers "${LAYERS:-dense,switch,switch_loop,deepspeed,ours_torch,ours}" --out "$OUT/bench.md" 2>&1 \
+  timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/layer_bench.py --device cuda --dtype bf16 --configs "${CONFIGS:-paper}" \
+      --repeats 20 --layers "${LAYERS:-ours,ours_int4,switch,dense,deepspeed}" --out "$OUT/bench.md" 2>&1 \
       | grep -v "^|" | tail -30
   cat "$OUT/bench.md"
 fi

@@ -4,7 +4,8 @@ Layers: a dense FFN of the same d_ff; dropless Switch top-2 on torch._grouped_mm
 sort-based dispatch) and as a per-expert GEMM loop ("switch_loop"); DeepSpeed-MoE (k=2,
 capacity factor 1.0, when deepspeed imports); ours in its compressed phase (after the first
 clustering, where it spends training): "ours" picks the fused path on CUDA (Triton kernels),
-"ours_torch" forces the per-slot torch path. Warm-up, then the median of ``--repeats`` timed runs
+"ours_torch" forces the per-slot torch path; "ours_int4" is "ours" with INT4 residuals (the
+forward dequantizes them in torch ahead of the kernels). Warm-up, then the median of ``--repeats`` timed runs
 (CUDA events on a GPU), peak memory of one forward+backward, tokens/s.
 
     python benchmarks/layer_bench.py --out docs/BENCHMARKS.md                            # CPU, small dims
@@ -97,8 +98,9 @@ def build_layers(names, d, f, E, G, r, device):
             except ImportError as exc:
                 print(f"skipping deepspeed: {exc}", flush=True)
                 continue
-        elif name in ("ours", "ours_torch"):
-            cfg = TrilemmaMoEConfig(num_experts=E, num_groups=G, rank=r, top_k=2, burn_in=10 ** 9)
+        elif name in ("ours", "ours_torch", "ours_int4"):
+            cfg = TrilemmaMoEConfig(num_experts=E, num_groups=G, rank=r, top_k=2, burn_in=10 ** 9,
+                                    residual_bits=4 if name == "ours_int4" else 16)
             layer = ClusteredMoE(d, f, cfg)
             layer.recluster(force=True)          # compressed phase
             layer.config.dynamic_regroup = False  # no regroup inside the timed loop
@@ -122,7 +124,7 @@ def run(repeats: int, threads: int, device: str, dtype, configs, names):
             res[name] = {"ms": t * 1e3, "tokens_per_s": tokens / t, "peak_mb": peak_bytes(m, x, dtype) / 2 ** 20,
                          "expert_params": expert_params(m)}
             print(f"T={tokens} d={d} d_ff={f} E={E} G={G} r={r} {name:>11}: {t * 1e3:8.2f} ms  "
-                  f"peak {res[name]['peak_mb']:9.1f} MiB  {tokens / t / 1e6:6.2f} M tok/s", flush=True)
+                  f"peak {res[name]['peak_mb']:9.1f} MiB  {tokens / t:12,.0f} tok/s", flush=True)
             del m
         layers.clear()
         if device == "cuda":
@@ -155,7 +157,7 @@ def markdown(rows, repeats: int, threads: int, command: str, device: str, dtype_
         for name, v in res.items():
             ratio = f"{v['ms'] / ours:.2f}" if ours else "-"
             lines.append(f"| {tokens} | {d} | {f} | {E} | {G} | {r} | {name} | {v['ms']:.2f} | "
-                         f"{v['tokens_per_s'] / 1e6:.2f}M | {v['peak_mb']:.0f} | {v['expert_params']:,} | {ratio} |")
+                         f"{v['tokens_per_s']:,.0f} | {v['peak_mb']:.0f} | {v['expert_params']:,} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +169,7 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--configs", choices=sorted(CONFIGS), default="small")
     ap.add_argument("--layers", default="dense,switch,switch_loop,deepspeed,ours_torch,ours",
-                    help="comma-separated: dense, switch, switch_loop, deepspeed, ours_torch, ours")
+                    help="comma-separated: dense, switch, switch_loop, deepspeed, ours_torch, ours, ours_int4")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args(argv)
     rows = run(args.repeats, args.threads, args.device, DTYPES[args.dtype], CONFIGS[args.configs],
