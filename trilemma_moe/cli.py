@@ -11,6 +11,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("trilemma_moe.train", "train the small GPT (dense / switch / deepspeed / ours / static)"),
+    "profile-comm": ("trilemma_moe.parallel.profile_comm",
+                     "all-to-all bytes of flat top-k vs our group placement on a simulated cluster"),
     "reshard": ("trilemma_moe.integrations.checkpoint",
                 "DeepSpeed checkpoint saved at any ep_size -> one ep_size-1 state dict"),
 }

@@ -60,6 +60,11 @@ class TrilemmaMoEConfig:
     prefetch_threshold: float = 0.25  # "likely within L steps" above this: kept / prefetched (ours)
     offload_dir: Optional[str] = None  # NVMe directory; from_deepspeed_config defaults it to the ZeRO offload nvme_path
     aio: Optional[dict] = None     # DeepSpeed "aio" section (block_size, queue_depth, ...); from_deepspeed_config copies it
+    # --- expert parallelism (trilemma_moe.parallel) -----------------------------------------
+    ep_size: int = 1               # ranks one layer's groups are spread over; num_groups % ep_size == 0
+    capacity_factor: Optional[float] = None  # None = dropless; else (token, group) pairs per group and
+    min_capacity: int = 4          # source rank capped at max(min_capacity, ceil(cf * pairs / G)), rest dropped
+    comm_timeout_s: float = 600.0  # an expert-parallel collective waiting longer raises (a rank stopped answering)
 
     def __post_init__(self) -> None:
         self._check_int("num_experts", 1)
@@ -107,6 +112,17 @@ class TrilemmaMoEConfig:
             self.recluster_interval = 100 if E <= 256 else 200
         self._check_int("recluster_interval", 1)
         self._check_memory_knobs()
+        self._check_ep()
+
+    def _check_ep(self) -> None:
+        self._check_int("ep_size", 1)
+        if self.num_groups % self.ep_size != 0:
+            raise ValueError(f"num_groups ({self.num_groups}) must be divisible by ep_size ({self.ep_size}): "
+                             f"each expert-parallel rank owns num_groups/ep_size whole groups")
+        if self.capacity_factor is not None:
+            self._check_range("capacity_factor", 0.0, float("inf"), low_open=True)
+        self._check_int("min_capacity", 0)
+        self._check_range("comm_timeout_s", 0.0, float("inf"), low_open=True)
 
     def _check_memory_knobs(self) -> None:
         if isinstance(self.residual_bits, bool) or self.residual_bits not in (4, 16):

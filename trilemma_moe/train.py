@@ -35,7 +35,7 @@ _FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "ran
                   "top_k": "top_k", "burn_in": "burn_in",
                   "recluster_interval": "recluster_interval", "residual_bits": "residual_bits",
                   "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
-                  "offload_dir": "offload_dir"}
+                  "offload_dir": "offload_dir", "ep_size": "ep_size"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"T0 steps before the first clustering (default {CPU_MOE_DEFAULTS['burn_in']})")
     g.add_argument("--recluster-interval", type=int, default=None,
                    help=f"T (default {CPU_MOE_DEFAULTS['recluster_interval']})")
+    g.add_argument("--ep-size", type=int, default=None,
+                   help="expert parallelism: ranks each layer's groups are spread over (needs "
+                        "--deepspeed_config and a launcher with a multiple of this many ranks; default 1)")
     g = p.add_argument_group("precision and memory (override --config)")
     g.add_argument("--residual-bits", type=int, default=None, choices=(4, 16), help="residual factor bits")
     g.add_argument("--offload-idle-steps", type=int, default=None,
@@ -100,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--comm-log", default=None,
+                   help="expert parallelism: write every rank's per-layer byte counters (JSON) here")
+    g.add_argument("--record-routing", default=None,
+                   help="save the routing of the last 20 steps (torch file) for `trilemma-moe profile-comm`")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save-dir", default=None,
                    help="checkpoint directory (DeepSpeed: engine.save_checkpoint layout; otherwise latest.pt)")
@@ -251,12 +258,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def _run(args) -> Dict[str, Any]:
     cfg = _moe_config(args)
     corpus = _load_data(args)
-    torch.manual_seed(args.seed)
-    model = GPT(corpus.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                seq_len=args.seq_len, d_ff=args.d_ff, ffn_kind=args.ffn, moe_config=cfg,
-                seed=args.seed, moe_every=args.moe_every)
-
     use_ds = args.deepspeed_config is not None
+    if cfg.ep_size > 1 and not use_ds:
+        raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
+    if use_ds:
+        # Expert-parallel layers place their groups on ranks when built: the process group first.
+        from .models.ffn import _ensure_single_process_dist
+        _ensure_single_process_dist()
+    model = _build_model(args, corpus, cfg)
     if not use_ds:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit(f"--device {args.device}: no CUDA device is available")
@@ -280,10 +289,13 @@ def _run(args) -> Dict[str, Any]:
 
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if use_ds:
         args.batch_size = engine.train_micro_batch_size_per_gpu()  # the DeepSpeed config decides
-    sampler = BatchSampler(corpus.train, args.seq_len, args.batch_size,
-                           seed=args.seed + 1 + 1000 * rank)  # data-parallel ranks see different batches
+    # One global batch of batch_size x world windows per micro-step, rank r takes its share: the same
+    # data as a one-process run with --batch-size batch_size x world (identical at world 1).
+    sampler = _RankShare(BatchSampler(corpus.train, args.seq_len, args.batch_size * world, seed=args.seed + 1),
+                         rank, args.batch_size)
     is_main = rank == 0
     logger = _Logger(args.logdir if is_main else None)
     start_step = 0
@@ -333,6 +345,13 @@ def _run(args) -> Dict[str, Any]:
     train_time, tokens_seen = 0.0, 0
     step_times: List[float] = []
     history: List[Dict[str, float]] = []
+    loss_curve: List[float] = []
+    routing_logs = None
+    if args.record_routing:
+        routing_logs = []
+        for layer in _clustered(model):
+            layer.routing_log = []
+            routing_logs.append(layer.routing_log)
     if bar is not None and start_step:
         bar.update(start_step)
     loss_log = open(args.loss_log, "a") if args.loss_log and is_main else None
@@ -355,8 +374,8 @@ def _run(args) -> Dict[str, Any]:
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
                     _, loss, l_aux = model(x, y)
                 ((loss + l_aux) / ga).backward()
-            step_loss += float(loss.detach()) / ga
-            step_aux += float(l_aux.detach()) / ga
+            step_loss += _global_mean(loss, world) / ga
+            step_aux += _global_mean(l_aux, world) / ga
             tokens_seen += y.numel()
         grad_norm = float("nan")
         if not use_ds:
@@ -371,6 +390,7 @@ def _run(args) -> Dict[str, Any]:
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss became {step_loss} at step {step + 1}")
         last_loss = step_loss
+        loss_curve.append(step_loss)
         if loss_log is not None:
             loss_log.write(json.dumps({"step": step + 1, "loss": step_loss}) + "\n")
             loss_log.flush()
@@ -404,6 +424,11 @@ def _run(args) -> Dict[str, Any]:
         logger.scalars(step + 1, {"loss": step_loss, "l_aux": step_aux, "lr": lr,
                                   "grad_norm": grad_norm, **{k: v for k, v in st.items()
                                                              if not isinstance(v, bool)}}, "train")
+        for i, cs in enumerate(_comm_stats(model)):   # expert parallelism: rank 0's byte counters
+            logger.scalars(step + 1, cs, f"comm/layer{i}")
+        if routing_logs is not None:
+            for log in routing_logs:
+                del log[:-20 * ga]
         if bar is not None:
             bar.set_postfix(loss=f"{ema_loss:.3f}", cv=f"{st['load_cv']:.2f}",
                             regroups=st["reclusters"], refresh=False)
@@ -446,6 +471,7 @@ def _run(args) -> Dict[str, Any]:
                    "heads": args.heads, "seq_len": args.seq_len, "batch_size": args.batch_size,
                    "lr": args.lr, "seed": args.seed, "deepspeed": use_ds},
         "history": history,
+        "loss_curve": loss_curve,   # every optimizer step's training loss (global batch)
     }
     for key in ("group_load_cv", "compression_ratio", "skipped_reclusters", "compressed"):
         if key in st:
@@ -456,6 +482,14 @@ def _run(args) -> Dict[str, Any]:
         summary["memory_bytes"] = {k: sum(r[k] for r in reports) for k in reports[0]}
         if cfg.offload_idle_steps is not None:
             summary["offload"] = _offload_summary([m.offload_stats() for m in mem_layers])
+    comm = _comm_stats(model)
+    if comm:
+        summary["comm"] = comm
+        summary["ep_size"] = cfg.ep_size
+        if args.comm_log:
+            _write_comm_log(args.comm_log, comm, rank, world)
+    if args.record_routing and is_main:
+        _save_routing(args.record_routing, model, cfg, args.d_model)
     logger.scalars(args.steps, {"tokens_per_s": summary["tokens_per_s"]}, "final")
     logger.close()
 
@@ -477,6 +511,68 @@ def _run(args) -> Dict[str, Any]:
                 json.dump(summary, f, indent=2)
             print(f"summary written to {args.summary_json}")
     return summary
+
+
+def _build_model(args, corpus, cfg: TrilemmaMoEConfig) -> GPT:
+    torch.manual_seed(args.seed)
+    return GPT(corpus.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+               seq_len=args.seq_len, d_ff=args.d_ff, ffn_kind=args.ffn, moe_config=cfg,
+               seed=args.seed, moe_every=args.moe_every)
+
+
+class _RankShare:
+    """Rows ``[rank*B, (rank+1)*B)`` of every global batch."""
+
+    def __init__(self, sampler: BatchSampler, rank: int, batch_size: int):
+        self.sampler, self.lo, self.hi = sampler, rank * batch_size, (rank + 1) * batch_size
+
+    @property
+    def generator(self) -> torch.Generator:   # checkpoints save and restore the data position
+        return self.sampler.generator
+
+    def __next__(self):
+        x, y = next(self.sampler)
+        return x[self.lo:self.hi], y[self.lo:self.hi]
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    """The loss of the global batch (mean over ranks of equal-sized shares) for reporting."""
+    v = value.detach().float().reshape(1).cpu().clone()
+    if world > 1:
+        torch.distributed.all_reduce(v)
+        v /= world
+    return float(v)
+
+
+def _clustered(model) -> List[Any]:
+    from .core.layer import ClusteredMoE
+    return [m for m in model.modules() if isinstance(m, ClusteredMoE)]
+
+
+def _comm_stats(model) -> List[Dict[str, float]]:
+    return [s for s in (m.comm_stats() for m in _clustered(model)) if s]
+
+
+def _write_comm_log(path: str, comm: List[Dict[str, float]], rank: int, world: int) -> None:
+    """Every rank's counters in one JSON file (gathered to rank 0)."""
+    everyone: List[Any] = [None] * world
+    torch.distributed.all_gather_object(everyone, comm)
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"ranks": [{"rank": r, "layers": c} for r, c in enumerate(everyone)]}, f, indent=1)
+
+
+def _save_routing(path: str, model, cfg: TrilemmaMoEConfig, d_model: int) -> None:
+    layers = []
+    for m in _clustered(model):
+        if m.routing_log:
+            layers.append({"group_idx": torch.cat([g for g, _ in m.routing_log]),
+                           "expert_idx": torch.cat([e for _, e in m.routing_log])})
+        m.routing_log = None
+    torch.save({"num_experts": cfg.num_experts, "num_groups": cfg.num_groups, "top_k": cfg.top_k,
+                "group_top_k": cfg.group_top_k, "hidden_size": d_model, "layers": layers}, path)
+    print(f"routing of {len(layers)} layer(s) written to {path} (trilemma-moe profile-comm --routing {path})")
 
 
 def _offload_summary(stats: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -139,12 +139,18 @@ def expert_generator(seed: int, layer_index: int, expert: int) -> torch.Generato
 
 
 class ExpertSlots(nn.Module):
-    """Parameters of all E experts of one layer, in slot order."""
+    """Parameters of the experts of one layer held here, in slot order.
+
+    Under expert parallelism a rank holds only its own groups: ``G`` is the number of LOCAL
+    groups, ``group_offset`` the global index of the first one (0 without expert parallelism),
+    ``num_experts = G * K`` the local slots; local slot s is global slot ``group_offset * K + s``.
+    """
 
     def __init__(self, spec: ExpertSpec, num_groups: int, experts_per_group: int, rank: int,
-                 seed: int, layer_index: int = 0):
+                 seed: int, layer_index: int = 0, group_offset: int = 0):
         super().__init__()
         self.spec, self.G, self.K, self.rank = spec, num_groups, experts_per_group, rank
+        self.group_offset = int(group_offset)
         E = num_groups * experts_per_group
         self.num_experts = E
         self.full = nn.ParameterDict()
@@ -161,7 +167,8 @@ class ExpertSlots(nn.Module):
             self.bias[name] = nn.Parameter(torch.empty(E, n))
         with torch.no_grad():
             for e in range(E):
-                gen = expert_generator(seed, layer_index, e)
+                # the expert index is global (slot table starts as the identity): same weights at any ep_size
+                gen = expert_generator(seed, layer_index, self.group_offset * experts_per_group + e)
                 for name, (di, do) in spec.matrices.items():
                     bound = 1.0 / math.sqrt(di)  # nn.Linear's kaiming-uniform bound
                     self.full[name][e] = (torch.rand(di, do, generator=gen) * 2 - 1) * bound

@@ -7,6 +7,8 @@ the first forward of an optimizer step, so gradient accumulation never straddles
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Dict, Optional
 
 import torch
@@ -40,11 +42,16 @@ class ClusteredMoE(nn.Module):
 
     ``forward(x[..., d]) -> (y[..., d], l_aux, exp_counts[E])``; exp_counts counts
     (token, expert) assignments per expert id (all k choices, not just the first).
+
+    ``expert_parallel``: None (one process holds every group) or a communicator from
+    ``trilemma_moe.parallel`` (``size``, ``rank``, token all-to-all, reductions, row fetches);
+    then this rank holds groups ``[rank * G/size, (rank+1) * G/size)`` and the router, slot table
+    and centroids stay replicated (full G and E).
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, config: Optional[TrilemmaMoEConfig] = None,
                  activation: str = "gelu", gated: bool = False, bias: bool = True, layer_index: int = 0,
-                 spec: Optional[ExpertSpec] = None):
+                 spec: Optional[ExpertSpec] = None, expert_parallel=None):
         super().__init__()
         cfg = config or TrilemmaMoEConfig()
         if not isinstance(cfg, TrilemmaMoEConfig):
@@ -57,7 +64,14 @@ class ClusteredMoE(nn.Module):
         E, G, K = cfg.num_experts, cfg.num_groups, cfg.experts_per_group
         self.num_experts, self.num_groups, self.experts_per_group = E, G, K
         self.layer_index = layer_index
-        self.experts = ExpertSlots(self.spec, G, K, cfg.rank, cfg.seed, layer_index)
+        self.ep = expert_parallel
+        ep_size = 1 if expert_parallel is None else expert_parallel.size
+        if ep_size != cfg.ep_size:
+            raise ValueError(f"ep_size: config.ep_size is {cfg.ep_size} but the expert-parallel group has "
+                             f"{ep_size} rank(s)")
+        G_local = G // ep_size
+        offset = 0 if expert_parallel is None else expert_parallel.rank * G_local
+        self.experts = ExpertSlots(self.spec, G_local, K, cfg.rank, cfg.seed, layer_index, group_offset=offset)
         self.experts.residual_bits = cfg.residual_bits
         self.offload_tier = None    # where idle groups go (integrations set NVMe/aio); CPU memory if unset
         self._store: Optional[GroupStore] = None
@@ -72,9 +86,12 @@ class ClusteredMoE(nn.Module):
         self.register_buffer("counters", torch.zeros(6, dtype=torch.long))  # see _COUNTERS
         self.sim_cache = clustering.ParamSimilarityCache(cfg.sim_cache_lifetime, cfg.sim_cache_eps, cfg.seed)
         self.io = TorchParamIO()
-        self.sync = LocalSync()
+        # expert parallelism: the communicator also carries the regroup agreement (rank 0 decides)
+        self.sync = LocalSync() if expert_parallel is None else expert_parallel
         self._last_counts = torch.zeros(E)
         self._last_regroup: Dict[str, float] = {}
+        self._regroup_times: Dict[str, float] = {}
+        self.routing_log: Optional[list] = None   # a list: training forwards append (group_idx, expert ids) (profile-comm)
         self._host_counters: Optional[list] = None  # mirror of `counters`: reading a GPU buffer syncs
         # Fused expert path (sort-based dispatch, grouped GEMMs, Triton kernels): None picks it for
         # CUDA tensors when Triton is available; True/False force it (True on the CPU runs the same
@@ -137,7 +154,12 @@ class ClusteredMoE(nn.Module):
             "compression_ratio": self.measured_compression_ratio(),
         }
         s.update(self._last_regroup)
+        s.update(self._regroup_times)
         return s
+
+    def comm_stats(self) -> Dict[str, float]:
+        """Expert-parallel byte counters of this rank (see ``trilemma_moe.parallel.comm``); {} at ep_size 1."""
+        return {} if self.ep is None else self.ep.comm_stats()
 
     def measured_compression_ratio(self) -> float:
         """Full expert weights (E * matrices) over the compressed ones in use (bases + factors).
@@ -147,7 +169,7 @@ class ClusteredMoE(nn.Module):
         if not self.compressed:
             return 1.0
         ex = self.experts
-        full = sum(self.num_experts * di * do for di, do in self.spec.matrices.values())
+        full = sum(ex.num_experts * di * do for di, do in self.spec.matrices.values())  # slots held here
         comp = sum(ex.base[n].numel() + ex.fa[n].numel() + ex.fb[n].numel() for n in self.spec.matrices)
         return full / comp
 
@@ -179,6 +201,15 @@ class ClusteredMoE(nn.Module):
             elif not incoming and self.compressed:
                 raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
                                    f"layer that has already been compressed; load it into a fresh layer")
+            if incoming:
+                # A checkpoint written under ZeRO still carries the burn-in experts (DeepSpeed keeps their
+                # storage); a layer that released them takes them as released. (state_dict is
+                # load_state_dict's own copy.)
+                for name, p in self.experts.full.items():
+                    key = f"{prefix}experts.full.{name}"
+                    t = state_dict.get(key)
+                    if p.numel() == 0 and torch.is_tensor(t) and t.numel() > 0:
+                        state_dict[key] = t.new_empty(0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host_counters = None
         self._store_key = None  # new weights: the stored form is rebuilt at the next inference forward
@@ -286,7 +317,7 @@ class ClusteredMoE(nn.Module):
             raise RuntimeError("this layer released its master weights (release_masters): inference only")
         if learning:
             self._maybe_recluster()
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 and self.ep is None:
             if learning:  # still a training forward: keep the step count (and regroup times) in sync
                 self._set_c("micro_step", self._c("micro_step") + 1)
             # Connected to every trainable parameter so data-parallel gradient reduction sees
@@ -296,7 +327,12 @@ class ClusteredMoE(nn.Module):
             return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
                                                                      device=hidden_states.device)
         routing = self.route(x)
-        if self._use_fused(x, learning):
+        if self.routing_log is not None and self.training:
+            self.routing_log.append((routing.group_idx.detach().cpu(),
+                                     self.expert_of_slot[routing.slot_idx].detach().cpu()))
+        if self.ep is not None:
+            y = self._expert_parallel_compute(x, routing, self.dispatch(routing))
+        elif self._use_fused(x, learning):
             y = fused.fused_expert_forward(self.experts, x, routing.group_idx, routing.slot_idx, routing.weights)
         else:
             plan = self.dispatch(routing)
@@ -304,7 +340,8 @@ class ClusteredMoE(nn.Module):
             y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
                                    plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed, views)
             y = self.combine(y_pairs, plan, x.shape[0])
-        l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef).to(y.dtype)
+        l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef,
+                           reduce=None if self.ep is None else self.ep.sum_with_grad).to(y.dtype)
         exp_counts = self._observe(x, routing, learning)
         if keep is not None:
             y = hidden_states.new_zeros(shape[:-1].numel(), self.hidden_size).index_copy(0, keep, y)
@@ -329,20 +366,73 @@ class ClusteredMoE(nn.Module):
         k = r.slot_idx.shape[-1]
         pair_group = r.group_idx.reshape(-1)
         pair_order = torch.argsort(pair_group, stable=True)
+        if self.config.capacity_factor is not None:
+            pair_order = pair_order[self._within_capacity(pair_group[pair_order])]
         pair_token = pair_order // g1
-        pair_group_counts = torch.bincount(pair_group, minlength=self.num_groups).tolist()
+        pair_group_counts = torch.bincount(pair_group[pair_order], minlength=self.num_groups).tolist()
         # rows: one per (pair, chosen expert), pair index in the sorted pair order
         row_slot = r.slot_idx.reshape(-1, k)[pair_order].reshape(-1)
         row_weight = r.weights.reshape(-1, k)[pair_order].reshape(-1)
-        row_pair = torch.arange(T * g1, device=row_slot.device).repeat_interleave(k)
+        row_pair = torch.arange(pair_order.numel(), device=row_slot.device).repeat_interleave(k)
         row_order = torch.argsort(row_slot, stable=True)
         slot_counts = torch.bincount(row_slot, minlength=self.num_experts)
         return {
             "pair_token": pair_token, "pair_group_counts": pair_group_counts,
             "row_pair": row_pair[row_order], "row_weight": row_weight[row_order],
             "row_slot": row_slot[row_order], "slot_counts": slot_counts.tolist(),
-            "slot_counts_tensor": slot_counts,
+            "slot_counts_tensor": slot_counts, "pair_slots": r.slot_idx.reshape(-1, k)[pair_order],
+            "pair_weights": r.weights.reshape(-1, k)[pair_order], "pair_group": pair_group[pair_order],
         }
+
+    def _within_capacity(self, sorted_groups: torch.Tensor) -> torch.Tensor:
+        """Token dropping like DeepSpeed's: each group takes at most
+        ``max(min_capacity, ceil(capacity_factor * pairs / G))`` (token, group) pairs of this
+        rank's batch, the earliest tokens first; the rest are dropped (their output is 0)."""
+        cfg = self.config
+        n = sorted_groups.numel()
+        cap = max(cfg.min_capacity, math.ceil(cfg.capacity_factor * n / self.num_groups))
+        counts = torch.bincount(sorted_groups, minlength=self.num_groups)
+        start = torch.cumsum(counts, 0) - counts
+        position = torch.arange(n, device=sorted_groups.device) - start[sorted_groups]
+        return position < cap
+
+    def _expert_parallel_compute(self, x: torch.Tensor, r: Routing, plan) -> torch.Tensor:
+        """Dispatch -> compute -> combine across ranks. Each (token, chosen group) pair crosses
+        once to the group's owner with its k local slot ids and combine weights (the weights
+        carry the router's gradient back); the owner runs the experts; results come back."""
+        ep, ex = self.ep, self.experts
+        Gl, K, d = ex.G, ex.K, self.hidden_size
+        k = plan["pair_slots"].shape[-1]
+        dest = plan["pair_group"] // Gl                       # pairs are sorted by group, so by rank too
+        send_counts = torch.bincount(dest, minlength=ep.size).tolist()
+        recv_counts = ep.exchange_counts(send_counts)
+        ep.record_flat(self.expert_of_slot[plan["pair_slots"]].reshape(-1), d * x.element_size())
+        payload = torch.cat([x.index_select(0, plan["pair_token"]),
+                             plan["pair_weights"].to(x.dtype)], dim=1)
+        local_slot = (plan["pair_slots"] - dest.unsqueeze(1) * (Gl * K)).to(torch.int32)
+        recv = ep.all_to_all(payload, send_counts, recv_counts, "tokens_out")
+        recv_slot = ep.all_to_all(local_slot, send_counts, recv_counts, "routing_out").long()
+        # the owner sorts what it received by its local group and slot, as the one-process dispatch does
+        R = recv.shape[0]
+        order = torch.argsort(recv_slot[:, 0] // K, stable=True) if R else recv_slot.new_zeros(0)
+        xs, ws, slots = recv[order, :d], recv[order, d:], recv_slot[order]
+        pair_group_counts = torch.bincount(slots[:, 0] // K, minlength=Gl).tolist()
+        row_slot = slots.reshape(-1)
+        row_order = torch.argsort(row_slot, stable=True)
+        row_pair = torch.arange(R, device=x.device).repeat_interleave(k)[row_order]
+        slot_counts = torch.bincount(row_slot, minlength=Gl * K).tolist()
+        y_sorted = ex(xs, pair_group_counts, row_pair, ws.reshape(-1)[row_order], slot_counts, self.compressed)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(R, device=order.device)
+        y_recv = y_sorted.index_select(0, inverse)
+        if R == 0 and torch.is_grad_enabled():
+            # No rows here. The backward must still enter every collective the other ranks enter
+            # (the received tensor stays in the graph), and every local expert parameter gets a
+            # (zero) gradient so all ranks hold the same optimizer state keys (regroups read them
+            # collectively).
+            y_recv = y_recv + 0.0 * (recv.sum() + sum(p.sum() for p in ex.parameters() if p.requires_grad))
+        y_back = ep.all_to_all(y_recv, recv_counts, send_counts, "tokens_back")
+        return x.new_zeros(x.shape[0], d).index_add(0, plan["pair_token"], y_back.to(x.dtype))
 
     @staticmethod
     def combine(y_pairs: torch.Tensor, plan, num_tokens: int) -> torch.Tensor:
@@ -355,7 +445,7 @@ class ClusteredMoE(nn.Module):
         Device-side only (no host sync): a [E, T] count matrix gives both the counts and, by one
         matmul with x, the per-expert activation sums."""
         E, T = self.num_experts, x.shape[0]
-        slots = r.slot_idx.reshape(T, -1)
+        slots = r.slot_idx.flatten(1)   # (T, g1*k); T may be 0 on an expert-parallel rank
         token = torch.arange(T, device=x.device).unsqueeze(1).expand_as(slots)
         hits = torch.zeros(E * T, device=x.device, dtype=torch.float32)
         hits.scatter_add_(0, (slots * T + token).reshape(-1), torch.ones(slots.numel(), device=x.device))
@@ -369,8 +459,13 @@ class ClusteredMoE(nn.Module):
             sums_slot = hits.to(dt) @ x.detach().to(dt)
             sums = torch.zeros_like(sums_slot)
             sums[self.expert_of_slot] = sums_slot
+            n = counts.to(sums.dtype)
+            if self.ep is not None:
+                # centroids follow the tokens of every rank: identical everywhere, as at ep_size 1
+                both = self.ep.reduce_stats(torch.cat([sums, n.unsqueeze(1)], dim=1))
+                sums, n = both[:, :-1], both[:, -1]
             c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, sums.to(self.centroids.dtype),
-                                                  counts.to(self.centroids.dtype), self.config.beta)
+                                                  n.to(self.centroids.dtype), self.config.beta)
             self.centroids.copy_(c)
             self.centroid_seen.copy_(seen)
             self._set_c("micro_step", self._c("micro_step") + 1)
@@ -399,27 +494,40 @@ class ClusteredMoE(nn.Module):
         io = self.io
         was_compressed = self.compressed
         dev = self.expert_of_slot.device
-        eff = self.experts.effective_weights(was_compressed, read=io.read)   # slot order
+        t_start = time.perf_counter()
+        ep, ex = self.ep, self.experts
+        Gl = ex.G                                    # groups held here (G without expert parallelism)
+        local = slice(ex.group_offset * K, (ex.group_offset + Gl) * K)   # their global slots
+        eff = ex.effective_weights(was_compressed, read=io.read)   # local slot order
         slot_of_expert = self.slot_of_expert()
-        flat = torch.cat([w[slot_of_expert].reshape(E, -1) for w in eff.values()], dim=1)
-        s_param = self.sim_cache.similarity(flat, self.step)
-        self.sync.average_(self.centroids)  # replicas must cluster on the same statistics
-        s_task = clustering.task_similarity(self.centroids)
-        sim = clustering.fuse_similarity(s_param, s_task.to(s_param.device), cfg.alpha)
-        sim = clustering.prune_neighbors(sim, cfg.tau, cfg.neighbor_top_n)
         old_assign = (slot_of_expert // K).cpu()
-        seed = cfg.seed + 7919 * self.layer_index + self._c("reclusters") + self._c("skipped")
-        new_assign = clustering.balanced_kmeans(1.0 - sim.cpu(), G, seed=seed, iters=cfg.kmeans_iters)
-        gain = (clustering.intra_group_similarity(sim.cpu(), new_assign, G)
-                - clustering.intra_group_similarity(sim.cpu(), old_assign, G))
+        self.sync.average_(self.centroids)  # replicas must cluster on the same statistics
+        if ep is None:
+            flat = torch.cat([w[slot_of_expert].reshape(E, -1) for w in eff.values()], dim=1)
+        else:  # rank 0 coordinates: it alone needs every expert's weights (S_param)
+            flat = ep.gather_to_coordinator(torch.cat([w.reshape(ex.num_experts, -1) for w in eff.values()], dim=1))
+            flat = flat[slot_of_expert] if flat is not None else None
+        if flat is not None:
+            s_param = self.sim_cache.similarity(flat, self.step)
+            s_task = clustering.task_similarity(self.centroids)
+            sim = clustering.fuse_similarity(s_param, s_task.to(s_param.device), cfg.alpha)
+            sim = clustering.prune_neighbors(sim, cfg.tau, cfg.neighbor_top_n)
+            seed = cfg.seed + 7919 * self.layer_index + self._c("reclusters") + self._c("skipped")
+            new_assign = clustering.balanced_kmeans(1.0 - sim.cpu(), G, seed=seed, iters=cfg.kmeans_iters)
+            gain = (clustering.intra_group_similarity(sim.cpu(), new_assign, G)
+                    - clustering.intra_group_similarity(sim.cpu(), old_assign, G))
+        else:  # not the coordinator: receives the decision below
+            gain, new_assign = 0.0, torch.zeros(E, dtype=torch.long)
         # Rank 0's decision is everyone's: replicas apply the same regroup or none.
         decision = self.sync.from_first(torch.cat([torch.tensor([gain], dtype=torch.float64),
                                                    new_assign.to(torch.float64)]))
         gain, new_assign = float(decision[0]), decision[1:].round().long()
         self._set_c("last_recluster_step", self.step)
+        t_decided = time.perf_counter()
         if was_compressed and not force and gain < cfg.delta:
             self._set_c("skipped", self._c("skipped") + 1)
             self._last_regroup["last_gain"] = float(gain)
+            self._regroup_times = {"regroup_cluster_s": t_decided - t_start, "regroup_migrate_s": 0.0}
             return False
         new_assign = clustering.match_group_labels(old_assign, new_assign, G)
         new_expert_of_slot = self._place(old_assign, new_assign, slot_of_expert.cpu()).to(dev)
@@ -429,31 +537,45 @@ class ClusteredMoE(nn.Module):
         overlap.index_put_((new_assign, old_assign), torch.ones(E), accumulate=True)
         overlap = (overlap / K).to(dev)
 
-        ex = self.experts
         # A group whose slots hold the same experts as before keeps its base and factors: a fresh
         # decomposition would re-truncate its trained residuals (lossy whenever rank < full).
         keep = torch.zeros(G, dtype=torch.bool, device=dev)
         if was_compressed:
             keep = (new_to_old.view(G, K) == torch.arange(E, device=dev).view(G, K)).all(dim=1)
         keep_slots = keep.repeat_interleave(K)
-        redo = (~keep).nonzero().squeeze(1)   # only these groups are decomposed (SVD is the cost)
+        # From here on, only the groups held here: under expert parallelism rows of other ranks'
+        # slots are fetched from their owners (``take``), values and optimizer moments alike.
+        if ep is None:
+            rows, take, g_rows = new_to_old, None, overlap
+            keep_l, keep_slots_l = keep, keep_slots
+        else:
+            rows, take = new_to_old[local], ep.take_rows
+            g_rows = overlap[ex.group_offset:ex.group_offset + Gl]
+            keep_l, keep_slots_l = keep[ex.group_offset:ex.group_offset + Gl], keep_slots[local]
+        redo = (~keep_l).nonzero().squeeze(1)   # only these groups are decomposed (SVD is the cost)
         rel_errors, gated = [], 0
         for name, w in eff.items():
             base_v = io.read(ex.base[name]).to(w.dtype).clone()
-            a_v = io.read(ex.fa[name]).to(w.dtype).view(G, K, *ex.fa[name].shape[1:]).clone()
-            b_v = io.read(ex.fb[name]).to(w.dtype).view(G, K, *ex.fb[name].shape[1:]).clone()
+            a_v = io.read(ex.fa[name]).to(w.dtype).view(Gl, K, *ex.fa[name].shape[1:]).clone()
+            b_v = io.read(ex.fb[name]).to(w.dtype).view(Gl, K, *ex.fb[name].shape[1:]).clone()
+            # weights of the experts now in the slots of the groups to decompose (under expert
+            # parallelism fetched from their old owners; every rank joins, with or without rows)
+            redo_rows = rows.view(Gl, K)[redo].reshape(-1)
+            members = w[redo_rows] if take is None else take(w, redo_rows)
             if redo.numel():
-                dec = decompose_groups(w[new_to_old].view(G, K, *w.shape[1:])[redo], cfg.rank, cfg.gamma)
+                dec = decompose_groups(members.view(redo.numel(), K, *w.shape[1:]), cfg.rank, cfg.gamma)
                 base_v[redo], a_v[redo], b_v[redo] = dec.base, dec.a, dec.b
                 rel_errors.append(dec.rel_error.reshape(-1))
                 gated += int(dec.gated.sum())
-            mix = (lambda key, s: (overlap.to(s.dtype) @ s.reshape(G, -1)).reshape(s.shape)) if was_compressed else None
+            mix = (lambda key, s: _mix_groups(g_rows, s, take)) if was_compressed else None
             io.write(ex.base[name], base_v, mix)
-            old_rows = new_to_old if was_compressed else None
-            io.write_fresh(ex.fa[name], a_v.reshape(E, *a_v.shape[2:]), old_rows, keep_slots)
-            io.write_fresh(ex.fb[name], b_v.reshape(E, *b_v.shape[2:]), old_rows, keep_slots)
+            old_rows = rows if was_compressed else None
+            io.write_fresh(ex.fa[name], a_v.reshape(Gl * K, *a_v.shape[2:]), old_rows, keep_slots_l, take=take)
+            io.write_fresh(ex.fb[name], b_v.reshape(Gl * K, *b_v.shape[2:]), old_rows, keep_slots_l, take=take)
         for p in ex.bias.values():
-            io.permute_rows(p, new_to_old)
+            io.permute_rows(p, rows, take=take)
+        if ep is not None:
+            ep.note_migration(int((new_to_old[local] // (Gl * K) != ep.rank).sum()))
         self.router.regroup(new_to_old, overlap, io)
         if not was_compressed:
             for p in ex.full.values():
@@ -469,6 +591,9 @@ class ClusteredMoE(nn.Module):
             "gated_residuals": gated,
             "moved_experts": int((new_to_old != torch.arange(E, device=dev)).sum()),
         }
+        # wall times (not checkpointed): similarity + k-means + agreement; decomposition + moving slots and moments
+        self._regroup_times = {"regroup_cluster_s": t_decided - t_start,
+                               "regroup_migrate_s": time.perf_counter() - t_decided}
         return True
 
     def _place(self, old_assign: torch.Tensor, new_assign: torch.Tensor, slot_of_expert: torch.Tensor) -> torch.Tensor:
@@ -489,3 +614,14 @@ class ClusteredMoE(nn.Module):
                 expert_of_slot[s] = e
         assert (expert_of_slot >= 0).all()
         return expert_of_slot
+
+
+def _mix_groups(coeff: torch.Tensor, s: torch.Tensor, take=None) -> torch.Tensor:
+    """New groups' rows as convex combinations of old groups' rows: ``coeff[g', g] @ s[g]``.
+    With ``take`` (expert parallelism) only the old groups some local new group draws on are
+    fetched from their owners; ``coeff`` then has one row per local new group and G columns."""
+    if take is None:
+        return (coeff.to(s.dtype) @ s.reshape(s.shape[0], -1)).reshape(s.shape)
+    needed = (coeff.sum(0) > 0).nonzero().squeeze(1)
+    old = take(s, needed)
+    return (coeff[:, needed].to(s.dtype) @ old.reshape(old.shape[0], -1)).reshape(s.shape)

@@ -87,14 +87,20 @@ def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, device=flat.device).scatter_add_(0, flat, torch.ones(flat.numel(), device=flat.device))
 
 
-def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float) -> torch.Tensor:
+def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None) -> torch.Tensor:
     """Switch-style load balancing at both levels plus an ST-MoE z-loss.
 
     group:  G * sum_g f_g * P_g, f_g = share of (token, group) choices, P_g = mean p_g.
     expert: E * sum_i f_i * Q_i, f_i = share of (token, expert) choices,
             Q_i = mean of the joint probability p_g(i) * p_i (sums to 1 over all experts).
     Both equal 1 under perfectly uniform routing.
+
+    ``reduce``: a differentiable sum over ranks (expert parallelism). The shares and means are
+    then taken over every rank's tokens, so the value equals the one-process loss on the whole
+    batch; summing ranks' gradients (as data-parallel reduction does) gives its gradient.
     """
+    if reduce is not None:
+        return _reduced_aux_losses(r, aux_loss_coef, z_loss_coef, reduce)
     T, G, K = r.expert_probs.shape
     dev = r.group_probs.device
     if T == 0:
@@ -113,4 +119,31 @@ def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float) -> torch.Te
         chosen = r.expert_logits.gather(1, r.group_idx.unsqueeze(-1).expand(-1, -1, K))
         z_expert = torch.logsumexp(chosen, dim=-1).pow(2).mean()
         loss = loss + z_loss_coef * (z_group + z_expert)
+    return loss
+
+
+def _reduced_aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce) -> torch.Tensor:
+    """aux_losses over the tokens of every rank: sums are reduced, then divided (one collective)."""
+    T, G, K = r.expert_probs.shape
+    E, g1, k = G * K, r.group_idx.shape[1], r.slot_idx.shape[-1]
+    dt = r.group_probs.dtype
+    chosen = r.expert_logits.gather(1, r.group_idx.unsqueeze(-1).expand(-1, -1, K))
+    parts = [_count(r.group_idx, G).to(dt),
+             _count(r.slot_idx, E).to(dt),
+             r.group_probs.sum(0),
+             (r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E).sum(0),
+             torch.logsumexp(r.group_logits, dim=-1).pow(2).sum().reshape(1),
+             torch.logsumexp(chosen, dim=-1).pow(2).sum().reshape(1),
+             torch.tensor([float(T)], dtype=dt, device=r.group_probs.device)]
+    total = reduce(torch.cat(parts))
+    cnt_g, cnt_e, psum_g, joint_sum, zg, ze, n = torch.split(total, [G, E, G, E, 1, 1, 1])
+    loss = total.sum() * 0.0   # keeps the graph (and the collective's backward) on every rank
+    if float(n.detach()) == 0:
+        return loss
+    if aux_loss_coef > 0:
+        lb_group = G * ((cnt_g / (n * g1)) * (psum_g / n)).sum()
+        lb_expert = E * ((cnt_e / (n * g1 * k)) * (joint_sum / n)).sum()
+        loss = loss + aux_loss_coef * (lb_group + lb_expert)
+    if z_loss_coef > 0:
+        loss = loss + z_loss_coef * (zg / n + ze / (n * g1)).sum()
     return loss

@@ -63,8 +63,12 @@ class TorchParamIO:
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     # --- the three rules a regroup needs ---------------------------------------------------
-    def permute_rows(self, p: torch.Tensor, new_to_old: torch.Tensor) -> None:
-        self.write(p, self.read(p)[new_to_old], lambda key, s: s[new_to_old])
+    # ``take(t, rows)`` reads rows of a slot-stacked tensor; the default indexes locally, expert
+    # parallelism passes one that fetches rows held by other ranks (a collective: every rank
+    # calls it for the same tensors in the same order).
+    def permute_rows(self, p: torch.Tensor, new_to_old: torch.Tensor, take=None) -> None:
+        take = take or _take_local
+        self.write(p, take(self.read(p), new_to_old), lambda key, s: take(s, new_to_old))
 
     def mix_rows(self, p: torch.Tensor, coeff: torch.Tensor) -> None:
         """Rows become convex combinations ``coeff @ rows`` (coeff rows sum to 1)."""
@@ -73,7 +77,7 @@ class TorchParamIO:
         self.write(p, mix(self.read(p).to(_work_dtype(p.dtype))), lambda key, s: mix(s))
 
     def write_fresh(self, p: torch.Tensor, value: torch.Tensor, new_to_old: Optional[torch.Tensor],
-                    keep_rows: Optional[torch.Tensor] = None) -> None:
+                    keep_rows: Optional[torch.Tensor] = None, take=None) -> None:
         """New factor values; moments: first reset, second set to the old row's mean.
 
         Rows flagged in ``keep_rows`` (factors of groups the regroup left untouched) keep their
@@ -81,11 +85,17 @@ class TorchParamIO:
         """
         def rule(key, s):
             if key in SECOND_MOMENT_KEYS and new_to_old is not None:
-                per_row = s.reshape(s.shape[0], -1).mean(dim=1)[new_to_old]
+                per_row = (take or _take_local)(s.reshape(s.shape[0], -1).mean(dim=1), new_to_old)
                 out = per_row.view(-1, *([1] * (s.dim() - 1))).expand_as(s).clone()
             else:
                 out = torch.zeros_like(s)
             if keep_rows is not None and new_to_old is not None:
-                out[keep_rows] = s[new_to_old][keep_rows]
+                # a kept row holds the same expert as before; with ``take`` new_to_old is global,
+                # and a kept row's old row is the same local row
+                out[keep_rows] = (s[new_to_old] if take is None else s)[keep_rows]
             return out
         self.write(p, value, rule)
+
+
+def _take_local(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return t[rows]

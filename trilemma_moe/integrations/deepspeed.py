@@ -130,7 +130,10 @@ class TrilemmaMoE(_DeepSpeedMoE):
     Accepts MoE's constructor arguments plus ``config=TrilemmaMoEConfig(...)`` (or our knobs as
     keywords). ``num_experts`` and ``k`` set ``config.num_experts``/``config.top_k``.
     Routing is dropless: ``capacity_factor``, ``eval_capacity_factor``, ``min_capacity``,
-    ``drop_tokens`` and ``use_rts`` are accepted for signature compatibility and do not apply.
+    ``drop_tokens`` and ``use_rts`` are accepted for signature compatibility and do not apply
+    (``config.capacity_factor`` turns on token dropping). ``ep_size > 1`` places
+    ``num_groups/ep_size`` groups on each rank of DeepSpeed's expert-parallel group (created
+    here if needed: call ``deepspeed.init_distributed()`` first) or of ``topology``.
 
     ``forward(hidden_states, used_token=None) -> (output, l_aux, exp_counts)``; exp_counts has
     length ``num_experts`` and counts (token, expert) assignments of all k choices.
@@ -143,27 +146,29 @@ class TrilemmaMoE(_DeepSpeedMoE):
                  use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: bool = True, *, config: Optional[TrilemmaMoEConfig] = None,
                  ffn_hidden_size: Optional[int] = None, activation: str = "gelu", gated: bool = False,
-                 bias: bool = True, layer_index: int = 0, **knobs: Any) -> None:
+                 bias: bool = True, layer_index: int = 0, topology=None, **knobs: Any) -> None:
         nn.Module.__init__(self)  # not MoE.__init__: it would build DeepSpeed's own experts and gate
         overrides = dict(knobs)
         if num_experts is not None:
             overrides["num_experts"] = num_experts
         if k is not None:
             overrides["top_k"] = k
+        if ep_size != 1:
+            if config is not None and config.ep_size not in (1, ep_size):
+                raise ValueError(f"ep_size={ep_size} but config.ep_size={config.ep_size}: set one of them")
+            overrides["ep_size"] = ep_size
         if config is None:
             config = TrilemmaMoEConfig.from_dict({}, **overrides)
         elif overrides:
             config = TrilemmaMoEConfig.from_dict(config.to_dict(), **overrides)
-        if ep_size != 1:
-            raise ValueError(f"ep_size={ep_size}: expert parallelism (ep_size > 1) is not implemented yet; "
-                             f"use ep_size=1 (experts replicated, gradients reduced over data parallel ranks)")
+        ep_size = config.ep_size
         if use_residual:
             raise ValueError("use_residual=True (Residual MoE) is not supported by TrilemmaMoE")
         if noisy_gate_policy not in (None, "None"):
             raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} is not supported by TrilemmaMoE (use None)")
         if (capacity_factor, eval_capacity_factor, min_capacity) != (1.0, 1.0, 4):
             warnings.warn("TrilemmaMoE routes dropless: capacity_factor, eval_capacity_factor and min_capacity "
-                          "have no effect")
+                          "have no effect (token dropping is our config's capacity_factor/min_capacity knobs)")
         if use_tutel or enable_expert_tensor_parallelism:
             raise ValueError("use_tutel and enable_expert_tensor_parallelism are not supported by TrilemmaMoE")
         if expert is not None:
@@ -174,8 +179,19 @@ class TrilemmaMoE(_DeepSpeedMoE):
             spec = None
         # Experts start distinct (seed, layer, expert index), not as deep copies of `expert`:
         # identical experts would make every similarity 1.
+        comm = None
+        if ep_size > 1:
+            # Groups are placed on ranks at construction (each rank builds only its own), so the
+            # expert-parallel groups must exist now: DeepSpeed's (made once, shared by layers) or passed in.
+            from ..parallel import ExpertParallelComm, ExpertParallelTopology
+            if topology is None:
+                _require_deepspeed("ep_size > 1 without a topology")
+                topology = ExpertParallelTopology.from_deepspeed(ep_size)
+            comm = ExpertParallelComm(topology, config, layer_index,
+                                      extra={"hidden_size": hidden_size, "spec": repr(spec)})
         self.moe = ClusteredMoE(hidden_size, ffn_hidden_size or spec.ffn_hidden_size, config,
-                                activation=activation, gated=gated, bias=bias, layer_index=layer_index, spec=spec)
+                                activation=activation, gated=gated, bias=bias, layer_index=layer_index, spec=spec,
+                                expert_parallel=comm)
         self.config = config
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
@@ -183,7 +199,7 @@ class TrilemmaMoE(_DeepSpeedMoE):
         self.expert_group_name = f"ep_size_{ep_size}"
         self.num_experts = config.num_experts
         self.num_local_experts = config.num_experts // ep_size
-        self.ep_group = None
+        self.ep_group = None if comm is None else comm.topo.ep_group
         for p in self.moe.experts.parameters():
             # DeepSpeed's tags for expert parameters: reduced over the expert-data-parallel group.
             p.allreduce = False
@@ -225,6 +241,8 @@ class TrilemmaMoE(_DeepSpeedMoE):
             groups._create_expert_and_data_parallel(self.ep_size,
                                                     use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+        if self.moe.ep is not None:
+            return  # the expert-parallel communicator already keeps every rank in agreement
         # With ep_size 1 every rank holds all experts: replicas over the expert-data-parallel group.
         self.moe.sync = DataParallelSync(groups._get_expert_data_parallel_group(self.expert_group_name))
 
@@ -249,6 +267,9 @@ class TrilemmaMoE(_DeepSpeedMoE):
 
     def expert_parameter_count(self) -> int:
         return self.moe.expert_parameter_count()
+
+    def comm_stats(self) -> Dict[str, float]:
+        return self.moe.comm_stats()
 
     def memory_report(self) -> Dict[str, int]:
         return self.moe.memory_report()
