@@ -153,6 +153,14 @@ def test_fused_and_slot_paths_train_the_same_through_regroups():
     assert torch.equal(fast.group_assignment(), slow.group_assignment())
 
 
+def test_capacity_factor_keeps_the_slot_path():
+    layer = _layer()
+    layer.fused = True
+    assert layer._use_fused(torch.zeros(1, 24))
+    layer.config.capacity_factor = 1.0    # token dropping is done by dispatch(), which the fused path skips
+    assert not layer._use_fused(torch.zeros(1, 24))
+
+
 def test_gated_experts_keep_the_slot_path():
     cfg = TrilemmaMoEConfig(num_experts=8, num_groups=2, rank=2)
     layer = ClusteredMoE(8, 16, cfg, gated=True)

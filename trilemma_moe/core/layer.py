@@ -352,6 +352,8 @@ class ClusteredMoE(nn.Module):
             return False
         if not learning and (self._serving or self.config.offload_idle_steps is not None):
             return False  # inference through the offload store reads its own weight views
+        if self.config.capacity_factor is not None:
+            return False  # the fused path is dropless; token dropping lives in dispatch()
         if self.fused is None:
             return x.is_cuda and fused.triton_available()
         return self.fused
