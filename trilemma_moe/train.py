@@ -640,4 +640,7 @@ def _deepspeed_engine(args, model, groups, cfg: TrilemmaMoEConfig):
 
 
 if __name__ == "__main__":
+    from trilemma_moe.parallel.topology import leave_process_group
+
     main()
+    leave_process_group()

@@ -52,4 +52,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from trilemma_moe.parallel.topology import leave_process_group
+
     main()
+    leave_process_group()

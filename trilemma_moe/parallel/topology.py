@@ -126,3 +126,12 @@ def check_same_config(values: dict, group=None, what: str = "trilemma_moe config
         raise ValueError(f"{what} differs between ranks: ranks {differ} disagree with rank {ranks[0]} "
                          f"(every rank must build the layer with the same knobs; this rank has "
                          f"{json.dumps(values, sort_keys=True, default=str)})")
+
+
+def leave_process_group() -> None:
+    """End of a multi-process run: leave together. Tearing gloo down at interpreter exit while a
+    peer is still finishing its last collective can abort a rank ("terminate called without an
+    active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
