@@ -181,7 +181,7 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
     W1, W2 = c(base["w1"]), c(base["w2"])
     res = slots.residual   # the factors as the forward sees them (INT4 values at residual_bits=4)
     A1, B1 = c(_cat_factors(res(fa["w1"]), G, K)), c(_cat_factors(res(fb["w1"]), G, K))
-    A2, B2 = _cat_factors(res(fa["w2"]), G, K), _cat_factors(res(fb["w2"]), G, K)
+    A2, B2 = c(_cat_factors(res(fa["w2"]), G, K)), _cat_factors(res(fb["w2"]), G, K)
     d = B2.shape[1]
     if "b2" in bias:
         b2 = bias["b2"].view(G, K, d).transpose(1, 2)
@@ -190,5 +190,5 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
     B2ext = c(torch.cat([B2, b2], dim=2))
     bias1 = c(bias["b1"]) if "b1" in bias else None
     y_rows = _FusedExperts.apply(ops, slots.spec.activation, K, slots.rank, xp, off, jloc, w,
-                                 W1, c(A1), B1, bias1, W2, c(A2), B2ext)
+                                 W1, A1, B1, bias1, W2, A2, B2ext)
     return _SumGatherRows.apply(y_rows, inverse, token_of_row, g1)
