@@ -19,10 +19,7 @@ D, F, V = 16, 32, 40
 
 
 @pytest.fixture(scope="module", autouse=True)
-def dist_world_1():
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("TRILEMMA_TEST_PORT", "29533"))
-    deepspeed.init_distributed(dist_backend="gloo")
+def _world(dist_world_1):  # conftest: a one-process gloo world for deepspeed.initialize
     yield
 
 

@@ -245,15 +245,11 @@ def test_training_forwards_never_use_the_store_and_gradients_match():
             assert torch.equal(pa.grad, pb.grad), n
 
 
-def test_zero2_training_with_offloaded_groups_between_steps(tmp_path):
+def test_zero2_training_with_offloaded_groups_between_steps(tmp_path, dist_world_1):
     """Evaluation forwards that offload groups, interleaved with ZeRO-2 steps: the training curve is
     the one without offload (the store never holds training state; gradients of every group reach
     the reducer)."""
-    deepspeed = pytest.importorskip("deepspeed")
-    from test_checkpoint import _batches, _engine, dist_world_1  # noqa: F401  (fixture)
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("TRILEMMA_TEST_PORT", "29533"))
-    deepspeed.init_distributed(dist_backend="gloo")
+    from test_checkpoint import _batches, _engine
     data = _batches(10)
     probe = [x[:1, :3] for x in _batches(6, seed=4)]
     curves = []

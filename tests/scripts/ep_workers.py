@@ -20,6 +20,7 @@ from trilemma_moe import TrilemmaMoEConfig  # noqa: E402
 from trilemma_moe.core.layer import ClusteredMoE  # noqa: E402
 from trilemma_moe.parallel import ExpertParallelComm, ExpertParallelTopology, average_gradients  # noqa: E402
 from trilemma_moe.parallel.cost import predicted_bytes  # noqa: E402
+from trilemma_moe.parallel.topology import leave_process_group  # noqa: E402
 
 D, F = 16, 24
 
@@ -341,8 +342,7 @@ def _worker(rank, world, port, modes, out):
         os.makedirs(sub, exist_ok=True)
         globals()["mode_" + mode](rank, world, sub)
     if "timeout" not in modes:
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":
