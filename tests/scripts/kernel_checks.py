@@ -66,24 +66,32 @@ def main(argv=None):
             variants = [("gelu", (700, 8, 4, 16, 2, 200, True)), ("relu", (97, 3, 3, 5, 1, 40, False))]
         for act, (P, G, K, r, k, f, bias) in variants:
             off = random_offsets(P, G, gen).to(dev)
-            KR = K * r
-            z, a = rnd(P, f, dt=dt), rnd(P, KR, dt=dt) * 0.5
-            jloc = torch.stack([torch.randperm(K, generator=gen)[:k] for _ in range(P)]).to(dev, torch.int32)
+            KR, E, QW = K * r, G * K, ref.q_width(K, r)
+            # z and a as column ranges of one buffer, as the layer passes them
+            u = rnd(P, f + KR, dt=dt)
+            u[:, f:] *= 0.5
+            z, a = u[:, :f], u[:, f:]
+            jloc = torch.stack([torch.randperm(K, generator=gen)[:k] for _ in range(P)]).to(dev)
             w = torch.rand(P, k, generator=gen).to(dev)
-            b1, a2 = rnd(G, f, KR, dt=dt) * 0.3, rnd(G, f, KR, dt=dt) * 0.3
-            bias1 = rnd(G * K, f, dt=dt) if bias else None
-            hs, q = tk.act_combine_fwd(z, a, jloc, w, b1, bias1, a2, off, K, r, act)
-            hs_r, q_r = ref.act_combine_fwd(z.float(), a.float(), jloc, w, b1.float(),
-                                            None if bias1 is None else bias1.float(), a2.float(), off, K, r, act)
+            # slot-stacked float32 factors (the parameters); the kernels cast them to z's dtype
+            b1, a2 = rnd(E, f, r) * 0.3, rnd(E, f, r) * 0.3
+            bias1 = rnd(E, f) if bias else None
+            out = torch.full((P, f + QW), float("nan"), dtype=dt, device=dev)   # every column must be written
+            tk.act_combine_fwd(z, a, jloc, w, b1, bias1, a2, off, K, r, act, out)
+            out_r = ref.act_combine_fwd(z.float(), a.float(), jloc, w, b1.to(dt).float(), bias1, a2.to(dt).float(),
+                                        off, K, r, act, torch.empty(P, f + QW, dtype=torch.float64, device=dev))
             name = f"{act} K={K} r={r} k={k}"
-            report(f"fwd hs {name}", rel(hs, hs_r), dname)
-            report(f"fwd q {name}", rel(q, q_r), dname)
-            dhs, dq = rnd(P, f, dt=dt), rnd(P, KR + K, dt=dt)
-            got = tk.act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K, r, act)
-            want = ref.act_combine_bwd(z.float(), a.float(), jloc, w, b1.float(),
-                                       None if bias1 is None else bias1.float(), a2.float(), dhs.float(),
-                                       dq.float(), off, K, r, act)
-            for label, g_, w_ in zip(("dz", "da", "dw", "db1cat", "dbias1", "da2cat"), got, want):
+            report(f"fwd hs {name}", rel(out[:, :f], out_r[:, :f]), dname)
+            report(f"fwd q {name}", rel(out[:, f:], out_r[:, f:]), dname)
+            dv = rnd(P, f + QW, dt=dt)
+            dzda = torch.full((P, f + KR), float("nan"), dtype=dt, device=dev)
+            got = tk.act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dv[:, :f], dv[:, f:], off, K, r, act, dzda)
+            dzda_r = torch.empty(P, f + KR, dtype=torch.float64, device=dev)
+            want = ref.act_combine_bwd(z.float(), a.float(), jloc, w, b1.to(dt).float(), bias1, a2.to(dt).float(),
+                                       dv[:, :f].float(), dv[:, f:].float(), off, K, r, act, dzda_r)
+            report(f"bwd dz {name}", rel(dzda[:, :f], dzda_r[:, :f]), dname)
+            report(f"bwd da {name}", rel(dzda[:, f:], dzda_r[:, f:]), dname)
+            for label, g_, w_ in zip(("dw", "db1", "dbias1", "da2"), got, want):
                 if w_ is None:
                     assert g_ is None
                     continue

@@ -94,58 +94,101 @@ def sort_by_group(group_idx: torch.Tensor, num_groups: int):
     order: pair ids sorted by group (stable); inverse[pair] = its row; off int32 [G+1];
     token_of_row = order // g1."""
     T, g1 = group_idx.shape
-    flat = group_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    bounds = torch.arange(num_groups + 1, device=flat.device, dtype=flat.dtype)
-    off = torch.searchsorted(flat[order], bounds).to(torch.int32)
-    return order, inverse, off, order // g1
+    sorted_groups, order = torch.sort(group_idx.reshape(-1), stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    bounds = torch.arange(num_groups + 1, device=order.device, dtype=sorted_groups.dtype)
+    off = torch.searchsorted(sorted_groups, bounds, out_int32=True)
+    return order, inverse, off, order if g1 == 1 else order // g1
 
 
 # --- the expert stage -----------------------------------------------------------------------------
+def _up_weights(W1: torch.Tensor, A1: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """[W1[g] | A1cat[g]] as one [G, d, f + K*r] weight: the rank-r input projection rides along
+    the base GEMM as K*r extra output columns."""
+    G, d, f = W1.shape
+    r = A1.shape[2]
+    out = torch.empty(G, d, f + K * r, dtype=dtype, device=W1.device)
+    out[:, :, :f].copy_(W1)
+    out[:, :, f:].view(G, d, K, r).copy_(A1.view(G, K, d, r).permute(0, 2, 1, 3))
+    return out
+
+
+def _down_weights(W2: torch.Tensor, B2: torch.Tensor, bias2: Optional[torch.Tensor], K: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """[W2[g]; B2cat[g]^T; bias2 of the group's experts; 0] as one [G, f + q_width, d] weight,
+    matching the columns of ``act_combine_fwd``'s output."""
+    G, f, d = W2.shape
+    r = B2.shape[2]
+    KR = K * r
+    out = torch.empty(G, f + reference.q_width(K, r), d, dtype=dtype, device=W2.device)
+    out[:, :f].copy_(W2)
+    out[:, f:f + KR].view(G, K, r, d).copy_(B2.view(G, K, d, r).transpose(2, 3))
+    if bias2 is not None:
+        out[:, f + KR:f + KR + K].copy_(bias2.view(G, K, d))
+        out[:, f + KR + K:].zero_()
+    else:
+        out[:, f + KR:].zero_()
+    return out
+
+
+def _split_factors(t: torch.Tensor, K: int) -> torch.Tensor:
+    """[G, n, K*r] (block j = expert j) -> slot-stacked [E, n, r]; inverse of ``cat_factors``."""
+    G, n, KR = t.shape
+    return t.reshape(G, n, K, KR // K).permute(0, 2, 1, 3).reshape(G * K, n, KR // K)
+
+
 class _FusedExperts(torch.autograd.Function):
+    """The expert stage in two grouped GEMMs forward and four backward, the shape of one dense
+    FFN: the rank-r input projection rides along the first base GEMM as extra columns, and the
+    down projection's rank-r terms and biases along the second as extra rows (K dimension).
+
+        U = x @ [W1 | A1cat]                     z = U[:, :f], a = U[:, f:]
+        V = act_combine_fwd(z, a, ...)           [hs | q]
+        y = V @ [W2; B2cat^T; bias2; 0]
+
+    Weights are cast to the compute dtype (x's) while being assembled; gradients come back in
+    each parameter's own dtype."""
+
     @staticmethod
-    def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, A1, B1, bias1, W2, A2, B2ext):
+    def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2):
+        cdt = x.dtype
+        f = W1.shape[2]
         with torch.autocast(x.device.type, enabled=False):
-            z = ops.gmm_rows(x, W1, off)
-            a = ops.gmm_rows(x, A1, off)
-            hs, q = ops.act_combine_fwd(z, a, jloc, w, B1, bias1, A2, off, K, r, act)
-            qc = q.to(x.dtype)
-            y = ops.gmm_rows(hs, W2, off) + ops.gmm_rows(qc, B2ext, off, trans_w=True)
-        ctx.save_for_backward(x, off, jloc, w, W1, A1, B1, bias1, W2, A2, B2ext, z, a, hs, qc)
+            W1x = _up_weights(W1, A1, K, cdt)
+            W2x = _down_weights(W2, B2, bias2, K, cdt)
+            U = ops.gmm_rows(x, W1x, off)
+            V = ops.act_combine_fwd(U[:, :f], U[:, f:], jloc, w, B1, bias1, A2, off, K, r, act,
+                                    x.new_empty(x.shape[0], W2x.shape[1]))
+            y = ops.gmm_rows(V, W2x, off)
+        ctx.save_for_backward(x, off, jloc, w, W1x, W2x, B1, bias1, A2, U, V)
         ctx.ops, ctx.act, ctx.K, ctx.r = ops, act, K, r
+        ctx.dtypes = [t.dtype if t is not None else None for t in (W1, W2, A1, B2, bias2)]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, off, jloc, w, W1, A1, B1, bias1, W2, A2, B2ext, z, a, hs, qc = ctx.saved_tensors
+        x, off, jloc, w, W1x, W2x, B1, bias1, A2, U, V = ctx.saved_tensors
         ops, K, r = ctx.ops, ctx.K, ctx.r
-        KR = K * r
+        f, KR = W1x.shape[2] - K * r, K * r
+        E = W1x.shape[0] * K
         with torch.autocast(x.device.type, enabled=False):
             dy = dy.contiguous().to(x.dtype)
-            dhs = ops.gmm_rows(dy, W2, off, trans_w=True)
-            dW2 = ops.gmm_wgrad(hs, dy, off)
-            dq = ops.gmm_rows(dy, B2ext, off)
-            dB2ext = ops.gmm_wgrad(dy, qc, off)
-            dz, da, dw, dB1, dbias1, dA2 = ops.act_combine_bwd(z, a, jloc, w, B1, bias1, A2, dhs, dq, off,
-                                                               K, r, ctx.act)
-            dw = dw + dq[:, KR:].to(dw.dtype).gather(1, jloc.long())
-            dzc, dac = dz.to(x.dtype), da.to(x.dtype)
-            dx = ops.gmm_rows(dzc, W1, off, trans_w=True) + ops.gmm_rows(dac, A1, off, trans_w=True)
-            dW1 = ops.gmm_wgrad(x, dzc, off)
-            dA1 = ops.gmm_wgrad(x, dac, off)
-
-        def cast(g, like):
-            return None if g is None else g.to(like.dtype)
-        return (None, None, None, None, dx, None, None, cast(dw, w), cast(dW1, W1), cast(dA1, A1), cast(dB1, B1),
-                cast(dbias1, bias1) if bias1 is not None else None, cast(dW2, W2), cast(dA2, A2), cast(dB2ext, B2ext))
-
-
-def _cat_factors(t: torch.Tensor, G: int, K: int) -> torch.Tensor:
-    """[E, n, r] slot-stacked factors -> [G, n, K*r], block j = the group's expert j."""
-    E, n, r = t.shape
-    return t.view(G, K, n, r).permute(0, 2, 1, 3).reshape(G, n, K * r)
+            dV = ops.gmm_rows(dy, W2x, off, trans_w=True)          # [dhs | dq]
+            dW2x = ops.gmm_wgrad(V, dy, off)
+            dU = torch.empty_like(U)                              # [dz | da]
+            dw, dB1, dbias1, dA2 = ops.act_combine_bwd(U[:, :f], U[:, f:], jloc, w, B1, bias1, A2,
+                                                       dV[:, :f], dV[:, f:], off, K, r, ctx.act, dU)
+            dx = ops.gmm_rows(dU, W1x, off, trans_w=True)
+            dW1x = ops.gmm_wgrad(x, dU, off)
+        tW1, tW2, tA1, tB2, tb2 = ctx.dtypes
+        dW1 = dW1x[:, :, :f].to(tW1)
+        dA1 = _split_factors(dW1x[:, :, f:], K).to(tA1)
+        dW2 = dW2x[:, :f].to(tW2)
+        dB2 = dW2x[:, f:f + KR].reshape(-1, K, r, dW2x.shape[2]).transpose(2, 3).reshape(E, -1, r).to(tB2)
+        dbias2 = dW2x[:, f + KR:f + KR + K].reshape(E, -1).to(tb2) if tb2 is not None else None
+        dbias1 = dbias1.to(bias1.dtype) if bias1 is not None else None
+        return (None, None, None, None, dx, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype), dbias1,
+                dA2.to(A2.dtype), dB2, dbias2)
 
 
 def supports(slots) -> bool:
@@ -170,25 +213,13 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
         cdt = x.dtype
     ops = ops or ops_for(x.device, cdt)
     order, inverse, off, token_of_row = sort_by_group(group_idx, G)
-    xp = _GatherRows.apply(x.to(cdt), token_of_row, inverse, g1).contiguous()
-    jloc = (slot_idx.reshape(P, k) - group_idx.reshape(P, 1) * K).index_select(0, order).to(torch.int32).contiguous()
-    wdt = torch.promote_types(weights.dtype, torch.float32)
-    w = _GatherRows.apply(weights.reshape(P, k).to(wdt), order, inverse, 1).contiguous()
-
-    def c(t):
-        return t.to(cdt).contiguous()
-    base, fa, fb, bias = slots.base, slots.fa, slots.fb, slots.bias
-    W1, W2 = c(base["w1"]), c(base["w2"])
+    xp = _GatherRows.apply(x.to(cdt), token_of_row, inverse, g1)
+    # the chosen experts' positions inside their group, in row order
+    jloc = (slot_idx.reshape(P, k) % K).index_select(0, order)
+    w = _GatherRows.apply(weights.reshape(P, k), order, inverse, 1)
     res = slots.residual   # the factors as the forward sees them (INT4 values at residual_bits=4)
-    A1, B1 = c(_cat_factors(res(fa["w1"]), G, K)), c(_cat_factors(res(fb["w1"]), G, K))
-    A2, B2 = c(_cat_factors(res(fa["w2"]), G, K)), _cat_factors(res(fb["w2"]), G, K)
-    d = B2.shape[1]
-    if "b2" in bias:
-        b2 = bias["b2"].view(G, K, d).transpose(1, 2)
-    else:
-        b2 = torch.zeros(G, d, K, dtype=B2.dtype, device=B2.device)
-    B2ext = c(torch.cat([B2, b2], dim=2))
-    bias1 = c(bias["b1"]) if "b1" in bias else None
+    fa, fb, bias = slots.fa, slots.fb, slots.bias
     y_rows = _FusedExperts.apply(ops, slots.spec.activation, K, slots.rank, xp, off, jloc, w,
-                                 W1, A1, B1, bias1, W2, A2, B2ext)
+                                 slots.base["w1"], slots.base["w2"], res(fa["w1"]), res(fb["w1"]), bias.get("b1"),
+                                 res(fa["w2"]), res(fb["w2"]), bias.get("b2"))
     return _SumGatherRows.apply(y_rows, inverse, token_of_row, g1)

@@ -6,7 +6,7 @@ same name and arguments in ``reference.py``; see there for the conventions.
   need neither ``torch._grouped_mm`` (a per-expert loop on A100) nor a host sync for group sizes.
 * ``act_combine_fwd``: the rank-r part of the up projection of the k chosen experts, the
   activation and the ``sum_j w_j h_j`` combine, fused: z (the base GEMM's output) is read once and
-  only hs is written; h_j never reaches memory.
+  only hs and the down projection's rank-r inputs are written; h_j never reaches memory.
 * ``act_combine_bwd``: its backward, recomputing h_j from z, in two kernels without atomics: one
   walks f for each row tile (dz, and da, dw reduced over f), one walks the rows of a group for each
   column chunk (the factor and bias gradients, reduced over rows).
@@ -190,6 +190,18 @@ def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor) -> torch.Ten
 # rows; a reduction over rows (the factor and bias gradients) by one program that walks all rows
 # of its group for its columns. (A first version tiled rows x columns and reduced with float32
 # atomics: 5 ms of an 8 ms layer on an H100, all of it atomic traffic.)
+# The factors are read from (and their gradients written to) the slot-stacked parameters
+# [E, f, r] directly, cast to z's dtype on load: no per-step [G, f, K*r] copies.
+@triton.jit
+def _factor_tiles(b1_ptr, a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, like_ptr, K: tl.constexpr, R: tl.constexpr):
+    """[BN, KRP] tiles of B1cat[g] and A2cat[g] (columns kk = the group's K rank-r blocks side by side)."""
+    offs = (g * K + kk // R)[None, :] * sfe + cols[:, None] * sff + (kk % R)[None, :]
+    fmask = cmask[:, None] & kmask[None, :]
+    b1 = tl.load(b1_ptr + offs, mask=fmask, other=0.0).to(like_ptr.dtype.element_ty)
+    a2 = tl.load(a2_ptr + offs, mask=fmask, other=0.0).to(like_ptr.dtype.element_ty)
+    return b1, a2
+
+
 @triton.jit
 def _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk):
     """Expert position e, weight w and the block mask of choice j of each row."""
@@ -210,11 +222,11 @@ def _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K: tl.constexpr, HAS
 
 
 @triton.jit
-def _act_combine_fwd_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, hs_ptr, q_ptr, off_ptr,
-                            F, KR, szm, sam, sjm, swm, sbg, sbf, shm, sqm,
+def _act_combine_fwd_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, out_ptr, off_ptr,
+                            F, KR, QW, szm, sam, sjm, swm, sfe, sff, som,
                             G: tl.constexpr, K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
-                            KRP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                            KRP: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
     g, r0, r1 = _group_tile(off_ptr, tl.program_id(0), G, BM)
     rows = r0 + tl.arange(0, BM)
     rmask = rows < r1
@@ -227,10 +239,8 @@ def _act_combine_fwd_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr
         cols = f0 + tl.arange(0, BN)
         cmask = cols < F
         tile_mask = rmask[:, None] & cmask[None, :]
-        fac_mask = cmask[:, None] & kmask[None, :]
         z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        b1 = tl.load(b1_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)   # [BN, KRP]
-        a2 = tl.load(a2_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
+        b1, a2 = _factor_tiles(b1_ptr, a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
         hs = tl.zeros((BM, BN), dtype=tl.float32)
         for j in tl.static_range(TOPK):
             e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
@@ -238,17 +248,24 @@ def _act_combine_fwd_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr
             hw = _act(pre, ACT) * wj[:, None]
             hs += hw
             q += tl.where(sel, _mm(hw.to(a2.dtype), a2, IEEE), 0.0)   # chosen experts' blocks are disjoint
-        tl.store(hs_ptr + rows[:, None] * shm + cols[None, :], hs.to(hs_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(q_ptr + rows[:, None] * sqm + kk[None, :], q, mask=rmask[:, None] & kmask[None, :])
+        tl.store(out_ptr + rows[:, None] * som + cols[None, :], hs.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    q_ptr = out_ptr + F
+    tl.store(q_ptr + rows[:, None] * som + kk[None, :], q.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & kmask[None, :])
+    # the weight columns (w of the chosen experts, 0 elsewhere) and the zero padding after them
+    wc = tl.arange(0, WP)
+    wts = tl.zeros((BM, WP), dtype=tl.float32)
     for j in tl.static_range(TOPK):
         e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
-        tl.store(q_ptr + rows * sqm + KR + e, wj, mask=rmask)
+        wts += tl.where(wc[None, :] == e[:, None], wj[:, None], 0.0)
+    tl.store(q_ptr + rows[:, None] * som + KR + wc[None, :], wts.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (wc[None, :] < QW - KR))
 
 
 @triton.jit
 def _act_combine_bwd_rows_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, dhs_ptr, dq_ptr, off_ptr,
                                  dz_ptr, da_ptr, dw_ptr,
-                                 F, KR, szm, sam, sjm, swm, sbg, sbf, sdhm, sdqm, sdzm, sdam, sdwm,
+                                 F, KR, szm, sam, sjm, swm, sfe, sff, sdhm, sdqm, sdzm, sdam, sdwm,
                                  G: tl.constexpr, K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
                                  TP: tl.constexpr, KRP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
@@ -265,15 +282,17 @@ def _act_combine_bwd_rows_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
     dq = tl.load(dq_ptr + rows[:, None] * sdqm + kk[None, :], mask=rk_mask, other=0.0)
     da = tl.zeros((BM, KRP), dtype=tl.float32)
     dw = tl.zeros((BM, TP), dtype=tl.float32)
+    for j in tl.static_range(TOPK):    # the weight columns of q: d q[:, KR + e_j] / d w_j = 1
+        e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
+        dqw = tl.load(dq_ptr + rows * sdqm + KR + e, mask=rmask, other=0.0).to(tl.float32)
+        dw += tl.where(tcol[None, :] == j, dqw[:, None], 0.0)
     for f0 in range(0, F, BN):
         cols = f0 + tl.arange(0, BN)
         cmask = cols < F
         tile_mask = rmask[:, None] & cmask[None, :]
-        fac_mask = cmask[:, None] & kmask[None, :]
         z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         dhs = tl.load(dhs_ptr + rows[:, None] * sdhm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        b1 = tl.load(b1_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
-        a2 = tl.load(a2_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
+        b1, a2 = _factor_tiles(b1_ptr, a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
         dz = tl.zeros((BM, BN), dtype=tl.float32)
         for j in tl.static_range(TOPK):
             e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
@@ -285,19 +304,19 @@ def _act_combine_bwd_rows_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
             dz += dpre
             da += tl.where(sel, _mm(dpre.to(b1.dtype), b1, IEEE), 0.0)
         tl.store(dz_ptr + rows[:, None] * sdzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=tile_mask)
-    tl.store(da_ptr + rows[:, None] * sdam + kk[None, :], da, mask=rk_mask)
+    tl.store(da_ptr + rows[:, None] * sdam + kk[None, :], da.to(da_ptr.dtype.element_ty), mask=rk_mask)
     tl.store(dw_ptr + rows[:, None] * sdwm + tcol[None, :], dw, mask=rmask[:, None] & (tcol[None, :] < TOPK))
 
 
 @triton.jit
 def _act_combine_bwd_cols_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, dhs_ptr, dq_ptr, off_ptr,
                                  db1_ptr, dbias_ptr, da2_ptr,
-                                 F, KR, szm, sam, sjm, swm, sbg, sbf, sdhm, sdqm,
+                                 F, KR, szm, sam, sjm, swm, sfe, sff, sdhm, sdqm,
                                  K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                                  KRP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
                                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
     """Per (column chunk, group): the factor and bias gradients, reduced over the group's rows in
-    registers."""
+    registers and written slot-stacked ([E, f, r] and [E, f], float32)."""
     g = tl.program_id(1)
     s = tl.load(off_ptr + g)
     t = tl.load(off_ptr + g + 1)
@@ -307,9 +326,7 @@ def _act_combine_bwd_cols_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
     kmask = kk < KR
     blk = kk // R
     kx = tl.arange(0, KP)
-    fac_mask = cmask[:, None] & kmask[None, :]
-    b1 = tl.load(b1_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
-    a2 = tl.load(a2_ptr + g * sbg + cols[:, None] * sbf + kk[None, :], mask=fac_mask, other=0.0)
+    b1, a2 = _factor_tiles(b1_ptr, a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
     db1 = tl.zeros((BN, KRP), dtype=tl.float32)
     da2 = tl.zeros((BN, KRP), dtype=tl.float32)
     dbias = tl.zeros((KP, BN), dtype=tl.float32)
@@ -333,8 +350,10 @@ def _act_combine_bwd_cols_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
             if HAS_BIAS:
                 onehot = tl.where((kx[None, :] == e[:, None]) & rmask[:, None], 1.0, 0.0).to(b1.dtype)
                 dbias += _mm(tl.trans(onehot), dpre, IEEE)
-    tl.store(db1_ptr + g * F * KR + cols[:, None] * KR + kk[None, :], db1, mask=fac_mask)
-    tl.store(da2_ptr + g * F * KR + cols[:, None] * KR + kk[None, :], da2, mask=fac_mask)
+    offs = (g * K + blk)[None, :] * (F * R) + cols[:, None] * R + (kk % R)[None, :]
+    fac_mask = cmask[:, None] & kmask[None, :]
+    tl.store(db1_ptr + offs, db1, mask=fac_mask)
+    tl.store(da2_ptr + offs, da2, mask=fac_mask)
     if HAS_BIAS:
         tl.store(dbias_ptr + (g * K + kx)[:, None] * F + cols[None, :], dbias, mask=(kx[:, None] < K) & cmask[None, :])
 
@@ -347,11 +366,13 @@ def _fused_meta(K, r):
     return KR, KRP, BN
 
 
-def _common(z, a, jloc, w, b1cat, a2cat, off, K, r):
-    _check(off, z, a, jloc, w, b1cat, a2cat)
-    if not (b1cat.stride(2) == 1 and a2cat.stride() == b1cat.stride() and z.stride(1) == 1 and a.stride(1) == 1):
-        raise ValueError("act_combine: z, a, b1cat and a2cat must be contiguous in their last dimension "
-                         "(b1cat and a2cat with equal strides)")
+def _common(z, a, jloc, w, b1, bias1, a2, off, K, r):
+    _check(off, z, a, jloc, w, b1, bias1, a2)
+    if not (z.stride(1) == 1 and a.stride(1) == 1 and b1.stride(2) == 1 and a2.stride() == b1.stride()):
+        raise ValueError("act_combine: z and a must be contiguous in their last dimension, and b1 and a2 "
+                         "slot-stacked [E, f, r] with equal strides and unit stride in r")
+    if bias1 is not None and not bias1.is_contiguous():
+        raise ValueError("act_combine: bias1 must be contiguous [E, f]")
     KR, KRP, BN = _fused_meta(K, r)
     return z.shape[0], z.shape[1], off.numel() - 1, KR, KRP, BN
 
@@ -359,42 +380,43 @@ def _common(z, a, jloc, w, b1cat, a2cat, off, K, r):
 _ROW_BM = 32   # rows per program of the row-walking kernels: more programs in flight
 
 
-def act_combine_fwd(z, a, jloc, w, b1cat, bias1: Optional[torch.Tensor], a2cat, off, K: int, r: int, act: str):
-    P, f, G, KR, KRP, BN = _common(z, a, jloc, w, b1cat, a2cat, off, K, r)
-    hs = torch.empty_like(z)
-    q = torch.zeros(P, KR + K, dtype=torch.float32, device=z.device)
+def act_combine_fwd(z, a, jloc, w, b1, bias1: Optional[torch.Tensor], a2, off, K: int, r: int, act: str,
+                    out: torch.Tensor) -> torch.Tensor:
+    P, f, G, KR, KRP, BN = _common(z, a, jloc, w, b1, bias1, a2, off, K, r)
+    QW = out.shape[1] - f
+    if QW < KR + K or out.stride(1) != 1:
+        raise ValueError(f"act_combine_fwd: out must be [P, f + >= {KR + K}] with unit column stride")
     _act_combine_fwd_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
-        z, a, jloc, w, b1cat, bias1 if bias1 is not None else z, a2cat, hs, q, off,
-        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1cat.stride(0), b1cat.stride(1),
-        hs.stride(0), q.stride(0),
-        G=G, K=K, R=r, TOPK=jloc.shape[1], KRP=KRP, BM=_ROW_BM, BN=BN, ACT=ACT_CODES[act],
-        HAS_BIAS=bias1 is not None, IEEE=z.dtype == torch.float32, num_warps=4)
-    return hs, q
+        z, a, jloc, w, b1, bias1 if bias1 is not None else z, a2, out, off,
+        f, KR, QW, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1), out.stride(0),
+        G=G, K=K, R=r, TOPK=jloc.shape[1], KRP=KRP, WP=triton.next_power_of_2(QW - KR), BM=_ROW_BM, BN=BN,
+        ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None, IEEE=z.dtype == torch.float32, num_warps=4)
+    return out
 
 
-def act_combine_bwd(z, a, jloc, w, b1cat, bias1, a2cat, dhs, dq, off, K: int, r: int, act: str):
-    P, f, G, KR, KRP, BN = _common(z, a, jloc, w, b1cat, a2cat, off, K, r)
-    _check(off, dhs, dq, bias1)
-    if dhs.stride(1) != 1 or dq.stride(1) != 1:
-        raise ValueError("act_combine_bwd: dhs and dq must be contiguous in their last dimension")
+def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, act: str, dzda: torch.Tensor):
+    P, f, G, KR, KRP, BN = _common(z, a, jloc, w, b1, bias1, a2, off, K, r)
+    _check(off, dhs, dq, dzda)
+    if dhs.stride(1) != 1 or dq.stride(1) != 1 or dzda.stride(1) != 1 or dq.shape[1] < KR + K:
+        raise ValueError(f"act_combine_bwd: dhs, dq and dzda must have unit column stride, dq >= {KR + K} columns")
     f32 = dict(dtype=torch.float32, device=z.device)
     topk = jloc.shape[1]
-    dz = torch.empty_like(z)
-    da = torch.empty(P, KR, **f32)
+    E = G * K
     dw = torch.empty(P, topk, **f32)
-    db1 = torch.empty(G, f, KR, **f32)
-    da2 = torch.empty(G, f, KR, **f32)
-    dbias = torch.empty(G * K, f, **f32) if bias1 is not None else None
+    db1 = torch.empty(E, f, r, **f32)
+    da2 = torch.empty(E, f, r, **f32)
+    dbias = torch.empty(E, f, **f32) if bias1 is not None else None
     common = dict(K=K, R=r, TOPK=topk, KRP=KRP, BN=BN, ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None,
                   IEEE=z.dtype == torch.float32, num_warps=4)
     bias_arg = bias1 if bias1 is not None else z
+    dz, da = dzda[:, :f], dzda[:, f:]
     _act_combine_bwd_rows_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
-        z, a, jloc, w, b1cat, bias_arg, a2cat, dhs, dq, off, dz, da, dw,
-        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1cat.stride(0), b1cat.stride(1),
+        z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, dz, da, dw,
+        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
         dhs.stride(0), dq.stride(0), dz.stride(0), da.stride(0), dw.stride(0),
         G=G, TP=triton.next_power_of_2(topk), BM=_ROW_BM, **common)
     _act_combine_bwd_cols_kernel[(triton.cdiv(f, BN), G)](
-        z, a, jloc, w, b1cat, bias_arg, a2cat, dhs, dq, off, db1, dbias if dbias is not None else db1, da2,
-        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1cat.stride(0), b1cat.stride(1),
+        z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, db1, dbias if dbias is not None else db1, da2,
+        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
         dhs.stride(0), dq.stride(0), KP=max(16, triton.next_power_of_2(K)), BM=64, **common)
-    return dz, da, dw, db1, dbias, da2
+    return dw, db1, dbias, da2
