@@ -121,15 +121,14 @@ def update_centroids(centroids: Tensor, initialized: Tensor, token_sums: Tensor,
     Experts with no tokens stay unchanged; an expert seen for the first time takes the batch
     mean directly so the zero start does not bias its cosine. Inputs are not modified.
     """
-    counts = token_counts.to(device=centroids.device)
+    counts = token_counts.to(device=centroids.device, dtype=centroids.dtype)
     seen = counts > 0
     init = initialized.to(device=centroids.device, dtype=torch.bool)
-    safe = torch.where(seen, counts, torch.ones_like(counts)).to(centroids.dtype)
-    mean = token_sums.to(device=centroids.device, dtype=centroids.dtype) / safe[:, None]
-    ema = (1.0 - beta) * centroids + beta * mean
-    new = torch.where((seen & init)[:, None], ema,
-                      torch.where((seen & ~init)[:, None], mean, centroids))
-    return new, init | seen
+    # weight of the batch mean: 0 unseen (lerp keeps the old row exactly), 1 first seen (exactly
+    # the mean), beta otherwise; one lerp instead of two nested selects
+    w = torch.where(init, beta, 1.0).to(centroids.dtype) * seen
+    mean = token_sums.to(device=centroids.device, dtype=centroids.dtype) / counts.clamp(min=1)[:, None]
+    return torch.lerp(centroids, mean, w[:, None]), init | seen
 
 
 # ----------------------------------------------------------------------------------------------

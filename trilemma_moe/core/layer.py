@@ -22,7 +22,7 @@ from . import quant
 from ..kernels import fused
 from .metrics import coefficient_of_variation
 from .offload import CPUTier, GroupStore
-from .routing import HierarchicalRouter, Routing, aux_losses
+from .routing import HierarchicalRouter, Routing, aux_losses, slot_hits
 from .state_io import TorchParamIO
 
 
@@ -340,9 +340,13 @@ class ClusteredMoE(nn.Module):
             y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
                                    plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed, views)
             y = self.combine(y_pairs, plan, x.shape[0])
+        with torch.no_grad():
+            hits = slot_hits(routing.slot_idx, self.num_experts)
+            slot_counts = hits.sum(0)
         l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef,
-                           reduce=None if self.ep is None else self.ep.sum_with_grad).to(y.dtype)
-        exp_counts = self._observe(x, routing, learning)
+                           reduce=None if self.ep is None else self.ep.sum_with_grad,
+                           slot_counts=slot_counts).to(y.dtype)
+        exp_counts = self._observe(x, hits, slot_counts, learning)
         if keep is not None:
             y = hidden_states.new_zeros(shape[:-1].numel(), self.hidden_size).index_copy(0, keep, y)
         return y.reshape(shape), l_aux, exp_counts
@@ -441,37 +445,31 @@ class ClusteredMoE(nn.Module):
         return y_pairs.new_zeros(num_tokens, y_pairs.shape[1]).index_add(0, plan["pair_token"], y_pairs)
 
     @torch.no_grad()
-    def _observe(self, x: torch.Tensor, r: Routing, learning: bool) -> torch.Tensor:
+    def _observe(self, x: torch.Tensor, hits: torch.Tensor, slot_counts: torch.Tensor, learning: bool) -> torch.Tensor:
         """Per-expert token counts and, in training, the EMA activation centroids (Eq. 5).
 
-        Device-side only (no host sync): a [E, T] count matrix gives both the counts and, by one
-        matmul with x, the per-expert activation sums."""
-        E, T = self.num_experts, x.shape[0]
-        slots = r.slot_idx.flatten(1)   # (T, g1*k); T may be 0 on an expert-parallel rank
-        token = torch.arange(T, device=x.device).unsqueeze(1).expand_as(slots)
-        hits = torch.zeros(E * T, device=x.device, dtype=torch.float32)
-        hits.scatter_add_(0, (slots * T + token).reshape(-1), torch.ones(slots.numel(), device=x.device))
-        hits = hits.view(E, T)
-        slot_counts = hits.sum(1).round().long()
-        counts = torch.zeros_like(slot_counts)
-        counts[self.expert_of_slot] = slot_counts
-        self._last_counts = counts.detach()
-        if learning:
-            dt = torch.promote_types(x.dtype, torch.float32)
-            sums_slot = hits.to(dt) @ x.detach().to(dt)
-            sums = torch.zeros_like(sums_slot)
-            sums[self.expert_of_slot] = sums_slot
-            n = counts.to(sums.dtype)
-            if self.ep is not None:
-                # centroids follow the tokens of every rank: identical everywhere, as at ep_size 1
-                both = self.ep.reduce_stats(torch.cat([sums, n.unsqueeze(1)], dim=1))
-                sums, n = both[:, :-1], both[:, -1]
-            c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, sums.to(self.centroids.dtype),
-                                                  n.to(self.centroids.dtype), self.config.beta)
-            self.centroids.copy_(c)
-            self.centroid_seen.copy_(seen)
-            self._set_c("micro_step", self._c("micro_step") + 1)
-        return counts
+        Device-side only (no host sync): the routing's (T, E) 0/1 slot matrix gives the counts
+        (``slot_counts``, its column sums) and, by one matmul with x, the per-slot activation sums;
+        both go to expert order in one indexed write."""
+        if not learning:
+            counts = torch.empty_like(slot_counts)
+            counts[self.expert_of_slot] = slot_counts
+            self._last_counts = counts.long()
+            return self._last_counts
+        dt = torch.promote_types(x.dtype, torch.float32)
+        stats = torch.cat([hits.t().to(dt) @ x.detach().to(dt), slot_counts.to(dt).unsqueeze(1)], dim=1)
+        by_expert = torch.empty_like(stats)
+        by_expert[self.expert_of_slot] = stats
+        self._last_counts = by_expert[:, -1].long()   # this rank's tokens
+        if self.ep is not None:
+            # centroids follow the tokens of every rank: identical everywhere, as at ep_size 1
+            by_expert = self.ep.reduce_stats(by_expert)
+        c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, by_expert[:, :-1].to(self.centroids.dtype),
+                                              by_expert[:, -1].to(self.centroids.dtype), self.config.beta)
+        self.centroids.copy_(c)
+        self.centroid_seen.copy_(seen)
+        self._set_c("micro_step", self._c("micro_step") + 1)
+        return self._last_counts
 
     # --- clustering protocol ---------------------------------------------------------------
     def _maybe_recluster(self) -> None:

@@ -54,9 +54,11 @@ class HierarchicalRouter(nn.Module):
         dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
         xc = x.to(dt)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run them in bf16
-            group_logits = (xc @ u.to(dt).t()) / temperature
-            expert_logits = ((xc @ v.to(dt).t()) / temperature).view(-1, G, K)
-        return hierarchical_topk(group_logits, expert_logits, self.group_top_k, self.top_k)
+            logits = xc @ torch.cat([u, v]).to(dt).t()        # both stages in one product
+            if temperature != 1.0:
+                logits = logits / temperature
+        group_logits, expert_logits = logits.split([G, G * K], dim=1)
+        return hierarchical_topk(group_logits, expert_logits.view(-1, G, K), self.group_top_k, self.top_k)
 
     @torch.no_grad()
     def regroup(self, new_to_old_slot: torch.Tensor, overlap: torch.Tensor, io) -> None:
@@ -87,7 +89,16 @@ def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, device=flat.device).scatter_add_(0, flat, torch.ones(flat.numel(), device=flat.device))
 
 
-def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None) -> torch.Tensor:
+def slot_hits(slot_idx: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(T, E) float32 0/1 matrix: token t chose slot s. A token's chosen slots are distinct (distinct
+    groups, distinct experts inside a group), so its column sums are the slot counts and its
+    transpose times x gives the per-slot activation sums."""
+    T = slot_idx.shape[0]
+    return torch.zeros(T, num_slots, device=slot_idx.device).scatter_(1, slot_idx.flatten(1), 1.0)
+
+
+def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None,
+               slot_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-style load balancing at both levels plus an ST-MoE z-loss.
 
     group:  G * sum_g f_g * P_g, f_g = share of (token, group) choices, P_g = mean p_g.
@@ -95,6 +106,7 @@ def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None
             Q_i = mean of the joint probability p_g(i) * p_i (sums to 1 over all experts).
     Both equal 1 under perfectly uniform routing.
 
+    ``slot_counts``: the (E,) choice counts if the caller has them (``slot_hits(...).sum(0)``).
     ``reduce``: a differentiable sum over ranks (expert parallelism). The shares and means are
     then taken over every rank's tokens, so the value equals the one-process loss on the whole
     batch; summing ranks' gradients (as data-parallel reduction does) gives its gradient.
@@ -105,20 +117,25 @@ def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None
     dev = r.group_probs.device
     if T == 0:
         return torch.zeros((), device=dev)
-    loss = torch.zeros((), device=dev)
+    loss = 0.0
     if aux_loss_coef > 0:
-        f_g = _count(r.group_idx, G) / r.group_idx.numel()
-        lb_group = G * (f_g * r.group_probs.mean(0)).sum()
         E = G * K
-        f_e = _count(r.slot_idx, E) / r.slot_idx.numel()
+        if slot_counts is None:
+            slot_counts = _count(r.slot_idx, E)
+        f_e = slot_counts.to(r.group_probs.dtype) / r.slot_idx.numel()
+        # every chosen (token, group) pair holds k chosen slots, so a group's share of the pairs
+        # is the sum of its slots' shares
+        f_g = f_e.view(G, K).sum(1)
         joint = (r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E).mean(0)
-        lb_expert = E * (f_e * joint).sum()
-        loss = loss + aux_loss_coef * (lb_group + lb_expert)
+        lb = G * torch.dot(f_g, r.group_probs.mean(0)) + E * torch.dot(f_e, joint)
+        loss = loss + aux_loss_coef * lb
     if z_loss_coef > 0:
-        z_group = torch.logsumexp(r.group_logits, dim=-1).pow(2).mean()
+        z_group = torch.logsumexp(r.group_logits, dim=-1).square().mean()
         chosen = r.expert_logits.gather(1, r.group_idx.unsqueeze(-1).expand(-1, -1, K))
-        z_expert = torch.logsumexp(chosen, dim=-1).pow(2).mean()
+        z_expert = torch.logsumexp(chosen, dim=-1).square().mean()
         loss = loss + z_loss_coef * (z_group + z_expert)
+    if not torch.is_tensor(loss):
+        return torch.zeros((), device=dev)
     return loss
 
 
