@@ -32,13 +32,17 @@ CONFIGS = {  # (tokens, d_model, d_ff, E, G, r)
     "paper1": [(16384, 768, 3072, 32, 8, 16)],
     "paper": [(16384, 768, 3072, 32, 8, 16), (16384, 768, 3072, 128, 16, 16), (16384, 2048, 8192, 32, 8, 16)],
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# name -> (parameter dtype, autocast dtype or None). "bf16" is autocast over float32 weights (every
+# layer casts its weights each step); "bf16-weights" is how DeepSpeed's bf16 mode runs a module:
+# parameters and activations in bf16, float32 masters in the optimizer (not timed here).
+DTYPES = {"fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16),
+          "bf16-weights": (torch.bfloat16, None)}
 
 
 def _once(layer, x, dtype):
     x.grad = None
     layer.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = layer(x)
     y, l_aux = out[0], out[1]
     (y.float().pow(2).mean() + l_aux).backward()
@@ -83,13 +87,14 @@ def expert_params(layer) -> int:
     return layer.expert_parameter_count()
 
 
-def build_layers(names, d, f, E, G, r, device):
+def build_layers(names, d, f, E, G, r, device, switch_impl=None):
     layers = {}
     for name in names:
         if name == "dense":
             layers[name] = DenseFFN(d, f)
         elif name in ("switch", "switch_loop"):
             impl = "loop" if name == "switch_loop" or device == "cpu" else "grouped"
+            impl = switch_impl if name == "switch" and switch_impl else impl
             layers[name] = SwitchTop2FFN(d, f, E, k=2, impl=impl)
         elif name == "deepspeed":
             try:
@@ -112,12 +117,15 @@ def build_layers(names, d, f, E, G, r, device):
     return layers
 
 
-def run(repeats: int, threads: int, device: str, dtype, configs, names):
+def run(repeats: int, threads: int, device: str, dtypes, configs, names):
     torch.set_num_threads(threads)
+    param_dtype, dtype = dtypes
     rows = []
     for tokens, d, f, E, G, r in configs:
-        x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
+        x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(0)).to(device, param_dtype).requires_grad_()
         layers = build_layers(names, d, f, E, G, r, device)
+        for m in layers.values():
+            m.to(param_dtype)
         res = {}
         for name, m in layers.items():
             t = time_fwd_bwd(m, x, repeats, dtype)
@@ -166,7 +174,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="fp32; bf16 (autocast over float32 weights); bf16-weights (bf16 parameters, DeepSpeed's bf16 mode)")
     ap.add_argument("--configs", choices=sorted(CONFIGS), default="small")
     ap.add_argument("--layers", default="dense,switch,switch_loop,deepspeed,ours_torch,ours",
                     help="comma-separated: dense, switch, switch_loop, deepspeed, ours_torch, ours, ours_int4")

@@ -46,9 +46,16 @@ def ops_for(device: torch.device, dtype: torch.dtype = torch.float32) -> ModuleT
     """The Triton kernels for CUDA tensors of a dtype Triton's matrix units take (when Triton
     imports), else the torch twins (float64 stays exact on either device).
 
-    ``TRILEMMA_KERNELS=reference`` forces the twins (for A/B checks on a GPU)."""
-    if os.environ.get("TRILEMMA_KERNELS") == "reference":
+    ``TRILEMMA_KERNELS=reference`` forces the twins (for A/B checks on a GPU);
+    ``TRILEMMA_KERNELS=triton`` forces the Triton kernels (on the CPU: under ``TRITON_INTERPRET=1``,
+    which runs the whole fused layer through Triton's interpreter in the tests)."""
+    choice = os.environ.get("TRILEMMA_KERNELS")
+    if choice == "reference":
         return reference
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("TRILEMMA_KERNELS=triton, but triton does not import")
+        return _triton_module()
     if device.type == "cuda" and dtype in _TRITON_DTYPES and triton_available():
         return _triton_module()
     return reference

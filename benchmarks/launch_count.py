@@ -1,0 +1,127 @@
+"""Device operations one layer forward+backward dispatches, counted on any machine (CPU included).
+
+At the paper's size a GPU runs our whole layer in a few milliseconds, and eager PyTorch spends
+roughly 5-15 us of CPU time per dispatched operation, so the count of operations sets a floor on
+the layer's time that no kernel speed removes (the H100 profile of the first fused version showed
+the GPU idle ~3 of every 11 ms). This counts, with a TorchDispatchMode, every ATen operation that
+launches device work (views and allocations are free), the Triton launches of our fused path (each
+kernel wrapper's fixed launch count; on the CPU the wrappers run their torch twins, whose own
+operations are not counted), and the operations that force a host sync (``.item()``,
+``.tolist()``, ``nonzero``): the fused path must have none.
+
+    python benchmarks/launch_count.py                  # bf16 autocast, small dims (counts do not depend on sizes)
+    python benchmarks/launch_count.py --dtype bf16-weights --by-source
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import traceback
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from layer_bench import DTYPES, _once, build_layers  # noqa: E402
+
+from trilemma_moe.kernels import fused, reference  # noqa: E402
+
+# Launches of each kernel wrapper in kernels/triton_moe.py (act_combine_bwd: rows and cols kernels).
+TRITON_LAUNCHES = {"gmm_rows": 1, "gmm_wgrad": 1, "act_combine_fwd": 1, "act_combine_bwd": 2}
+FREE = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
+        "select", "as_strided", "detach", "alias", "empty", "empty_like", "new_empty", "empty_strided", "split",
+        "split_with_sizes", "unbind", "_reshape_alias", "lift_fresh", "view_as", "promote_types", "result_type",
+        "is_same_size", "_has_compatible_shallow_copy_type", "sym_size", "sym_stride", "sym_numel", "dim", "size"}
+SYNCS = {"_local_scalar_dense", "nonzero", "item", "unique", "_unique2", "masked_select", "bincount"}
+
+
+class LaunchCounter(TorchDispatchMode):
+    def __init__(self, by_source: bool = False):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.sources = collections.Counter()
+        self.syncs = collections.Counter()
+        self.paused = 0
+        self.by_source = by_source
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and name not in FREE:
+            self.ops[name] += 1
+            if name in SYNCS:
+                self.syncs[name] += 1
+            if self.by_source:
+                frames = [f for f in traceback.extract_stack()[:-2] if "trilemma_moe" in f.filename]
+                self.sources[f"{os.path.basename(frames[-1].filename)}:{frames[-1].name}" if frames
+                             else "autograd engine / baseline module"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountedKernels:
+    """The fused path's kernel module: each call charges its Triton launches and runs the torch twin
+    uncounted (on the CPU the twins loop over groups and sync, which the GPU kernels do not)."""
+
+    def __init__(self, counter: LaunchCounter):
+        self.counter = counter
+
+    def __getattr__(self, name):
+        twin = getattr(reference, name)
+        if name not in TRITON_LAUNCHES:
+            return twin
+
+        def call(*args, **kwargs):
+            self.counter.paused += 1
+            try:
+                return twin(*args, **kwargs)
+            finally:
+                self.counter.paused -= 1
+                self.counter.ops[f"triton:{name}"] += TRITON_LAUNCHES[name]
+        return call
+
+
+def count(name: str, dtypes, by_source: bool):
+    param_dtype, autocast = dtypes
+    d, f, E, G, r = 64, 256, 32, 8, 16
+    # "switch" on its grouped GEMMs (torch._grouped_mm; the CPU runs it too), as on a GPU
+    layer = build_layers([name], d, f, E, G, r, "cpu", switch_impl="grouped")[name].to(param_dtype)
+    if name.startswith("ours") and name != "ours_torch":
+        layer.fused = True
+    x = torch.randn(512, d, generator=torch.Generator().manual_seed(0)).to(param_dtype).requires_grad_()
+    _once(layer, x, autocast)              # warm: lazy state, first-call paths
+    counter = LaunchCounter(by_source)
+    saved = fused.ops_for
+    fused.ops_for = lambda *a, **k: _CountedKernels(counter)
+    try:
+        with counter:
+            _once(layer, x, autocast)
+    finally:
+        fused.ops_for = saved
+    return counter
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--layers", default="dense,switch,deepspeed,ours_torch,ours")
+    ap.add_argument("--by-source", action="store_true", help="also break our layer's count down by function")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"device operations per forward+backward ({args.dtype}); host syncs in brackets")
+    for name in args.layers.split(","):
+        try:
+            c = count(name, DTYPES[args.dtype], args.by_source)
+        except (ImportError, RuntimeError) as exc:
+            print(f"{name:>11}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
+            continue
+        syncs = sum(c.syncs.values())
+        print(f"{name:>11}: {sum(c.ops.values()):5d} ops  [{syncs} syncs{': ' + dict(c.syncs).__repr__() if syncs else ''}]")
+        if args.by_source and name.startswith("ours"):
+            for src, n in c.sources.most_common():
+                print(f"{'':>13}{n:5d}  {src}")
+            print(f"{'':>13}most frequent: {', '.join(f'{k} {v}' for k, v in c.ops.most_common(12))}")
+
+
+if __name__ == "__main__":
+    main()
