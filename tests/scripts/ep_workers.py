@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from trilemma_moe import TrilemmaMoEConfig  # noqa: E402
 from trilemma_moe.core.layer import ClusteredMoE  # noqa: E402
+from trilemma_moe.kernels import fused as fused_mod  # noqa: E402
 from trilemma_moe.parallel import ExpertParallelComm, ExpertParallelTopology, average_gradients  # noqa: E402
 from trilemma_moe.parallel.cost import predicted_bytes  # noqa: E402
 from trilemma_moe.parallel.topology import leave_process_group  # noqa: E402
@@ -233,13 +234,21 @@ def mode_bytes(rank, world, out):
 
 def mode_variants(rank, world, out):
     """Two groups per token (g1=2: a token crosses twice, to two owners), gated experts without
-    biases, top-1: same outputs, l_aux and gradients as one process, before and after a regroup."""
+    biases, top-1, and the owner computing on the fused path (its kernels' torch twins here; the
+    reference on the per-slot path; also with g1=2 and a capacity factor): same outputs, l_aux and
+    gradients as one process, before and after a regroup."""
     errors = []
-    for kw, layer_kw in [(dict(group_top_k=2), {}), (dict(top_k=1), dict(gated=True, bias=False, activation="silu"))]:
+    fused_calls = []
+    real = fused_mod.fused_expert_forward
+    fused_mod.fused_expert_forward = lambda *a, **k: fused_calls.append(1) or real(*a, **k)
+    for kw, layer_kw, on_fused in [(dict(group_top_k=2), {}, False),
+                                   (dict(top_k=1), dict(gated=True, bias=False, activation="silu"), False),
+                                   ({}, {}, True), (dict(group_top_k=2, capacity_factor=4.0), {}, True)]:
         topo = ExpertParallelTopology.create(world)
         cfg_ep, cfg_1 = make_config(world, **kw), make_config(1, **kw)
         ep = ClusteredMoE(D, F, cfg_ep, expert_parallel=ExpertParallelComm(topo, cfg_ep), **layer_kw).double()
         ref = ClusteredMoE(D, F, cfg_1, **layer_kw).double()
+        ep.fused, ref.fused = on_fused, False
         for phase in range(3):
             if phase:
                 scramble_centroids(ep, ref)
@@ -250,6 +259,8 @@ def mode_variants(rank, world, out):
                        compare_params(ep, ref, 1e-9, grads=True)]
             ep.zero_grad()
             ref.zero_grad()
+    fused_mod.fused_expert_forward = real
+    assert len(fused_calls) == 2 * 2, f"the fused path ran {len(fused_calls)} times, expected 4 (2 variants x 2 phases)"
     json.dump({"max_error": max(errors)}, open(os.path.join(out, f"rank{rank}.json"), "w"))
 
 

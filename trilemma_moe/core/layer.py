@@ -331,7 +331,7 @@ class ClusteredMoE(nn.Module):
             self.routing_log.append((routing.group_idx.detach().cpu(),
                                      self.expert_of_slot[routing.slot_idx].detach().cpu()))
         if self.ep is not None:
-            y = self._expert_parallel_compute(x, routing, self.dispatch(routing))
+            y = self._expert_parallel_compute(x, routing, self.dispatch(routing), self._use_fused(x, learning))
         elif self._use_fused(x, learning):
             y = fused.fused_expert_forward(self.experts, x, routing.group_idx, routing.slot_idx, routing.weights)
         else:
@@ -356,8 +356,8 @@ class ClusteredMoE(nn.Module):
             return False
         if not learning and (self._serving or self.config.offload_idle_steps is not None):
             return False  # inference through the offload store reads its own weight views
-        if self.config.capacity_factor is not None:
-            return False  # the fused path is dropless; token dropping lives in dispatch()
+        if self.config.capacity_factor is not None and self.ep is None:
+            return False  # the fused path is dropless; one process drops in dispatch() (ep: before the exchange)
         if self.fused is None:
             return x.is_cuda and fused.triton_available()
         return self.fused
@@ -402,10 +402,11 @@ class ClusteredMoE(nn.Module):
         position = torch.arange(n, device=sorted_groups.device) - start[sorted_groups]
         return position < cap
 
-    def _expert_parallel_compute(self, x: torch.Tensor, r: Routing, plan) -> torch.Tensor:
+    def _expert_parallel_compute(self, x: torch.Tensor, r: Routing, plan, use_fused: bool = False) -> torch.Tensor:
         """Dispatch -> compute -> combine across ranks. Each (token, chosen group) pair crosses
         once to the group's owner with its k local slot ids and combine weights (the weights
-        carry the router's gradient back); the owner runs the experts; results come back."""
+        carry the router's gradient back); the owner runs the experts (``use_fused``: on the fused
+        path, each received pair a one-group token); results come back."""
         ep, ex = self.ep, self.experts
         Gl, K, d = ex.G, ex.K, self.hidden_size
         k = plan["pair_slots"].shape[-1]
@@ -418,19 +419,23 @@ class ClusteredMoE(nn.Module):
         local_slot = (plan["pair_slots"] - dest.unsqueeze(1) * (Gl * K)).to(torch.int32)
         recv = ep.all_to_all(payload, send_counts, recv_counts, "tokens_out")
         recv_slot = ep.all_to_all(local_slot, send_counts, recv_counts, "routing_out").long()
-        # the owner sorts what it received by its local group and slot, as the one-process dispatch does
         R = recv.shape[0]
-        order = torch.argsort(recv_slot[:, 0] // K, stable=True) if R else recv_slot.new_zeros(0)
-        xs, ws, slots = recv[order, :d], recv[order, d:], recv_slot[order]
-        pair_group_counts = torch.bincount(slots[:, 0] // K, minlength=Gl).tolist()
-        row_slot = slots.reshape(-1)
-        row_order = torch.argsort(row_slot, stable=True)
-        row_pair = torch.arange(R, device=x.device).repeat_interleave(k)[row_order]
-        slot_counts = torch.bincount(row_slot, minlength=Gl * K).tolist()
-        y_sorted = ex(xs, pair_group_counts, row_pair, ws.reshape(-1)[row_order], slot_counts, self.compressed)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(R, device=order.device)
-        y_recv = y_sorted.index_select(0, inverse)
+        if use_fused:
+            y_recv = fused.fused_expert_forward(ex, recv[:, :d], recv_slot[:, :1] // K, recv_slot.unsqueeze(1),
+                                                recv[:, d:].unsqueeze(1))
+        else:
+            # the owner sorts what it received by its local group and slot, as the one-process dispatch does
+            order = torch.argsort(recv_slot[:, 0] // K, stable=True) if R else recv_slot.new_zeros(0)
+            xs, ws, slots = recv[order, :d], recv[order, d:], recv_slot[order]
+            pair_group_counts = torch.bincount(slots[:, 0] // K, minlength=Gl).tolist()
+            row_slot = slots.reshape(-1)
+            row_order = torch.argsort(row_slot, stable=True)
+            row_pair = torch.arange(R, device=x.device).repeat_interleave(k)[row_order]
+            slot_counts = torch.bincount(row_slot, minlength=Gl * K).tolist()
+            y_sorted = ex(xs, pair_group_counts, row_pair, ws.reshape(-1)[row_order], slot_counts, self.compressed)
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(R, device=order.device)
+            y_recv = y_sorted.index_select(0, inverse)
         if R == 0 and torch.is_grad_enabled():
             # No rows here. The backward must still enter every collective the other ranks enter
             # (the received tensor stays in the graph), and every local expert parameter gets a
