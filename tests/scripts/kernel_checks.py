@@ -122,6 +122,10 @@ def main(argv=None):
                                        dv[:, :f].float(), dv[:, f:].float(), off, K, r, act, dzda_r)
             report(f"bwd dz {name}", rel(dzda[:, :f], dzda_r[:, :f]), dname)
             report(f"bwd da {name}", rel(dzda[:, f:], dzda_r[:, f:]), dname)
+            # in place, as the layer runs it: [dz | da] over [dhs | dq]
+            dv2 = dv.clone()
+            tk.act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dv2[:, :f], dv2[:, f:], off, K, r, act, dv2[:, :f + KR])
+            report(f"bwd in place {name}", rel(dv2[:, :f + KR], dzda_r), dname)
             for label, g_, w_ in zip(("dw", "db1", "dbias1", "da2"), got, want):
                 if w_ is None:
                     assert g_ is None

@@ -144,6 +144,11 @@ def _split_factors(t: torch.Tensor, K: int) -> torch.Tensor:
     return t.reshape(G, n, K, KR // K).permute(0, 2, 1, 3).reshape(G * K, n, KR // K)
 
 
+def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of a view into a larger gradient buffer (so the buffer can be freed)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
 class _FusedExperts(torch.autograd.Function):
     """The expert stage in two grouped GEMMs forward and four backward, the shape of one dense
     FFN: the rank-r input projection rides along the first base GEMM as extra columns, and the
@@ -154,7 +159,9 @@ class _FusedExperts(torch.autograd.Function):
         y = V @ [W2; B2cat^T; bias2; 0]
 
     Weights are cast to the compute dtype (x's) while being assembled; gradients come back in
-    each parameter's own dtype."""
+    each parameter's own dtype. The backward frees each [rows, f] buffer as soon as its last
+    reader is done (U and V are held on ctx, not saved, so they can be dropped early), and the
+    combine's backward writes [dz | da] over [dhs | dq] in place: at most two are alive at once."""
 
     @staticmethod
     def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2):
@@ -167,32 +174,43 @@ class _FusedExperts(torch.autograd.Function):
             V = ops.act_combine_fwd(U[:, :f], U[:, f:], jloc, w, B1, bias1, A2, off, K, r, act,
                                     x.new_empty(x.shape[0], W2x.shape[1]))
             y = ops.gmm_rows(V, W2x, off)
-        ctx.save_for_backward(x, off, jloc, w, W1x, W2x, B1, bias1, A2, U, V)
+        ctx.save_for_backward(x, off, jloc, w, W1x, W2x, B1, bias1, A2)
+        ctx.U, ctx.V = U, V
         ctx.ops, ctx.act, ctx.K, ctx.r = ops, act, K, r
         ctx.dtypes = [t.dtype if t is not None else None for t in (W1, W2, A1, B2, bias2)]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, off, jloc, w, W1x, W2x, B1, bias1, A2, U, V = ctx.saved_tensors
+        x, off, jloc, w, W1x, W2x, B1, bias1, A2 = ctx.saved_tensors
+        U, V = ctx.U, ctx.V
+        if U is None:
+            raise RuntimeError("the fused expert stage's backward ran twice (retain_graph): it frees its "
+                               "activations as it goes; set layer.fused = False for double backward")
+        ctx.U = ctx.V = None
         ops, K, r = ctx.ops, ctx.K, ctx.r
         f, KR = W1x.shape[2] - K * r, K * r
         E = W1x.shape[0] * K
+        tW1, tW2, tA1, tB2, tb2 = ctx.dtypes
         with torch.autocast(x.device.type, enabled=False):
             dy = dy.contiguous().to(x.dtype)
             dV = ops.gmm_rows(dy, W2x, off, trans_w=True)          # [dhs | dq]
             dW2x = ops.gmm_wgrad(V, dy, off)
-            dU = torch.empty_like(U)                              # [dz | da]
+            del V
+            dW2 = _owned(dW2x[:, :f], tW2)
+            dB2 = _owned(dW2x[:, f:f + KR].reshape(-1, K, r, dW2x.shape[2]).transpose(2, 3).reshape(E, -1, r), tB2)
+            dbias2 = _owned(dW2x[:, f + KR:f + KR + K].reshape(E, -1), tb2) if tb2 is not None else None
+            del dW2x
+            dU = dV[:, :U.shape[1]]      # [dz | da] overwrite [dhs | dq] in place
             dw, dB1, dbias1, dA2 = ops.act_combine_bwd(U[:, :f], U[:, f:], jloc, w, B1, bias1, A2,
                                                        dV[:, :f], dV[:, f:], off, K, r, ctx.act, dU)
+            del U, dV
             dx = ops.gmm_rows(dU, W1x, off, trans_w=True)
             dW1x = ops.gmm_wgrad(x, dU, off)
-        tW1, tW2, tA1, tB2, tb2 = ctx.dtypes
-        dW1 = dW1x[:, :, :f].to(tW1)
-        dA1 = _split_factors(dW1x[:, :, f:], K).to(tA1)
-        dW2 = dW2x[:, :f].to(tW2)
-        dB2 = dW2x[:, f:f + KR].reshape(-1, K, r, dW2x.shape[2]).transpose(2, 3).reshape(E, -1, r).to(tB2)
-        dbias2 = dW2x[:, f + KR:f + KR + K].reshape(E, -1).to(tb2) if tb2 is not None else None
+            del dU
+            dW1 = _owned(dW1x[:, :, :f], tW1)
+            dA1 = _owned(_split_factors(dW1x[:, :, f:], K), tA1)
+            del dW1x
         dbias1 = dbias1.to(bias1.dtype) if bias1 is not None else None
         return (None, None, None, None, dx, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype), dbias1,
                 dA2.to(A2.dtype), dB2, dbias2)

@@ -139,6 +139,8 @@ def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, 
 
     Writes ``dzda[:, :f] = dz`` and ``dzda[:, f:f+K*r] = da`` (dzda's dtype) and returns
     (dw [P, k], db1 [E, f, r], dbias1 [E, f] or None, da2 [E, f, r]) in float32 (float64 stays).
+    ``dzda`` may be the buffer ``dhs`` and ``dq`` are views of (``[dhs | dq]``): it is written in
+    place, after every read of it.
     """
     dt = torch.promote_types(z.dtype, torch.float32)
     f, KR = z.shape[1], K * r

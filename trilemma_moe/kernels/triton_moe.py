@@ -410,13 +410,15 @@ def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, 
                   IEEE=z.dtype == torch.float32, num_warps=4)
     bias_arg = bias1 if bias1 is not None else z
     dz, da = dzda[:, :f], dzda[:, f:]
+    # columns first: dzda may be dhs/dq's own buffer (written in place by the row kernel, each
+    # program after reading its rows)
+    _act_combine_bwd_cols_kernel[(triton.cdiv(f, BN), G)](
+        z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, db1, dbias if dbias is not None else db1, da2,
+        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
+        dhs.stride(0), dq.stride(0), KP=max(16, triton.next_power_of_2(K)), BM=64, **common)
     _act_combine_bwd_rows_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
         z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, dz, da, dw,
         f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
         dhs.stride(0), dq.stride(0), dz.stride(0), da.stride(0), dw.stride(0),
         G=G, TP=triton.next_power_of_2(topk), BM=_ROW_BM, **common)
-    _act_combine_bwd_cols_kernel[(triton.cdiv(f, BN), G)](
-        z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, db1, dbias if dbias is not None else db1, da2,
-        f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
-        dhs.stride(0), dq.stride(0), KP=max(16, triton.next_power_of_2(K)), BM=64, **common)
     return dw, db1, dbias, da2
