@@ -4,11 +4,15 @@ Runs on a GPU (``--device cuda``) or, with ``TRITON_INTERPRET=1``, on the CPU th
 interpreter (float32 only there). Exits non-zero on the first mismatch; prints one line per check.
 """
 import argparse
+import os
 import sys
 
-import torch
+# this checkout's package, not whichever one the environment has installed (editable installs)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from trilemma_moe.kernels import reference as ref
+import torch  # noqa: E402
+
+from trilemma_moe.kernels import reference as ref  # noqa: E402
 
 
 def rel(a, b):
@@ -26,7 +30,6 @@ def random_offsets(P, G, gen, empty_group=True):
 def layer_check(dev, gen, bias):
     """ClusteredMoE forward+backward on the fused path (Triton kernels) vs the per-slot path."""
     import copy
-    import os
     from trilemma_moe import TrilemmaMoEConfig
     from trilemma_moe.core.layer import ClusteredMoE
     cfg = TrilemmaMoEConfig(num_experts=12, num_groups=3, rank=4, top_k=2, gamma=None, seed=int(gen.initial_seed()) % 1000)
