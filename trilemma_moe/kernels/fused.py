@@ -109,14 +109,18 @@ def sort_by_group(group_idx: torch.Tensor, num_groups: int):
 
 
 # --- the expert stage -----------------------------------------------------------------------------
-def _up_weights(W1: torch.Tensor, A1: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """[W1[g] | A1cat[g]] as one [G, d, f + K*r] weight: the rank-r input projection rides along
-    the base GEMM as K*r extra output columns."""
-    G, d, f = W1.shape
-    r = A1.shape[2]
-    out = torch.empty(G, d, f + K * r, dtype=dtype, device=W1.device)
-    out[:, :, :f].copy_(W1)
-    out[:, :, f:].view(G, d, K, r).copy_(A1.view(G, K, d, r).permute(0, 2, 1, 3))
+def _up_weights(W: list, A: list, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """[W1[g] | A1cat[g]] (gated: [W1[g] | W3[g] | A1cat[g] | A3cat[g]]) as one [G, d, n*(f + K*r)]
+    weight for n = len(W) streams: the rank-r input projections ride along the base GEMM as extra
+    output columns."""
+    G, d, f = W[0].shape
+    r, n = A[0].shape[2], len(W)
+    KR = K * r
+    out = torch.empty(G, d, n * (f + KR), dtype=dtype, device=W[0].device)
+    for i, (Wi, Ai) in enumerate(zip(W, A)):
+        out[:, :, i * f:(i + 1) * f].copy_(Wi)
+        c = n * f + i * KR
+        out[:, :, c:c + KR].view(G, d, K, r).copy_(Ai.view(G, K, d, r).permute(0, 2, 1, 3))
     return out
 
 
@@ -144,63 +148,83 @@ def _split_factors(t: torch.Tensor, K: int) -> torch.Tensor:
     return t.reshape(G, n, K, KR // K).permute(0, 2, 1, 3).reshape(G * K, n, KR // K)
 
 
+def _split_up(U: torch.Tensor, f: int, KR: int, B3, bias3):
+    """(z, a, gate): the activation input's column ranges of the up GEMM's output U, and the
+    act_combine kernels' keyword operands of the gated stream (none for non-gated experts)."""
+    if B3 is None:
+        return U[:, :f], U[:, f:f + KR], {}
+    return U[:, :f], U[:, 2 * f:2 * f + KR], dict(z3=U[:, f:2 * f], a3=U[:, 2 * f + KR:], b3=B3, bias3=bias3)
+
+
 class _FusedExperts(torch.autograd.Function):
     """The expert stage in two grouped GEMMs forward and four backward, the shape of one dense
-    FFN: the rank-r input projection rides along the first base GEMM as extra columns, and the
+    FFN: the rank-r input projections ride along the first base GEMM as extra columns, and the
     down projection's rank-r terms and biases along the second as extra rows (K dimension).
 
         U = x @ [W1 | A1cat]                     z = U[:, :f], a = U[:, f:]
+          (gated: x @ [W1 | W3 | A1cat | A3cat]  z, z3, a, a3)
         V = act_combine_fwd(z, a, ...)           [hs | q]
         y = V @ [W2; B2cat^T; bias2; 0]
 
     Weights are cast to the compute dtype (x's) while being assembled; gradients come back in
-    each parameter's own dtype."""
+    each parameter's own dtype. The gated operands (W3 .. bias3) are None for non-gated experts."""
 
     @staticmethod
-    def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2):
+    def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2,
+                W3=None, A3=None, B3=None, bias3=None):
         cdt = x.dtype
         f = W1.shape[2]
+        gated = W3 is not None
         with torch.autocast(x.device.type, enabled=False):
-            W1x = _up_weights(W1, A1, K, cdt)
+            W1x = _up_weights([W1, W3] if gated else [W1], [A1, A3] if gated else [A1], K, cdt)
             W2x = _down_weights(W2, B2, bias2, K, cdt)
             U = ops.gmm_rows(x, W1x, off)
-            V = ops.act_combine_fwd(U[:, :f], U[:, f:], jloc, w, B1, bias1, A2, off, K, r, act,
-                                    x.new_empty(x.shape[0], W2x.shape[1]))
+            z, a, gate = _split_up(U, f, K * r, B3, bias3)
+            V = ops.act_combine_fwd(z, a, jloc, w, B1, bias1, A2, off, K, r, act,
+                                    x.new_empty(x.shape[0], W2x.shape[1]), **gate)
             y = ops.gmm_rows(V, W2x, off)
-        ctx.save_for_backward(x, off, jloc, w, W1x, W2x, B1, bias1, A2, U, V)
-        ctx.ops, ctx.act, ctx.K, ctx.r = ops, act, K, r
-        ctx.dtypes = [t.dtype if t is not None else None for t in (W1, W2, A1, B2, bias2)]
+        ctx.save_for_backward(x, off, jloc, w, W1x, W2x, B1, bias1, A2, U, V, B3, bias3)
+        ctx.ops, ctx.act, ctx.K, ctx.r, ctx.gated = ops, act, K, r, gated
+        ctx.dtypes = [t.dtype if t is not None else None for t in (W1, W2, A1, B2, bias2, W3, A3)]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, off, jloc, w, W1x, W2x, B1, bias1, A2, U, V = ctx.saved_tensors
-        ops, K, r = ctx.ops, ctx.K, ctx.r
-        f, KR = W1x.shape[2] - K * r, K * r
+        x, off, jloc, w, W1x, W2x, B1, bias1, A2, U, V, B3, bias3 = ctx.saved_tensors
+        ops, K, r, gated = ctx.ops, ctx.K, ctx.r, ctx.gated
+        n, KR = 2 if gated else 1, K * r
+        f = W1x.shape[2] // n - KR
         E = W1x.shape[0] * K
         with torch.autocast(x.device.type, enabled=False):
             dy = dy.contiguous().to(x.dtype)
             dV = ops.gmm_rows(dy, W2x, off, trans_w=True)          # [dhs | dq]
             dW2x = ops.gmm_wgrad(V, dy, off)
-            dU = torch.empty_like(U)                              # [dz | da]
-            dw, dB1, dbias1, dA2 = ops.act_combine_bwd(U[:, :f], U[:, f:], jloc, w, B1, bias1, A2,
-                                                       dV[:, :f], dV[:, f:], off, K, r, ctx.act, dU)
+            dU = torch.empty_like(U)                              # [dz | da] (gated: [dz | dz3 | da | da3])
+            z, a, gate = _split_up(U, f, KR, B3, bias3)
+            dw, dB1, dbias1, dA2, *dgate = ops.act_combine_bwd(z, a, jloc, w, B1, bias1, A2, dV[:, :f], dV[:, f:],
+                                                               off, K, r, ctx.act, dU, **gate)
             dx = ops.gmm_rows(dU, W1x, off, trans_w=True)
             dW1x = ops.gmm_wgrad(x, dU, off)
-        tW1, tW2, tA1, tB2, tb2 = ctx.dtypes
+        tW1, tW2, tA1, tB2, tb2, tW3, tA3 = ctx.dtypes
         dW1 = dW1x[:, :, :f].to(tW1)
-        dA1 = _split_factors(dW1x[:, :, f:], K).to(tA1)
+        dA1 = _split_factors(dW1x[:, :, n * f:n * f + KR], K).to(tA1)
         dW2 = dW2x[:, :f].to(tW2)
         dB2 = dW2x[:, f:f + KR].reshape(-1, K, r, dW2x.shape[2]).transpose(2, 3).reshape(E, -1, r).to(tB2)
         dbias2 = dW2x[:, f + KR:f + KR + K].reshape(E, -1).to(tb2) if tb2 is not None else None
         dbias1 = dbias1.to(bias1.dtype) if bias1 is not None else None
-        return (None, None, None, None, dx, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype), dbias1,
-                dA2.to(A2.dtype), dB2, dbias2)
+        grads = (None, None, None, None, dx, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype), dbias1,
+                 dA2.to(A2.dtype), dB2, dbias2)
+        if not gated:
+            return grads + (None, None, None, None)
+        dB3, dbias3 = dgate
+        return grads + (dW1x[:, :, f:2 * f].to(tW3), _split_factors(dW1x[:, :, 2 * f + KR:], K).to(tA3),
+                        dB3.to(B3.dtype), dbias3.to(bias3.dtype) if bias3 is not None else None)
 
 
 def supports(slots) -> bool:
-    """The fused path covers non-gated experts (gated ones run the per-slot path)."""
-    return not slots.spec.gated
+    """Whether the fused path covers the experts of ``slots``: every kind (gated or not, any
+    activation, with or without biases) does."""
+    return True
 
 
 def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_idx: torch.Tensor,
@@ -208,8 +232,6 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
     """Compressed experts of ``slots`` (an ``ExpertSlots``) for tokens x [T, d] routed to
     ``group_idx`` [T, g1] (local group ids), ``slot_idx`` [T, g1, k] (local slot ids) with combine
     ``weights`` [T, g1, k]. Returns [T, d]: sum over chosen (group, expert) of w * expert(x)."""
-    if slots.spec.gated:
-        raise ValueError("fused_expert_forward: gated experts are not supported by the fused path")
     G, K = slots.G, slots.K
     T, g1 = group_idx.shape
     k = slot_idx.shape[-1]
@@ -226,7 +248,8 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
     w = _GatherRows.apply(weights.reshape(P, k), order, inverse, 1)
     res = slots.residual   # the factors as the forward sees them (INT4 values at residual_bits=4)
     fa, fb, bias = slots.fa, slots.fb, slots.bias
+    gate = (slots.base["w3"], res(fa["w3"]), res(fb["w3"]), bias.get("b3")) if slots.spec.gated else ()
     y_rows = _FusedExperts.apply(ops, slots.spec.activation, K, slots.rank, xp, off, jloc, w,
                                  slots.base["w1"], slots.base["w2"], res(fa["w1"]), res(fb["w1"]), bias.get("b1"),
-                                 res(fa["w2"]), res(fb["w2"]), bias.get("b2"))
+                                 res(fa["w2"]), res(fb["w2"]), bias.get("b2"), *gate)
     return _SumGatherRows.apply(y_rows, inverse, token_of_row, g1)
