@@ -6,6 +6,8 @@ The expert stage for rows = (token, chosen group) pairs sorted by group::
     hs, q = act_combine_fwd(z, a)   hs = sum_j w_j act(z + mask_j(a) B1cat[g]^T + b1_j)
     y  = hs @ W2[g] + q @ [B2cat[g] | b2[g]]^T                  (grouped GEMMs)
 
+Gated experts (SwiGLU-style) add the up projection's stream z3 = x @ W3[g], a3 = x @ A3cat[g] in
+the same GEMM and ``h_j = act(z + mask_j(a) B1cat^T + b1_j) * (z3 + mask_j(a3) B3cat^T + b3_j)``.
 Per token this is one base GEMM per matrix (not one per chosen expert) plus rank-r terms, and the
 second base GEMM acts on ``sum_j w_j h_j``. The kernels come from ``triton_moe`` on CUDA when
 Triton is importable and from their plain-torch twins in ``reference`` otherwise (same function);

@@ -10,7 +10,9 @@ Shared conventions (rows = (token, group) pairs sorted by group):
 * rank-r factors are slot-stacked ``[E, n, r]`` (slot g*K + j = expert j of group g); ``*cat``
   views of them hold a group's K factors side by side: ``[G, n, K*r]``, block j = expert j. A row's
   low-rank term for expert j is ``mask_j(x A_cat) B_cat^T``: the mask keeps block j, so one small
-  dense product per group serves all its experts.
+  dense product per group serves all its experts;
+* gated experts pass a second stream (``z3, a3, b3, bias3``, laid out like ``z, a, b1, bias1``):
+  ``h_j = act(z-stream) * (z3-stream)``; without it the functions are the non-gated ones.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ same name and arguments in ``reference.py``; see there for the conventions.
 * ``act_combine_bwd``: its backward, recomputing h_j from z, in two kernels without atomics: one
   walks f for each row tile (dz, and da, dw reduced over f), one walks the rows of a group for each
   column chunk (the factor and bias gradients, reduced over rows).
+* Gated experts (``act(..) * up``) are a ``GATED`` constexpr branch of the same three kernels:
+  the up stream (z3, a3, B3, bias3) is read alongside and its gradients written alongside.
 """
 from __future__ import annotations
 
