@@ -118,7 +118,8 @@ def main(argv=None):
             gate, gate_r = {}, {}
             if gated:
                 gate = dict(z3=u[:, f:2 * f], a3=u[:, 2 * f + KR:], b3=rnd(E, f, r) * 0.3, bias3=rnd(E, f) if bias else None)
-                gate_r = dict(z3=gate["z3"].float(), a3=gate["a3"].float(), b3=gate["b3"].to(dt).float(), bias3=gate["bias3"])
+                gate_r = dict(z3=gate["z3"].float(), a3=gate["a3"].float(), b3=gate["b3"].to(dt).float(),
+                              bias3=gate["bias3"])
             out = torch.full((P, f + QW), float("nan"), dtype=dt, device=dev)   # every column must be written
             tk.act_combine_fwd(z, a, jloc, w, b1, bias1, a2, off, K, r, act, out, **gate)
             out_r = ref.act_combine_fwd(z.float(), a.float(), jloc, w, b1.to(dt).float(), bias1, a2.to(dt).float(),
