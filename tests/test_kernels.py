@@ -26,10 +26,11 @@ _NP = tuple(int(p) for p in __import__("numpy").__version__.split(".")[:2])
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _layer(E=16, G=4, r=4, k=2, g1=1, act="gelu", bias=True, d=24, f=40, seed=0, dtype=torch.float64, bits=16):
+def _layer(E=16, G=4, r=4, k=2, g1=1, act="gelu", bias=True, d=24, f=40, seed=0, dtype=torch.float64, bits=16,
+           gated=False):
     cfg = TrilemmaMoEConfig(num_experts=E, num_groups=G, rank=r, top_k=k, group_top_k=g1, gamma=None, seed=seed,
                             residual_bits=bits)
-    layer = ClusteredMoE(d, f, cfg, activation=act, bias=bias).to(dtype)
+    layer = ClusteredMoE(d, f, cfg, activation=act, bias=bias, gated=gated).to(dtype)
     layer.recluster(force=True)
     with torch.no_grad():  # factors and biases away from their SVD values, so every term matters
         for p in layer.experts.parameters():
@@ -46,16 +47,22 @@ def _run(layer, x):
     return y.detach(), l_aux.detach(), counts, xx.grad, grads
 
 
-@pytest.mark.parametrize("act,bias,g1,k,E,G,r,bits", [
-    ("gelu", True, 1, 2, 16, 4, 4, 16),
-    ("gelu", True, 1, 2, 16, 4, 4, 4),      # INT4 residuals: both paths see the same dequantized factors
-    ("relu", False, 2, 2, 12, 4, 5, 16),     # K*r = 15: not a power of two
-    ("silu", True, 2, 1, 8, 2, 3, 16),
-    ("gelu_tanh", True, 1, 3, 32, 4, 2, 16),
+@pytest.mark.parametrize("act,bias,g1,k,E,G,r,bits,gated", [
+    ("gelu", True, 1, 2, 16, 4, 4, 16, False),
+    ("gelu", True, 1, 2, 16, 4, 4, 4, False),      # INT4 residuals: both paths see the same dequantized factors
+    ("relu", False, 2, 2, 12, 4, 5, 16, False),     # K*r = 15: not a power of two
+    ("silu", True, 2, 1, 8, 2, 3, 16, False),
+    ("gelu_tanh", True, 1, 3, 32, 4, 2, 16, False),
+    # gated experts: act(x W1 + b1) * (x W3 + b3)
+    ("silu", True, 1, 2, 16, 4, 4, 16, True),
+    ("silu", False, 2, 1, 8, 2, 3, 16, True),
+    ("gelu", False, 2, 2, 12, 4, 5, 16, True),
+    ("gelu", True, 1, 1, 16, 4, 4, 16, True),
+    ("silu", True, 2, 2, 16, 4, 4, 4, True),
 ])
-def test_fused_path_equals_slot_path(act, bias, g1, k, E, G, r, bits):
-    torch.manual_seed(E * 7 + r)
-    slow = _layer(E, G, r, k, g1, act, bias, bits=bits)
+def test_fused_path_equals_slot_path(act, bias, g1, k, E, G, r, bits, gated):
+    torch.manual_seed(E * 7 + r + gated)
+    slow = _layer(E, G, r, k, g1, act, bias, bits=bits, gated=gated)
     fast = copy.deepcopy(slow)
     fast.fused = True
     x = torch.randn(3, 37, 24, dtype=torch.float64)
@@ -70,11 +77,11 @@ def test_fused_path_equals_slot_path(act, bias, g1, k, E, G, r, bits):
         torch.testing.assert_close(gpf[n], gps[n], rtol=1e-11, atol=1e-12, msg=n)
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_bf16_autocast_fused_and_slot_paths_agree(bias):
+@pytest.mark.parametrize("bias,gated", [(True, False), (False, False), (True, True), (False, True)])
+def test_bf16_autocast_fused_and_slot_paths_agree(bias, gated):
     """Under bf16 autocast (CPU here) both paths run and agree to bf16 accuracy."""
     torch.manual_seed(5)
-    slow = _layer(E=16, G=4, r=4, bias=bias, dtype=torch.float32)
+    slow = _layer(E=16, G=4, r=4, bias=bias, dtype=torch.float32, act="silu" if gated else "gelu", gated=gated)
     fast = copy.deepcopy(slow)
     fast.fused = True
     x = torch.randn(64, 24)
@@ -87,9 +94,10 @@ def test_bf16_autocast_fused_and_slot_paths_agree(bias):
     assert rel(yf, yref) < 3e-2 and rel(ys, yref) < 3e-2 and rel(yf, ys) < 3e-2
 
 
-def test_fused_expert_forward_gradcheck():
+@pytest.mark.parametrize("gated", [False, True])
+def test_fused_expert_forward_gradcheck(gated):
     torch.manual_seed(1)
-    layer = _layer(E=8, G=2, r=2, k=2, g1=2, d=6, f=10)
+    layer = _layer(E=8, G=2, r=2, k=2, g1=2, d=6, f=10, act="silu" if gated else "gelu", gated=gated)
     ex = layer.experts
     x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
     r = layer.route(x.detach())
@@ -97,7 +105,7 @@ def test_fused_expert_forward_gradcheck():
 
     # x and w: <v, J u> by autograd against a central difference along random directions u, a
     # fresh graph each time (the fused backward frees its activations, so torch's gradcheck, which
-    # runs a backward twice, does not apply); one parameter entry by a central difference below
+    # runs a backward twice, does not apply); parameter entries by central differences below
     def f(x, w):
         return fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w)
     gen = torch.Generator().manual_seed(5)
@@ -114,18 +122,21 @@ def test_fused_expert_forward_gradcheck():
         y = f(x, w)
         torch.autograd.grad(y.sum(), x, retain_graph=True)
         torch.autograd.grad(y.sum(), x)
-    p = ex.fa["w2"]
     y = fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w)
     g = torch.randn_like(y)
-    (analytic,) = torch.autograd.grad(y, p, g)
-    eps, idx = 1e-6, (3, 4, 1)
-    with torch.no_grad():
-        p[idx] += eps
-        up = (fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w) * g).sum()
-        p[idx] -= 2 * eps
-        down = (fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w) * g).sum()
-        p[idx] += eps
-    assert abs(float((up - down) / (2 * eps)) - float(analytic[idx])) < 1e-7
+    params = [(ex.fa["w2"], (3, 4, 1))]
+    if gated:   # the up projection's stream: base, factors, bias
+        params += [(ex.base["w3"], (1, 2, 7)), (ex.fa["w3"], (5, 3, 0)), (ex.fb["w3"], (6, 8, 1)), (ex.bias["b3"], (2, 9))]
+    analytic = torch.autograd.grad(y, [p for p, _ in params], g)
+    eps = 1e-6
+    for (p, idx), a in zip(params, analytic):
+        with torch.no_grad():
+            p[idx] += eps
+            up = (fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w) * g).sum()
+            p[idx] -= 2 * eps
+            down = (fused.fused_expert_forward(ex, x, r.group_idx, r.slot_idx, w) * g).sum()
+            p[idx] += eps
+        assert abs(float((up - down) / (2 * eps)) - float(a[idx])) < 1e-7
 
 
 def test_sort_by_group_and_gathers():
@@ -178,15 +189,10 @@ def test_capacity_factor_keeps_the_slot_path():
     assert not layer._use_fused(torch.zeros(1, 24))
 
 
-def test_gated_experts_keep_the_slot_path():
-    cfg = TrilemmaMoEConfig(num_experts=8, num_groups=2, rank=2)
-    layer = ClusteredMoE(8, 16, cfg, gated=True)
-    layer.recluster(force=True)
+def test_gated_experts_take_the_fused_path():
+    layer = _layer(E=8, G=2, r=2, d=8, f=16, act="silu", gated=True)
     layer.fused = True
-    assert not fused.supports(layer.experts) and not layer._use_fused(torch.zeros(1, 8))
-    with pytest.raises(ValueError, match="gated"):
-        r = layer.route(torch.randn(4, 8))
-        fused.fused_expert_forward(layer.experts, torch.randn(4, 8), r.group_idx, r.slot_idx, r.weights)
+    assert fused.supports(layer.experts) and layer._use_fused(torch.zeros(1, 8))
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
@@ -209,12 +215,13 @@ def test_triton_kernels_on_gpu():
 
 
 @cuda
-@pytest.mark.parametrize("bias", [True, False])
-def test_fused_layer_on_gpu_matches_slot_path(bias):
+@pytest.mark.parametrize("bias,gated", [(True, False), (False, False), (True, True)])
+def test_fused_layer_on_gpu_matches_slot_path(bias, gated):
     """Same device, dtype and routing: the Triton path against the per-slot path (float32), and
     the bf16 fused path against the float32 one."""
     torch.manual_seed(4)
-    slow = _layer(E=32, G=8, r=16, k=2, d=64, f=256, bias=bias, dtype=torch.float32).cuda()
+    slow = _layer(E=32, G=8, r=16, k=2, d=64, f=256, bias=bias, dtype=torch.float32, gated=gated,
+                  act="silu" if gated else "gelu").cuda()
     slow.fused = False
     fast = copy.deepcopy(slow)
     fast.fused = None

@@ -4,11 +4,15 @@ Runs on a GPU (``--device cuda``) or, with ``TRITON_INTERPRET=1``, on the CPU th
 interpreter (float32 only there). Exits non-zero on the first mismatch; prints one line per check.
 """
 import argparse
+import os
 import sys
 
-import torch
+# this checkout's package, not whichever one the environment has installed (editable installs)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from trilemma_moe.kernels import reference as ref
+import torch  # noqa: E402
+
+from trilemma_moe.kernels import reference as ref  # noqa: E402
 
 
 def rel(a, b):
@@ -23,14 +27,13 @@ def random_offsets(P, G, gen, empty_group=True):
     return torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([P])]).to(torch.int32)
 
 
-def layer_check(dev, gen, bias):
+def layer_check(dev, gen, bias, gated=False, act="gelu"):
     """ClusteredMoE forward+backward on the fused path (Triton kernels) vs the per-slot path."""
     import copy
-    import os
     from trilemma_moe import TrilemmaMoEConfig
     from trilemma_moe.core.layer import ClusteredMoE
     cfg = TrilemmaMoEConfig(num_experts=12, num_groups=3, rank=4, top_k=2, gamma=None, seed=int(gen.initial_seed()) % 1000)
-    slow = ClusteredMoE(32, 80, cfg, bias=bias)
+    slow = ClusteredMoE(32, 80, cfg, activation=act, bias=bias, gated=gated)
     slow.recluster(force=True)
     with torch.no_grad():
         for p in slow.experts.parameters():
@@ -60,7 +63,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp32")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--quick", action="store_true",
-                    help="two kernel variants and one GEMM shape (each variant compiles on a GPU)")
+                    help="three kernel variants and one GEMM shape (each variant compiles on a GPU)")
     args = ap.parse_args(argv)
     from trilemma_moe.kernels import triton_moe as tk
     dev = torch.device(args.device)
@@ -91,42 +94,57 @@ def main(argv=None):
             dyf = rnd(P, f, dt=dt)
             report(f"gmm_rows trans_w P={P}", rel(tk.gmm_rows(dyf, w, off, trans_w=True), ref.gmm_rows(dyf.float(), w.float(), off, trans_w=True)), dname)
             report(f"gmm_wgrad P={P}", rel(tk.gmm_wgrad(x, dyf, off), ref.gmm_wgrad(x.float(), dyf.float(), off)), dname)
-        variants = [(act, shape) for act in ("gelu", "gelu_tanh", "relu", "silu")
+        # (act, (P, G, K, r, k, f, bias), gated)
+        variants = [(act, shape, False) for act in ("gelu", "gelu_tanh", "relu", "silu")
                     for shape in ((130, 4, 4, 4, 2, 72, True), (97, 3, 3, 5, 1, 40, False), (200, 2, 8, 16, 2, 64, True))]
+        variants += [("silu", (130, 4, 4, 4, 2, 72, True), True), ("gelu", (97, 3, 3, 5, 1, 40, False), True),
+                     ("silu", (120, 2, 8, 16, 2, 40, True), True)]
         if args.quick:
-            variants = [("gelu", (700, 8, 4, 16, 2, 200, True)), ("relu", (97, 3, 3, 5, 1, 40, False))]
-        for act, (P, G, K, r, k, f, bias) in variants:
+            variants = [("gelu", (700, 8, 4, 16, 2, 200, True), False), ("relu", (97, 3, 3, 5, 1, 40, False), False),
+                        ("silu", (300, 3, 4, 4, 2, 80, True), True)]   # the gated layer check's constexprs
+        for act, (P, G, K, r, k, f, bias), gated in variants:
             off = random_offsets(P, G, gen).to(dev)
             KR, E, QW = K * r, G * K, ref.q_width(K, r)
-            # z and a as column ranges of one buffer, as the layer passes them
-            u = rnd(P, f + KR, dt=dt)
-            u[:, f:] *= 0.5
-            z, a = u[:, :f], u[:, f:]
+            n = 2 if gated else 1
+            # z, a (gated: z, z3, a, a3) as column ranges of one buffer, as the layer passes them
+            u = rnd(P, n * (f + KR), dt=dt)
+            u[:, n * f:] *= 0.5
+            z, a = u[:, :f], u[:, n * f:n * f + KR]
             jloc = torch.stack([torch.randperm(K, generator=gen)[:k] for _ in range(P)]).to(dev)
             w = torch.rand(P, k, generator=gen).to(dev)
             # slot-stacked float32 factors (the parameters); the kernels cast them to z's dtype
             b1, a2 = rnd(E, f, r) * 0.3, rnd(E, f, r) * 0.3
             bias1 = rnd(E, f) if bias else None
+            gate, gate_r = {}, {}
+            if gated:
+                gate = dict(z3=u[:, f:2 * f], a3=u[:, 2 * f + KR:], b3=rnd(E, f, r) * 0.3, bias3=rnd(E, f) if bias else None)
+                gate_r = dict(z3=gate["z3"].float(), a3=gate["a3"].float(), b3=gate["b3"].to(dt).float(),
+                              bias3=gate["bias3"])
             out = torch.full((P, f + QW), float("nan"), dtype=dt, device=dev)   # every column must be written
-            tk.act_combine_fwd(z, a, jloc, w, b1, bias1, a2, off, K, r, act, out)
+            tk.act_combine_fwd(z, a, jloc, w, b1, bias1, a2, off, K, r, act, out, **gate)
             out_r = ref.act_combine_fwd(z.float(), a.float(), jloc, w, b1.to(dt).float(), bias1, a2.to(dt).float(),
-                                        off, K, r, act, torch.empty(P, f + QW, dtype=torch.float64, device=dev))
-            name = f"{act} K={K} r={r} k={k}"
+                                        off, K, r, act, torch.empty(P, f + QW, dtype=torch.float64, device=dev), **gate_r)
+            name = f"{'gated ' if gated else ''}{act} K={K} r={r} k={k}"
             report(f"fwd hs {name}", rel(out[:, :f], out_r[:, :f]), dname)
             report(f"fwd q {name}", rel(out[:, f:], out_r[:, f:]), dname)
             dv = rnd(P, f + QW, dt=dt)
-            dzda = torch.full((P, f + KR), float("nan"), dtype=dt, device=dev)
-            got = tk.act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dv[:, :f], dv[:, f:], off, K, r, act, dzda)
-            dzda_r = torch.empty(P, f + KR, dtype=torch.float64, device=dev)
+            dzda = torch.full((P, n * (f + KR)), float("nan"), dtype=dt, device=dev)
+            got = tk.act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dv[:, :f], dv[:, f:], off, K, r, act, dzda, **gate)
+            dzda_r = torch.empty(P, n * (f + KR), dtype=torch.float64, device=dev)
             want = ref.act_combine_bwd(z.float(), a.float(), jloc, w, b1.to(dt).float(), bias1, a2.to(dt).float(),
-                                       dv[:, :f].float(), dv[:, f:].float(), off, K, r, act, dzda_r)
-            report(f"bwd dz {name}", rel(dzda[:, :f], dzda_r[:, :f]), dname)
-            report(f"bwd da {name}", rel(dzda[:, f:], dzda_r[:, f:]), dname)
-            # in place, as the layer runs it: [dz | da] over [dhs | dq]
-            dv2 = dv.clone()
-            tk.act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dv2[:, :f], dv2[:, f:], off, K, r, act, dv2[:, :f + KR])
-            report(f"bwd in place {name}", rel(dv2[:, :f + KR], dzda_r), dname)
-            for label, g_, w_ in zip(("dw", "db1", "dbias1", "da2"), got, want):
+                                       dv[:, :f].float(), dv[:, f:].float(), off, K, r, act, dzda_r, **gate_r)
+            cols = {"dz": slice(0, f), "da": slice(n * f, n * f + KR)}
+            if gated:
+                cols.update(dz3=slice(f, 2 * f), da3=slice(2 * f + KR, None))
+            for label, c in cols.items():
+                report(f"bwd {label} {name}", rel(dzda[:, c], dzda_r[:, c]), dname)
+            if not gated:   # in place, as the layer runs it: [dz | da] over [dhs | dq]
+                dv2 = dv.clone()
+                tk.act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dv2[:, :f], dv2[:, f:], off, K, r, act,
+                                   dv2[:, :f + KR])
+                report(f"bwd in place {name}", rel(dv2[:, :f + KR], dzda_r), dname)
+            assert len(got) == len(want) == (6 if gated else 4)
+            for label, g_, w_ in zip(("dw", "db1", "dbias1", "da2", "db3", "dbias3"), got, want):
                 if w_ is None:
                     assert g_ is None
                     continue
@@ -134,10 +152,10 @@ def main(argv=None):
     for dname in args.dtypes.split(","):
         # the whole layer on the kernels (glue included) against its per-slot path, float32
         if dname == "fp32":
-            for bias in (True, False):
-                errs = layer_check(dev, gen, bias)
+            for bias, gated, act in ((True, False, "gelu"), (False, False, "gelu"), (True, True, "silu")):
+                errs = layer_check(dev, gen, bias, gated, act)
                 for label, err in errs.items():
-                    report(f"layer {label} bias={bias}", err, "fp32")
+                    report(f"layer {label} bias={bias}{' gated' if gated else ''}", err, "fp32")
     print("all kernel checks passed" if not failures else f"{failures} kernel checks FAILED", flush=True)
     return 1 if failures else 0
 

@@ -6,6 +6,8 @@ The expert stage for rows = (token, chosen group) pairs sorted by group::
     hs, q = act_combine_fwd(z, a)   hs = sum_j w_j act(z + mask_j(a) B1cat[g]^T + b1_j)
     y  = hs @ W2[g] + q @ [B2cat[g] | b2[g]]^T                  (grouped GEMMs)
 
+Gated experts (SwiGLU-style) add the up projection's stream z3 = x @ W3[g], a3 = x @ A3cat[g] in
+the same GEMM and ``h_j = act(z + mask_j(a) B1cat^T + b1_j) * (z3 + mask_j(a3) B3cat^T + b3_j)``.
 Per token this is one base GEMM per matrix (not one per chosen expert) plus rank-r terms, and the
 second base GEMM acts on ``sum_j w_j h_j``. The kernels come from ``triton_moe`` on CUDA when
 Triton is importable and from their plain-torch twins in ``reference`` otherwise (same function);
@@ -109,14 +111,18 @@ def sort_by_group(group_idx: torch.Tensor, num_groups: int):
 
 
 # --- the expert stage -----------------------------------------------------------------------------
-def _up_weights(W1: torch.Tensor, A1: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """[W1[g] | A1cat[g]] as one [G, d, f + K*r] weight: the rank-r input projection rides along
-    the base GEMM as K*r extra output columns."""
-    G, d, f = W1.shape
-    r = A1.shape[2]
-    out = torch.empty(G, d, f + K * r, dtype=dtype, device=W1.device)
-    out[:, :, :f].copy_(W1)
-    out[:, :, f:].view(G, d, K, r).copy_(A1.view(G, K, d, r).permute(0, 2, 1, 3))
+def _up_weights(W: list, A: list, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """[W1[g] | A1cat[g]] (gated: [W1[g] | W3[g] | A1cat[g] | A3cat[g]]) as one [G, d, n*(f + K*r)]
+    weight for n = len(W) streams: the rank-r input projections ride along the base GEMM as extra
+    output columns."""
+    G, d, f = W[0].shape
+    r, n = A[0].shape[2], len(W)
+    KR = K * r
+    out = torch.empty(G, d, n * (f + KR), dtype=dtype, device=W[0].device)
+    for i, (Wi, Ai) in enumerate(zip(W, A)):
+        out[:, :, i * f:(i + 1) * f].copy_(Wi)
+        c = n * f + i * KR
+        out[:, :, c:c + KR].view(G, d, K, r).copy_(Ai.view(G, K, d, r).permute(0, 2, 1, 3))
     return out
 
 
@@ -149,49 +155,63 @@ def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
+def _split_up(U: torch.Tensor, f: int, KR: int, B3, bias3):
+    """(z, a, gate): the activation input's column ranges of the up GEMM's output U, and the
+    act_combine kernels' keyword operands of the gated stream (none for non-gated experts)."""
+    if B3 is None:
+        return U[:, :f], U[:, f:f + KR], {}
+    return U[:, :f], U[:, 2 * f:2 * f + KR], dict(z3=U[:, f:2 * f], a3=U[:, 2 * f + KR:], b3=B3, bias3=bias3)
+
+
 class _FusedExperts(torch.autograd.Function):
     """The expert stage in two grouped GEMMs forward and four backward, the shape of one dense
-    FFN: the rank-r input projection rides along the first base GEMM as extra columns, and the
+    FFN: the rank-r input projections ride along the first base GEMM as extra columns, and the
     down projection's rank-r terms and biases along the second as extra rows (K dimension).
 
         U = x @ [W1 | A1cat]                     z = U[:, :f], a = U[:, f:]
+          (gated: x @ [W1 | W3 | A1cat | A3cat]  z, z3, a, a3)
         V = act_combine_fwd(z, a, ...)           [hs | q]
         y = V @ [W2; B2cat^T; bias2; 0]
 
     Weights are cast to the compute dtype (x's) while being assembled; gradients come back in
-    each parameter's own dtype. The backward frees each [rows, f] buffer as soon as its last
-    reader is done (U and V are held on ctx, not saved, so they can be dropped early), and the
-    combine's backward writes [dz | da] over [dhs | dq] in place: at most two are alive at once."""
+    each parameter's own dtype. The gated operands (W3 .. bias3) are None for non-gated experts.
+    The backward frees each [rows, f] buffer as soon as its last reader is done (U and V are held
+    on ctx, not saved, so they can be dropped early); for non-gated experts the combine's backward
+    writes [dz | da] over [dhs | dq] in place, so at most two such buffers are alive at once."""
 
     @staticmethod
-    def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2):
+    def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2,
+                W3=None, A3=None, B3=None, bias3=None):
         cdt = x.dtype
         f = W1.shape[2]
+        gated = W3 is not None
         with torch.autocast(x.device.type, enabled=False):
-            W1x = _up_weights(W1, A1, K, cdt)
+            W1x = _up_weights([W1, W3] if gated else [W1], [A1, A3] if gated else [A1], K, cdt)
             W2x = _down_weights(W2, B2, bias2, K, cdt)
             U = ops.gmm_rows(x, W1x, off)
-            V = ops.act_combine_fwd(U[:, :f], U[:, f:], jloc, w, B1, bias1, A2, off, K, r, act,
-                                    x.new_empty(x.shape[0], W2x.shape[1]))
+            z, a, gate = _split_up(U, f, K * r, B3, bias3)
+            V = ops.act_combine_fwd(z, a, jloc, w, B1, bias1, A2, off, K, r, act,
+                                    x.new_empty(x.shape[0], W2x.shape[1]), **gate)
             y = ops.gmm_rows(V, W2x, off)
-        ctx.save_for_backward(x, off, jloc, w, W1x, W2x, B1, bias1, A2)
+        ctx.save_for_backward(x, off, jloc, w, W1x, W2x, B1, bias1, A2, B3, bias3)
         ctx.U, ctx.V = U, V
-        ctx.ops, ctx.act, ctx.K, ctx.r = ops, act, K, r
-        ctx.dtypes = [t.dtype if t is not None else None for t in (W1, W2, A1, B2, bias2)]
+        ctx.ops, ctx.act, ctx.K, ctx.r, ctx.gated = ops, act, K, r, gated
+        ctx.dtypes = [t.dtype if t is not None else None for t in (W1, W2, A1, B2, bias2, W3, A3)]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, off, jloc, w, W1x, W2x, B1, bias1, A2 = ctx.saved_tensors
+        x, off, jloc, w, W1x, W2x, B1, bias1, A2, B3, bias3 = ctx.saved_tensors
         U, V = ctx.U, ctx.V
         if U is None:
             raise RuntimeError("the fused expert stage's backward ran twice (retain_graph): it frees its "
                                "activations as it goes; set layer.fused = False for double backward")
         ctx.U = ctx.V = None
-        ops, K, r = ctx.ops, ctx.K, ctx.r
-        f, KR = W1x.shape[2] - K * r, K * r
+        ops, K, r, gated = ctx.ops, ctx.K, ctx.r, ctx.gated
+        n, KR = 2 if gated else 1, K * r
+        f = W1x.shape[2] // n - KR
         E = W1x.shape[0] * K
-        tW1, tW2, tA1, tB2, tb2 = ctx.dtypes
+        tW1, tW2, tA1, tB2, tb2, tW3, tA3 = ctx.dtypes
         with torch.autocast(x.device.type, enabled=False):
             dy = dy.contiguous().to(x.dtype)
             dV = ops.gmm_rows(dy, W2x, off, trans_w=True)          # [dhs | dq]
@@ -201,24 +221,34 @@ class _FusedExperts(torch.autograd.Function):
             dB2 = _owned(dW2x[:, f:f + KR].reshape(-1, K, r, dW2x.shape[2]).transpose(2, 3).reshape(E, -1, r), tB2)
             dbias2 = _owned(dW2x[:, f + KR:f + KR + K].reshape(E, -1), tb2) if tb2 is not None else None
             del dW2x
-            dU = dV[:, :U.shape[1]]      # [dz | da] overwrite [dhs | dq] in place
-            dw, dB1, dbias1, dA2 = ops.act_combine_bwd(U[:, :f], U[:, f:], jloc, w, B1, bias1, A2,
-                                                       dV[:, :f], dV[:, f:], off, K, r, ctx.act, dU)
-            del U, dV
+            # [dz | da] over [dhs | dq] in place; gated [dz | dz3 | da | da3] is wider: its own buffer
+            dU = torch.empty_like(U) if gated else dV[:, :U.shape[1]]
+            z, a, gate = _split_up(U, f, KR, B3, bias3)
+            dw, dB1, dbias1, dA2, *dgate = ops.act_combine_bwd(z, a, jloc, w, B1, bias1, A2, dV[:, :f], dV[:, f:],
+                                                               off, K, r, ctx.act, dU, **gate)
+            del U, z, a, gate, dV
             dx = ops.gmm_rows(dU, W1x, off, trans_w=True)
             dW1x = ops.gmm_wgrad(x, dU, off)
             del dU
             dW1 = _owned(dW1x[:, :, :f], tW1)
-            dA1 = _owned(_split_factors(dW1x[:, :, f:], K), tA1)
+            dA1 = _owned(_split_factors(dW1x[:, :, n * f:n * f + KR], K), tA1)
+            if gated:
+                dW3 = _owned(dW1x[:, :, f:2 * f], tW3)
+                dA3 = _owned(_split_factors(dW1x[:, :, 2 * f + KR:], K), tA3)
             del dW1x
         dbias1 = dbias1.to(bias1.dtype) if bias1 is not None else None
-        return (None, None, None, None, dx, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype), dbias1,
-                dA2.to(A2.dtype), dB2, dbias2)
+        grads = (None, None, None, None, dx, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype), dbias1,
+                 dA2.to(A2.dtype), dB2, dbias2)
+        if not gated:
+            return grads + (None, None, None, None)
+        dB3, dbias3 = dgate
+        return grads + (dW3, dA3, dB3.to(B3.dtype), dbias3.to(bias3.dtype) if bias3 is not None else None)
 
 
 def supports(slots) -> bool:
-    """The fused path covers non-gated experts (gated ones run the per-slot path)."""
-    return not slots.spec.gated
+    """Whether the fused path covers the experts of ``slots``: every kind (gated or not, any
+    activation, with or without biases) does."""
+    return True
 
 
 def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_idx: torch.Tensor,
@@ -226,8 +256,6 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
     """Compressed experts of ``slots`` (an ``ExpertSlots``) for tokens x [T, d] routed to
     ``group_idx`` [T, g1] (local group ids), ``slot_idx`` [T, g1, k] (local slot ids) with combine
     ``weights`` [T, g1, k]. Returns [T, d]: sum over chosen (group, expert) of w * expert(x)."""
-    if slots.spec.gated:
-        raise ValueError("fused_expert_forward: gated experts are not supported by the fused path")
     G, K = slots.G, slots.K
     T, g1 = group_idx.shape
     k = slot_idx.shape[-1]
@@ -244,7 +272,8 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
     w = _GatherRows.apply(weights.reshape(P, k), order, inverse, 1)
     res = slots.residual   # the factors as the forward sees them (INT4 values at residual_bits=4)
     fa, fb, bias = slots.fa, slots.fb, slots.bias
+    gate = (slots.base["w3"], res(fa["w3"]), res(fb["w3"]), bias.get("b3")) if slots.spec.gated else ()
     y_rows = _FusedExperts.apply(ops, slots.spec.activation, K, slots.rank, xp, off, jloc, w,
                                  slots.base["w1"], slots.base["w2"], res(fa["w1"]), res(fb["w1"]), bias.get("b1"),
-                                 res(fa["w2"]), res(fb["w2"]), bias.get("b2"))
+                                 res(fa["w2"]), res(fb["w2"]), bias.get("b2"), *gate)
     return _SumGatherRows.apply(y_rows, inverse, token_of_row, g1)

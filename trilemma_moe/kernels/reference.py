@@ -10,7 +10,9 @@ Shared conventions (rows = (token, group) pairs sorted by group):
 * rank-r factors are slot-stacked ``[E, n, r]`` (slot g*K + j = expert j of group g); ``*cat``
   views of them hold a group's K factors side by side: ``[G, n, K*r]``, block j = expert j. A row's
   low-rank term for expert j is ``mask_j(x A_cat) B_cat^T``: the mask keeps block j, so one small
-  dense product per group serves all its experts.
+  dense product per group serves all its experts;
+* gated experts pass a second stream (``z3, a3, b3, bias3``, laid out like ``z, a, b1, bias1``):
+  ``h_j = act(z-stream) * (z3-stream)``; without it the functions are the non-gated ones.
 """
 from __future__ import annotations
 
@@ -80,14 +82,20 @@ def cat_factors(t: torch.Tensor, K: int) -> torch.Tensor:
     return t.view(E // K, K, n, r).permute(0, 2, 1, 3).reshape(E // K, n, K * r)
 
 
-def _act_combine(z, a, jloc, w, b1, bias1, a2, off, K: int, r: int, act: str):
+def _act_combine(z, a, jloc, w, b1, bias1, a2, off, K: int, r: int, act: str,
+                 z3=None, a3=None, b3=None, bias3=None):
     """(hs, q) of ``act_combine_fwd`` in float32 (float64 stays), differentiable."""
     P, f = z.shape
     KR = K * r
+    gated = z3 is not None
     dt = torch.promote_types(z.dtype, torch.float32)
-    zf, af = z.to(dt), a.to(dt)
     # the factors enter the kernels' matrix products in z's dtype
-    b1cat, a2cat = (cat_factors(t.to(z.dtype).to(dt), K) for t in (b1, a2))
+    cat = lambda t: cat_factors(t.to(z.dtype).to(dt), K)  # noqa: E731
+    b1cat, a2cat = cat(b1), cat(a2)
+    # (z, a, B cat, bias) of each stream: the activation's input, and the gated experts' up value
+    streams = [(z.to(dt), a.to(dt), b1cat, bias1)]
+    if gated:
+        streams.append((z3.to(dt), a3.to(dt), cat(b3), bias3))
     hs_parts, q_parts = [], []
     for g, s, e in _segments(off):
         jl, wg = jloc[s:e].long(), w[s:e].to(dt)
@@ -95,11 +103,14 @@ def _act_combine(z, a, jloc, w, b1, bias1, a2, off, K: int, r: int, act: str):
         q_low = torch.zeros(e - s, KR, dtype=dt, device=z.device)
         for j in range(jl.shape[1]):
             m = _block_mask(jl, j, K, r, KR)
-            am = torch.where(m, af[s:e], torch.zeros_like(af[s:e]))
-            pre = zf[s:e] + am @ b1cat[g].t()
-            if bias1 is not None:
-                pre = pre + bias1.to(dt)[g * K + jl[:, j]]
-            hw = act_ref(pre, act) * wg[:, j:j + 1]
+            pres = []
+            for zs, as_, bcat, bias in streams:
+                pre = zs[s:e] + torch.where(m, as_[s:e], torch.zeros_like(as_[s:e])) @ bcat[g].t()
+                if bias is not None:
+                    pre = pre + bias.to(dt)[g * K + jl[:, j]]
+                pres.append(pre)
+            h = act_ref(pres[0], act) * pres[1] if gated else act_ref(pres[0], act)
+            hw = h * wg[:, j:j + 1]
             hs_g = hs_g + hw
             qj = hw @ a2cat[g]
             q_low = q_low + torch.where(m, qj, torch.zeros_like(qj))
@@ -112,20 +123,23 @@ def _act_combine(z, a, jloc, w, b1, bias1, a2, off, K: int, r: int, act: str):
 
 
 def act_combine_fwd(z, a, jloc, w, b1, bias1: Optional[torch.Tensor], a2, off, K: int, r: int, act: str,
-                    out: torch.Tensor) -> torch.Tensor:
+                    out: torch.Tensor, z3=None, a3=None, b3=None, bias3=None) -> torch.Tensor:
     """The up projection's per-expert part and the combine, for rows sorted by group.
 
     ``z`` [P, f] is the base GEMM's output and ``a`` [P, K*r] = x @ A1cat[g] (in practice both are
     column ranges of one GEMM output); ``b1``, ``a2`` [E, f, r] and ``bias1`` [E, f] are slot-stacked
     (slot g*K + j is expert j of group g). For each chosen expert j of a row:
         h_j = act(z + mask_j(a) @ B1cat[g]^T + bias1[slot]),   hw_j = w_j * h_j
+    Gated experts pass the up projection's stream too (``z3``, ``a3``, ``b3``, ``bias3``, shaped
+    like z, a, b1, bias1; ``bias3`` given iff ``bias1`` is):
+        h_j = act(z + mask_j(a) @ B1cat[g]^T + bias1[slot]) * (z3 + mask_j(a3) @ B3cat[g]^T + bias3[slot])
     Writes ``out`` [P, f + q_width(K, r)] (its dtype) and returns it:
     ``out[:, :f] = hs = sum_j hw_j``; ``out[:, f:f+K*r] = sum_j mask_j(hw_j @ A2cat[g])`` (the down
     projection's rank-r inputs); ``out[:, f+K*r+e]`` = the weight of the row's expert e, 0 if not
     chosen (so ``@ bias2`` adds sum_j w_j bias2[slot_j]); zeros after that.
     """
     f = z.shape[1]
-    hs, q = _act_combine(z, a, jloc, w, b1, bias1, a2, off, K, r, act)
+    hs, q = _act_combine(z, a, jloc, w, b1, bias1, a2, off, K, r, act, z3, a3, b3, bias3)
     out[:, :f] = hs
     out[:, f:f + q.shape[1]] = q
     out[:, f + q.shape[1]:] = 0
@@ -133,27 +147,35 @@ def act_combine_fwd(z, a, jloc, w, b1, bias1: Optional[torch.Tensor], a2, off, K
 
 
 def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, act: str,
-                    dzda: torch.Tensor):
+                    dzda: torch.Tensor, z3=None, a3=None, b3=None, bias3=None):
     """Gradients of ``act_combine_fwd`` for the output gradients ``dhs`` [P, f] and ``dq``
     [P, >= K*r + K] (the rank-r and weight columns; the padding's gradient is ignored).
 
     Writes ``dzda[:, :f] = dz`` and ``dzda[:, f:f+K*r] = da`` (dzda's dtype) and returns
     (dw [P, k], db1 [E, f, r], dbias1 [E, f] or None, da2 [E, f, r]) in float32 (float64 stays).
     ``dzda`` may be the buffer ``dhs`` and ``dq`` are views of (``[dhs | dq]``): it is written in
-    place, after every read of it.
+    place, after every read of it (non-gated only: the gated layout is wider).
+    Gated (``z3`` given): ``dzda`` [P, 2f + 2K*r] gets ``[dz | dz3 | da | da3]`` (the column layout
+    of the up GEMM's output) and (db3, dbias3 or None) follow the four gradients above.
     """
     dt = torch.promote_types(z.dtype, torch.float32)
     f, KR = z.shape[1], K * r
-    leaves = [t.detach().to(dt).requires_grad_() for t in (z, a, w, b1, a2)]
-    bias_leaf = bias1.detach().to(dt).requires_grad_() if bias1 is not None else None
-    zl, al, wl, b1l, a2l = leaves
+    gated = z3 is not None
+    leaf = lambda t: t.detach().to(dt).requires_grad_() if t is not None else None  # noqa: E731
+    zl, al, wl, b1l, a2l, bias1l = map(leaf, (z, a, w, b1, a2, bias1))
+    z3l, a3l, b3l, bias3l = map(leaf, (z3, a3, b3, bias3))
+    ins = [t for t in (zl, al, wl, b1l, a2l, bias1l, z3l, a3l, b3l, bias3l) if t is not None]
     with torch.enable_grad():
-        hs, q = _act_combine(zl, al, jloc, wl, b1l, bias_leaf, a2l, off, K, r, act)
-        ins = leaves + ([bias_leaf] if bias_leaf is not None else [])
+        hs, q = _act_combine(zl, al, jloc, wl, b1l, bias1l, a2l, off, K, r, act, z3l, a3l, b3l, bias3l)
         grads = torch.autograd.grad((hs, q), ins, (dhs.to(dt), dq[:, :KR + K].to(dt)), allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, ins)]
-    dz, da, dw, db1, da2 = grads[:5]
-    dzda[:, :f] = dz
-    dzda[:, f:f + KR] = da
-    dbias = grads[5] if bias_leaf is not None else None
-    return dw, db1, dbias, da2
+    grad = {id(t): torch.zeros_like(t) if g_ is None else g_ for t, g_ in zip(ins, grads)}
+    get = lambda t: grad[id(t)] if t is not None else None  # noqa: E731
+    nz = 2 if gated else 1     # dzda: the z columns of every stream, then their a columns
+    dzda[:, :f] = get(zl)
+    dzda[:, nz * f:nz * f + KR] = get(al)
+    out = (get(wl), get(b1l), get(bias1l), get(a2l))
+    if not gated:
+        return out
+    dzda[:, f:2 * f] = get(z3l)
+    dzda[:, 2 * f + KR:2 * f + 2 * KR] = get(a3l)
+    return out + (get(b3l), get(bias3l))

@@ -10,6 +10,8 @@ same name and arguments in ``reference.py``; see there for the conventions.
 * ``act_combine_bwd``: its backward, recomputing h_j from z, in two kernels without atomics: one
   walks f for each row tile (dz, and da, dw reduced over f), one walks the rows of a group for each
   column chunk (the factor and bias gradients, reduced over rows).
+* Gated experts (``act(..) * up``) are a ``GATED`` constexpr branch of the same three kernels:
+  the up stream (z3, a3, B3, bias3) is read alongside and its gradients written alongside.
 """
 from __future__ import annotations
 
@@ -193,13 +195,11 @@ def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor) -> torch.Ten
 # The factors are read from (and their gradients written to) the slot-stacked parameters
 # [E, f, r] directly, cast to z's dtype on load: no per-step [G, f, K*r] copies.
 @triton.jit
-def _factor_tiles(b1_ptr, a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, like_ptr, K: tl.constexpr, R: tl.constexpr):
-    """[BN, KRP] tiles of B1cat[g] and A2cat[g] (columns kk = the group's K rank-r blocks side by side)."""
+def _factor_tile(ptr, g, cols, kk, cmask, kmask, sfe, sff, like_ptr, K: tl.constexpr, R: tl.constexpr):
+    """[BN, KRP] tile of a factor's cat view, e.g. B1cat[g] (columns kk = the group's K rank-r blocks
+    side by side), read from the slot-stacked [E, f, r] parameter in like_ptr's dtype."""
     offs = (g * K + kk // R)[None, :] * sfe + cols[:, None] * sff + (kk % R)[None, :]
-    fmask = cmask[:, None] & kmask[None, :]
-    b1 = tl.load(b1_ptr + offs, mask=fmask, other=0.0).to(like_ptr.dtype.element_ty)
-    a2 = tl.load(a2_ptr + offs, mask=fmask, other=0.0).to(like_ptr.dtype.element_ty)
-    return b1, a2
+    return tl.load(ptr + offs, mask=cmask[:, None] & kmask[None, :], other=0.0).to(like_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -214,6 +214,8 @@ def _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk):
 @triton.jit
 def _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K: tl.constexpr, HAS_BIAS: tl.constexpr,
          IEEE: tl.constexpr):
+    """One stream's value for choice j: z + mask_j(a) B^T + bias[slot] (the activation's input, or
+    the gated experts' up value), and the masked a."""
     am = tl.where(sel, a, 0.0).to(b1.dtype)
     pre = z + _mm(am, tl.trans(b1), IEEE)
     if HAS_BIAS:
@@ -222,11 +224,31 @@ def _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K: tl.constexpr, HAS
 
 
 @triton.jit
+def _h_grads(pre, up, gh, wj, tile_mask, ACT: tl.constexpr, GATED: tl.constexpr):
+    """h_j (unweighted: act(pre), GATED: act(pre) * up) and, for gh = d loss / d hw_j, the
+    gradients of pre and (GATED) of up, 0 outside the tile."""
+    s = _act(pre, ACT)
+    dh = gh * wj[:, None]
+    if GATED:
+        h = s * up
+        dpre = tl.where(tile_mask, dh * up * _act_grad(pre, ACT), 0.0)
+        dup = tl.where(tile_mask, dh * s, 0.0)
+    else:
+        h = s
+        dpre = tl.where(tile_mask, dh * _act_grad(pre, ACT), 0.0)
+        dup = dpre    # not used
+    return h, dpre, dup
+
+
+# GATED: the up projection's stream (z3, a3, b3, bias3; pointers laid out like z, a, b1, bias)
+# rides along the activation input's: h_j = act(pre) * up. Without GATED its pointers are dummies.
+@triton.jit
 def _act_combine_fwd_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, out_ptr, off_ptr,
+                            z3_ptr, a3_ptr, b3_ptr, bias3_ptr,
                             F, KR, QW, szm, sam, sjm, swm, sfe, sff, som,
                             G: tl.constexpr, K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
                             KRP: tl.constexpr, WP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                            ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr):
     g, r0, r1 = _group_tile(off_ptr, tl.program_id(0), G, BM)
     rows = r0 + tl.arange(0, BM)
     rmask = rows < r1
@@ -234,18 +256,28 @@ def _act_combine_fwd_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr
     kmask = kk < KR
     blk = kk // R
     a = tl.load(a_ptr + rows[:, None] * sam + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    if GATED:
+        a3 = tl.load(a3_ptr + rows[:, None] * sam + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     q = tl.zeros((BM, KRP), dtype=tl.float32)
     for f0 in range(0, F, BN):
         cols = f0 + tl.arange(0, BN)
         cmask = cols < F
         tile_mask = rmask[:, None] & cmask[None, :]
         z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        b1, a2 = _factor_tiles(b1_ptr, a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+        b1 = _factor_tile(b1_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+        a2 = _factor_tile(a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+        if GATED:
+            z3 = tl.load(z3_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            b3 = _factor_tile(b3_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
         hs = tl.zeros((BM, BN), dtype=tl.float32)
         for j in tl.static_range(TOPK):
             e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
             pre, am = _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
-            hw = _act(pre, ACT) * wj[:, None]
+            h = _act(pre, ACT)
+            if GATED:
+                up, am3 = _pre(z3, a3, sel, b3, bias3_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
+                h = h * up
+            hw = h * wj[:, None]
             hs += hw
             q += tl.where(sel, _mm(hw.to(a2.dtype), a2, IEEE), 0.0)   # chosen experts' blocks are disjoint
         tl.store(out_ptr + rows[:, None] * som + cols[None, :], hs.to(out_ptr.dtype.element_ty), mask=tile_mask)
@@ -264,12 +296,13 @@ def _act_combine_fwd_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr
 
 @triton.jit
 def _act_combine_bwd_rows_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, dhs_ptr, dq_ptr, off_ptr,
-                                 dz_ptr, da_ptr, dw_ptr,
+                                 dz_ptr, da_ptr, dw_ptr, z3_ptr, a3_ptr, b3_ptr, bias3_ptr, dz3_ptr, da3_ptr,
                                  F, KR, szm, sam, sjm, swm, sfe, sff, sdhm, sdqm, sdzm, sdam, sdwm,
                                  G: tl.constexpr, K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr,
                                  TP: tl.constexpr, KRP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
-    """Per row: dz (over f, stored chunk by chunk), da and dw (reduced over f in registers)."""
+                                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr):
+    """Per row: dz (over f, stored chunk by chunk), da and dw (reduced over f in registers); GATED:
+    dz3 and da3 likewise."""
     g, r0, r1 = _group_tile(off_ptr, tl.program_id(0), G, BM)
     rows = r0 + tl.arange(0, BM)
     rmask = rows < r1
@@ -281,6 +314,9 @@ def _act_combine_bwd_rows_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
     a = tl.load(a_ptr + rows[:, None] * sam + kk[None, :], mask=rk_mask, other=0.0)
     dq = tl.load(dq_ptr + rows[:, None] * sdqm + kk[None, :], mask=rk_mask, other=0.0)
     da = tl.zeros((BM, KRP), dtype=tl.float32)
+    if GATED:
+        a3 = tl.load(a3_ptr + rows[:, None] * sam + kk[None, :], mask=rk_mask, other=0.0)
+        da3 = tl.zeros((BM, KRP), dtype=tl.float32)
     dw = tl.zeros((BM, TP), dtype=tl.float32)
     for j in tl.static_range(TOPK):    # the weight columns of q: d q[:, KR + e_j] / d w_j = 1
         e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
@@ -292,31 +328,46 @@ def _act_combine_bwd_rows_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
         tile_mask = rmask[:, None] & cmask[None, :]
         z = tl.load(z_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         dhs = tl.load(dhs_ptr + rows[:, None] * sdhm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        b1, a2 = _factor_tiles(b1_ptr, a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+        b1 = _factor_tile(b1_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+        a2 = _factor_tile(a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
         dz = tl.zeros((BM, BN), dtype=tl.float32)
+        if GATED:
+            z3 = tl.load(z3_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            b3 = _factor_tile(b3_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+            dz3 = tl.zeros((BM, BN), dtype=tl.float32)
         for j in tl.static_range(TOPK):
             e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
             pre, am = _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
+            up = pre    # a placeholder unless GATED
+            if GATED:
+                up, am3 = _pre(z3, a3, sel, b3, bias3_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
             dqm = tl.where(sel, dq, 0.0).to(b1.dtype)
             gh = dhs + _mm(dqm, tl.trans(a2), IEEE)              # d loss / d hw_j
-            dw += tl.where(tcol[None, :] == j, tl.sum(_act(pre, ACT) * gh, axis=1)[:, None], 0.0)
-            dpre = tl.where(tile_mask, gh * wj[:, None] * _act_grad(pre, ACT), 0.0)
+            h, dpre, dup = _h_grads(pre, up, gh, wj, tile_mask, ACT, GATED)
+            dw += tl.where(tcol[None, :] == j, tl.sum(h * gh, axis=1)[:, None], 0.0)
             dz += dpre
             da += tl.where(sel, _mm(dpre.to(b1.dtype), b1, IEEE), 0.0)
+            if GATED:
+                dz3 += dup
+                da3 += tl.where(sel, _mm(dup.to(b3.dtype), b3, IEEE), 0.0)
         tl.store(dz_ptr + rows[:, None] * sdzm + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=tile_mask)
+        if GATED:
+            tl.store(dz3_ptr + rows[:, None] * sdzm + cols[None, :], dz3.to(dz_ptr.dtype.element_ty), mask=tile_mask)
     tl.store(da_ptr + rows[:, None] * sdam + kk[None, :], da.to(da_ptr.dtype.element_ty), mask=rk_mask)
+    if GATED:
+        tl.store(da3_ptr + rows[:, None] * sdam + kk[None, :], da3.to(da_ptr.dtype.element_ty), mask=rk_mask)
     tl.store(dw_ptr + rows[:, None] * sdwm + tcol[None, :], dw, mask=rmask[:, None] & (tcol[None, :] < TOPK))
 
 
 @triton.jit
 def _act_combine_bwd_cols_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a2_ptr, dhs_ptr, dq_ptr, off_ptr,
-                                 db1_ptr, dbias_ptr, da2_ptr,
+                                 db1_ptr, dbias_ptr, da2_ptr, z3_ptr, a3_ptr, b3_ptr, bias3_ptr, db3_ptr, dbias3_ptr,
                                  F, KR, szm, sam, sjm, swm, sfe, sff, sdhm, sdqm,
                                  K: tl.constexpr, R: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                                  KRP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT: tl.constexpr,
-                                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
+                                 HAS_BIAS: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr):
     """Per (column chunk, group): the factor and bias gradients, reduced over the group's rows in
-    registers and written slot-stacked ([E, f, r] and [E, f], float32)."""
+    registers and written slot-stacked ([E, f, r] and [E, f], float32); GATED: db3 and dbias3 too."""
     g = tl.program_id(1)
     s = tl.load(off_ptr + g)
     t = tl.load(off_ptr + g + 1)
@@ -326,10 +377,15 @@ def _act_combine_bwd_cols_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
     kmask = kk < KR
     blk = kk // R
     kx = tl.arange(0, KP)
-    b1, a2 = _factor_tiles(b1_ptr, a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+    b1 = _factor_tile(b1_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+    a2 = _factor_tile(a2_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
     db1 = tl.zeros((BN, KRP), dtype=tl.float32)
     da2 = tl.zeros((BN, KRP), dtype=tl.float32)
     dbias = tl.zeros((KP, BN), dtype=tl.float32)
+    if GATED:
+        b3 = _factor_tile(b3_ptr, g, cols, kk, cmask, kmask, sfe, sff, z_ptr, K, R)
+        db3 = tl.zeros((BN, KRP), dtype=tl.float32)
+        dbias3 = tl.zeros((KP, BN), dtype=tl.float32)
     for r0 in range(s, t, BM):
         rows = r0 + tl.arange(0, BM)
         rmask = rows < t
@@ -339,86 +395,122 @@ def _act_combine_bwd_cols_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
         dhs = tl.load(dhs_ptr + rows[:, None] * sdhm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + rows[:, None] * sam + kk[None, :], mask=rk_mask, other=0.0)
         dq = tl.load(dq_ptr + rows[:, None] * sdqm + kk[None, :], mask=rk_mask, other=0.0)
+        if GATED:
+            z3 = tl.load(z3_ptr + rows[:, None] * szm + cols[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            a3 = tl.load(a3_ptr + rows[:, None] * sam + kk[None, :], mask=rk_mask, other=0.0)
         for j in tl.static_range(TOPK):
             e, wj, sel = _chosen(j_ptr, w_ptr, rows, rmask, sjm, swm, j, blk)
             pre, am = _pre(z, a, sel, b1, bias_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
+            up = pre    # a placeholder unless GATED
+            if GATED:
+                up, am3 = _pre(z3, a3, sel, b3, bias3_ptr, g, e, cols, tile_mask, F, K, HAS_BIAS, IEEE)
             dqm = tl.where(sel, dq, 0.0).to(b1.dtype)
             gh = dhs + _mm(dqm, tl.trans(a2), IEEE)
-            da2 += _mm(tl.trans((_act(pre, ACT) * wj[:, None]).to(b1.dtype)), dqm, IEEE)
-            dpre = tl.where(tile_mask, gh * wj[:, None] * _act_grad(pre, ACT), 0.0).to(b1.dtype)
+            h, dpre, dup = _h_grads(pre, up, gh, wj, tile_mask, ACT, GATED)
+            da2 += _mm(tl.trans((h * wj[:, None]).to(b1.dtype)), dqm, IEEE)
+            dpre = dpre.to(b1.dtype)
             db1 += _mm(tl.trans(dpre), am, IEEE)
+            if GATED:
+                dup = dup.to(b1.dtype)
+                db3 += _mm(tl.trans(dup), am3, IEEE)
             if HAS_BIAS:
                 onehot = tl.where((kx[None, :] == e[:, None]) & rmask[:, None], 1.0, 0.0).to(b1.dtype)
                 dbias += _mm(tl.trans(onehot), dpre, IEEE)
+                if GATED:
+                    dbias3 += _mm(tl.trans(onehot), dup, IEEE)
     offs = (g * K + blk)[None, :] * (F * R) + cols[:, None] * R + (kk % R)[None, :]
     fac_mask = cmask[:, None] & kmask[None, :]
     tl.store(db1_ptr + offs, db1, mask=fac_mask)
     tl.store(da2_ptr + offs, da2, mask=fac_mask)
+    bias_offs = (g * K + kx)[:, None] * F + cols[None, :]
+    bias_mask = (kx[:, None] < K) & cmask[None, :]
     if HAS_BIAS:
-        tl.store(dbias_ptr + (g * K + kx)[:, None] * F + cols[None, :], dbias, mask=(kx[:, None] < K) & cmask[None, :])
+        tl.store(dbias_ptr + bias_offs, dbias, mask=bias_mask)
+    if GATED:
+        tl.store(db3_ptr + offs, db3, mask=fac_mask)
+        if HAS_BIAS:
+            tl.store(dbias3_ptr + bias_offs, dbias3, mask=bias_mask)
 
 
-def _fused_meta(K, r):
+def _fused_meta(K, r, gated):
     KR = K * r
     KRP = max(16, triton.next_power_of_2(KR))
-    # [BN, K*r] factor tiles and a few [BM, BN] float32 tiles stay in registers
+    # [BN, K*r] factor tiles and a few [BM, BN] float32 tiles stay in registers; the gated stream
+    # holds one factor tile and several [BM, BN] tiles more: half the columns per step
     BN = 64 if KRP <= 64 else 32
-    return KR, KRP, BN
+    return KR, KRP, BN // 2 if gated else BN
 
 
-def _common(z, a, jloc, w, b1, bias1, a2, off, K, r):
-    _check(off, z, a, jloc, w, b1, bias1, a2)
+def _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3):
+    _check(off, z, a, jloc, w, b1, bias1, a2, z3, a3, b3, bias3)
     if not (z.stride(1) == 1 and a.stride(1) == 1 and b1.stride(2) == 1 and a2.stride() == b1.stride()):
         raise ValueError("act_combine: z and a must be contiguous in their last dimension, and b1 and a2 "
                          "slot-stacked [E, f, r] with equal strides and unit stride in r")
     if bias1 is not None and not bias1.is_contiguous():
         raise ValueError("act_combine: bias1 must be contiguous [E, f]")
-    KR, KRP, BN = _fused_meta(K, r)
-    return z.shape[0], z.shape[1], off.numel() - 1, KR, KRP, BN
+    gated = z3 is not None
+    if gated and not (a3 is not None and b3 is not None and z3.stride() == z.stride() and a3.stride() == a.stride()
+                      and b3.stride() == b1.stride() and (bias3 is None) == (bias1 is None)
+                      and (bias3 is None or bias3.is_contiguous())):
+        raise ValueError("act_combine: the gated operands z3, a3, b3 (and bias3 iff bias1) must be laid out "
+                         "like z, a, b1 and bias1")
+    KR, KRP, BN = _fused_meta(K, r, gated)
+    return z.shape[0], z.shape[1], off.numel() - 1, KR, KRP, BN, gated
 
 
 _ROW_BM = 32   # rows per program of the row-walking kernels: more programs in flight
 
 
 def act_combine_fwd(z, a, jloc, w, b1, bias1: Optional[torch.Tensor], a2, off, K: int, r: int, act: str,
-                    out: torch.Tensor) -> torch.Tensor:
-    P, f, G, KR, KRP, BN = _common(z, a, jloc, w, b1, bias1, a2, off, K, r)
+                    out: torch.Tensor, z3=None, a3=None, b3=None, bias3=None) -> torch.Tensor:
+    P, f, G, KR, KRP, BN, gated = _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3)
     QW = out.shape[1] - f
     if QW < KR + K or out.stride(1) != 1:
         raise ValueError(f"act_combine_fwd: out must be [P, f + >= {KR + K}] with unit column stride")
+    bias_arg = bias1 if bias1 is not None else z
+    gate = (z3, a3, b3, bias3 if bias3 is not None else bias_arg) if gated else (z, a, b1, bias_arg)
     _act_combine_fwd_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
-        z, a, jloc, w, b1, bias1 if bias1 is not None else z, a2, out, off,
+        z, a, jloc, w, b1, bias_arg, a2, out, off, *gate,
         f, KR, QW, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1), out.stride(0),
         G=G, K=K, R=r, TOPK=jloc.shape[1], KRP=KRP, WP=triton.next_power_of_2(QW - KR), BM=_ROW_BM, BN=BN,
-        ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None, IEEE=z.dtype == torch.float32, num_warps=4)
+        ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None, GATED=gated, IEEE=z.dtype == torch.float32, num_warps=4)
     return out
 
 
-def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, act: str, dzda: torch.Tensor):
-    P, f, G, KR, KRP, BN = _common(z, a, jloc, w, b1, bias1, a2, off, K, r)
+def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, act: str, dzda: torch.Tensor,
+                    z3=None, a3=None, b3=None, bias3=None):
+    P, f, G, KR, KRP, BN, gated = _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3)
     _check(off, dhs, dq, dzda)
     if dhs.stride(1) != 1 or dq.stride(1) != 1 or dzda.stride(1) != 1 or dq.shape[1] < KR + K:
         raise ValueError(f"act_combine_bwd: dhs, dq and dzda must have unit column stride, dq >= {KR + K} columns")
     f32 = dict(dtype=torch.float32, device=z.device)
     topk = jloc.shape[1]
     E = G * K
+    grads = lambda: (torch.empty(E, f, r, **f32), torch.empty(E, f, **f32) if bias1 is not None else None)  # noqa: E731
     dw = torch.empty(P, topk, **f32)
-    db1 = torch.empty(E, f, r, **f32)
     da2 = torch.empty(E, f, r, **f32)
-    dbias = torch.empty(E, f, **f32) if bias1 is not None else None
+    db1, dbias = grads()
+    db3, dbias3 = grads() if gated else (db1, dbias)     # dummies unless gated
     common = dict(K=K, R=r, TOPK=topk, KRP=KRP, BN=BN, ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None,
-                  IEEE=z.dtype == torch.float32, num_warps=4)
+                  GATED=gated, IEEE=z.dtype == torch.float32, num_warps=4)
     bias_arg = bias1 if bias1 is not None else z
-    dz, da = dzda[:, :f], dzda[:, f:]
-    # columns first: dzda may be dhs/dq's own buffer (written in place by the row kernel, each
-    # program after reading its rows)
+    # dzda has the up GEMM's columns: [dz | da], gated [dz | dz3 | da | da3]
+    n = 2 if gated else 1
+    dz, da = dzda[:, :f], dzda[:, n * f:n * f + KR]
+    dz3, da3 = (dzda[:, f:2 * f], dzda[:, 2 * f + KR:2 * f + 2 * KR]) if gated else (dz, da)
+    gate = (z3, a3, b3, bias3 if bias3 is not None else bias_arg) if gated else (z, a, b1, bias_arg)
+    # columns first: a non-gated dzda may be dhs/dq's own buffer (written in place by the row
+    # kernel, each program after reading its rows)
+    no_bias = db1    # a dummy pointer where there are no biases
     _act_combine_bwd_cols_kernel[(triton.cdiv(f, BN), G)](
-        z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, db1, dbias if dbias is not None else db1, da2,
+        z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, db1, dbias if dbias is not None else no_bias, da2,
+        *gate, db3, dbias3 if dbias3 is not None else no_bias,
         f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
         dhs.stride(0), dq.stride(0), KP=max(16, triton.next_power_of_2(K)), BM=64, **common)
     _act_combine_bwd_rows_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
-        z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, dz, da, dw,
+        z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, dz, da, dw, *gate, dz3, da3,
         f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
         dhs.stride(0), dq.stride(0), dz.stride(0), da.stride(0), dw.stride(0),
         G=G, TP=triton.next_power_of_2(topk), BM=_ROW_BM, **common)
-    return dw, db1, dbias, da2
+    out = (dw, db1, dbias, da2)
+    return out + (db3, dbias3) if gated else out
