@@ -108,13 +108,6 @@ def _gmm_rows_kernel(x_ptr, w_ptr, y_ptr, off_ptr, N, KD, sxm, sxk, swg, swk, sw
              mask=mmask[:, None] & nmask[None, :])
 
 
-_WGRAD_CONFIGS = [
-    triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 64, "BN": 128, "BK": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 64, "BN": 64, "BK": 64}, num_warps=4, num_stages=3),
-]
-
-
 @triton.jit
 def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, off_ptr, M, N, sxr, sxm, sdr, sdn, swg, swm, swn,
                       G: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -432,13 +425,28 @@ def _act_combine_bwd_cols_kernel(z_ptr, a_ptr, j_ptr, w_ptr, b1_ptr, bias_ptr, a
             tl.store(dbias3_ptr + bias_offs, dbias3, mask=bias_mask)
 
 
-def _fused_meta(K, r, gated):
-    KR = K * r
-    KRP = max(16, triton.next_power_of_2(KR))
-    # [BN, K*r] factor tiles and a few [BM, BN] float32 tiles stay in registers; the gated stream
-    # holds one factor tile and several [BM, BN] tiles more: half the columns per step
-    BN = 64 if KRP <= 64 else 32
-    return KR, KRP, BN // 2 if gated else BN
+# Tiles of the combine kernels: (BM, BN) per kernel, 8 warps, by the padded width K*r of the
+# factor tiles and gated or not. Chosen from ptxas' resource counts of ahead-of-time compilations
+# for sm_80 and sm_90 (benchmarks/kernel_resources.py prints them) so that the kernels do not
+# spill registers (a few bytes at most, gated); the previous 4-warp tiles spilled up to 1.5 KB
+# per thread in the column kernel's row loop at the paper's K*r = 64. Not yet timed on a GPU.
+_COMBINE_TILES = {  # (KRP <= ..., gated): {kernel: (BM, BN)}
+    (64, False): {"fwd": (32, 64), "rows": (16, 64), "cols": (16, 64)},
+    (128, False): {"fwd": (16, 64), "rows": (16, 32), "cols": (16, 32)},
+    (None, False): {"fwd": (16, 32), "rows": (16, 16), "cols": (16, 16)},
+    (64, True): {"fwd": (32, 32), "rows": (16, 32), "cols": (16, 64)},
+    (128, True): {"fwd": (16, 32), "rows": (16, 16), "cols": (16, 32)},
+    (None, True): {"fwd": (16, 16), "rows": (16, 16), "cols": (16, 16)},
+}
+_COMBINE_WARPS = 8
+
+
+def combine_tiles(K: int, r: int, gated: bool, kernel: str) -> dict:
+    """BM, BN and num_warps of one combine kernel ("fwd", "rows" or "cols")."""
+    KRP = max(16, triton.next_power_of_2(K * r))
+    bucket = 64 if KRP <= 64 else 128 if KRP <= 128 else None
+    BM, BN = _COMBINE_TILES[(bucket, gated)][kernel]
+    return dict(BM=BM, BN=BN, num_warps=_COMBINE_WARPS)
 
 
 def _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3):
@@ -454,32 +462,30 @@ def _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3):
                       and (bias3 is None or bias3.is_contiguous())):
         raise ValueError("act_combine: the gated operands z3, a3, b3 (and bias3 iff bias1) must be laid out "
                          "like z, a, b1 and bias1")
-    KR, KRP, BN = _fused_meta(K, r, gated)
-    return z.shape[0], z.shape[1], off.numel() - 1, KR, KRP, BN, gated
-
-
-_ROW_BM = 32   # rows per program of the row-walking kernels: more programs in flight
+    KR = K * r
+    return z.shape[0], z.shape[1], off.numel() - 1, KR, max(16, triton.next_power_of_2(KR)), gated
 
 
 def act_combine_fwd(z, a, jloc, w, b1, bias1: Optional[torch.Tensor], a2, off, K: int, r: int, act: str,
                     out: torch.Tensor, z3=None, a3=None, b3=None, bias3=None) -> torch.Tensor:
-    P, f, G, KR, KRP, BN, gated = _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3)
+    P, f, G, KR, KRP, gated = _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3)
     QW = out.shape[1] - f
     if QW < KR + K or out.stride(1) != 1:
         raise ValueError(f"act_combine_fwd: out must be [P, f + >= {KR + K}] with unit column stride")
     bias_arg = bias1 if bias1 is not None else z
     gate = (z3, a3, b3, bias3 if bias3 is not None else bias_arg) if gated else (z, a, b1, bias_arg)
-    _act_combine_fwd_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
+    tiles = combine_tiles(K, r, gated, "fwd")
+    _act_combine_fwd_kernel[(triton.cdiv(P, tiles["BM"]) + G,)](
         z, a, jloc, w, b1, bias_arg, a2, out, off, *gate,
         f, KR, QW, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1), out.stride(0),
-        G=G, K=K, R=r, TOPK=jloc.shape[1], KRP=KRP, WP=triton.next_power_of_2(QW - KR), BM=_ROW_BM, BN=BN,
-        ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None, GATED=gated, IEEE=z.dtype == torch.float32, num_warps=4)
+        G=G, K=K, R=r, TOPK=jloc.shape[1], KRP=KRP, WP=triton.next_power_of_2(QW - KR),
+        ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None, GATED=gated, IEEE=z.dtype == torch.float32, **tiles)
     return out
 
 
 def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, act: str, dzda: torch.Tensor,
                     z3=None, a3=None, b3=None, bias3=None):
-    P, f, G, KR, KRP, BN, gated = _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3)
+    P, f, G, KR, KRP, gated = _common(z, a, jloc, w, b1, bias1, a2, off, K, r, z3, a3, b3, bias3)
     _check(off, dhs, dq, dzda)
     if dhs.stride(1) != 1 or dq.stride(1) != 1 or dzda.stride(1) != 1 or dq.shape[1] < KR + K:
         raise ValueError(f"act_combine_bwd: dhs, dq and dzda must have unit column stride, dq >= {KR + K} columns")
@@ -491,8 +497,9 @@ def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, 
     da2 = torch.empty(E, f, r, **f32)
     db1, dbias = grads()
     db3, dbias3 = grads() if gated else (db1, dbias)     # dummies unless gated
-    common = dict(K=K, R=r, TOPK=topk, KRP=KRP, BN=BN, ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None,
-                  GATED=gated, IEEE=z.dtype == torch.float32, num_warps=4)
+    common = dict(K=K, R=r, TOPK=topk, KRP=KRP, ACT=ACT_CODES[act], HAS_BIAS=bias1 is not None,
+                  GATED=gated, IEEE=z.dtype == torch.float32)
+    cols, rows = combine_tiles(K, r, gated, "cols"), combine_tiles(K, r, gated, "rows")
     bias_arg = bias1 if bias1 is not None else z
     # dzda has the up GEMM's columns: [dz | da], gated [dz | dz3 | da | da3]
     n = 2 if gated else 1
@@ -502,15 +509,15 @@ def act_combine_bwd(z, a, jloc, w, b1, bias1, a2, dhs, dq, off, K: int, r: int, 
     # columns first: a non-gated dzda may be dhs/dq's own buffer (written in place by the row
     # kernel, each program after reading its rows)
     no_bias = db1    # a dummy pointer where there are no biases
-    _act_combine_bwd_cols_kernel[(triton.cdiv(f, BN), G)](
+    _act_combine_bwd_cols_kernel[(triton.cdiv(f, cols["BN"]), G)](
         z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, db1, dbias if dbias is not None else no_bias, da2,
         *gate, db3, dbias3 if dbias3 is not None else no_bias,
         f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
-        dhs.stride(0), dq.stride(0), KP=max(16, triton.next_power_of_2(K)), BM=64, **common)
-    _act_combine_bwd_rows_kernel[(triton.cdiv(P, _ROW_BM) + G,)](
+        dhs.stride(0), dq.stride(0), KP=max(16, triton.next_power_of_2(K)), **common, **cols)
+    _act_combine_bwd_rows_kernel[(triton.cdiv(P, rows["BM"]) + G,)](
         z, a, jloc, w, b1, bias_arg, a2, dhs, dq, off, dz, da, dw, *gate, dz3, da3,
         f, KR, z.stride(0), a.stride(0), jloc.stride(0), w.stride(0), b1.stride(0), b1.stride(1),
         dhs.stride(0), dq.stride(0), dz.stride(0), da.stride(0), dw.stride(0),
-        G=G, TP=triton.next_power_of_2(topk), BM=_ROW_BM, **common)
+        G=G, TP=triton.next_power_of_2(topk), **common, **rows)
     out = (dw, db1, dbias, da2)
     return out + (db3, dbias3) if gated else out
