@@ -13,10 +13,16 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py 2>&1 | tail -5 | tee "$OUT/kernel_tests.log"
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-  timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/layer_bench.py --device cuda --dtype bf16 --configs "${CONFIGS:-paper}" \
-      --repeats 20 --layers "${LAYERS:-ours,ours_int4,switch,dense,deepspeed}" --out "$OUT/bench.md" 2>&1 \
-      | grep -v "^|" | tail -30
+  # bf16: autocast over float32 weights; bf16-weights: bf16 parameters, as DeepSpeed's bf16 mode runs a module
+  for dtype in ${DTYPES:-bf16-weights bf16}; do
+    timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/layer_bench.py --device cuda --dtype "$dtype" \
+        --configs "${CONFIGS:-paper}" --repeats 20 --layers "${LAYERS:-ours,ours_int4,switch,dense,deepspeed}" \
+        --out "$OUT/bench.md" 2>&1 | grep -v "^|" | tail -30
+  done
   cat "$OUT/bench.md"
+fi
+if [ -n "${PROFILE:-}" ]; then
+  timeout 300 python3 benchmarks/profile_layer.py 2>&1 | tail -40 | tee "$OUT/profile.txt"
 fi
 if [ -n "${E2E:-}" ]; then
   for ffn in ours switch; do

@@ -1,10 +1,10 @@
 """Fast path of the compressed layer: sort-based dispatch, grouped GEMMs and the fused kernels.
 
-The expert stage for rows = (token, chosen group) pairs sorted by group::
+The expert stage for rows = (token, chosen group) pairs sorted by group, in two grouped GEMMs::
 
-    z  = x @ W1[g]                  a = x @ A1cat[g]            (grouped GEMMs)
-    hs, q = act_combine_fwd(z, a)   hs = sum_j w_j act(z + mask_j(a) B1cat[g]^T + b1_j)
-    y  = hs @ W2[g] + q @ [B2cat[g] | b2[g]]^T                  (grouped GEMMs)
+    [z | a]  = x @ [W1[g] | A1cat[g]]                                  (grouped GEMM)
+    [hs | q] = act_combine_fwd(z, a)    hs = sum_j w_j act(z + mask_j(a) B1cat[g]^T + b1_j)
+    y        = [hs | q] @ [W2[g]; B2cat[g]^T; b2[g]; 0]                 (grouped GEMM)
 
 Gated experts (SwiGLU-style) add the up projection's stream z3 = x @ W3[g], a3 = x @ A3cat[g] in
 the same GEMM and ``h_j = act(z + mask_j(a) B1cat^T + b1_j) * (z3 + mask_j(a3) B3cat^T + b3_j)``.
@@ -13,7 +13,7 @@ second base GEMM acts on ``sum_j w_j h_j``. The kernels come from ``triton_moe``
 Triton is importable and from their plain-torch twins in ``reference`` otherwise (same function);
 the autograd code below is shared, so the CPU tests check the same backward the GPU runs.
 
-Dispatch is sort-based: one stable argsort by group, its inverse permutation, and gathers in both
+Dispatch is sort-based: one stable sort by group, its inverse permutation, and gathers in both
 directions (forward and backward), so no step scatters with atomics.
 """
 from __future__ import annotations
