@@ -57,6 +57,8 @@ class OpProfiler(TorchDispatchMode):
         self.by_source = by_source
         self.live = self.peak = 0
         self._storages = {}
+        self._sizes = {}
+        self.current, self.at_peak = "", ("", [])
 
     def track(self, out) -> None:
         """Count the storages of new output tensors until Python frees them."""
@@ -69,10 +71,14 @@ class OpProfiler(TorchDispatchMode):
                 continue
             self._storages[key] = weakref.ref(st, lambda _, key=key, n=st.nbytes(): self._free(key, n))
             self.live += st.nbytes()
-            self.peak = max(self.peak, self.live)
+            if self.live > self.peak:
+                self.peak = self.live
+                self.at_peak = (self.current, sorted(self._sizes.values(), reverse=True)[:6] + [st.nbytes()])
+            self._sizes[key] = st.nbytes()
 
     def _free(self, key, nbytes) -> None:
         self._storages.pop(key, None)
+        self._sizes.pop(key, None)
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -87,6 +93,7 @@ class OpProfiler(TorchDispatchMode):
                              else "autograd engine / baseline module"] += 1
         out = func(*args, **(kwargs or {}))
         if not self.paused:
+            self.current = name
             self.track(out)
         return out
 
@@ -110,6 +117,7 @@ class _CountedKernels:
             finally:
                 self.counter.paused -= 1
                 self.counter.ops[f"triton:{name}"] += TRITON_LAUNCHES[name]
+            self.counter.current = f"triton:{name}"
             self.counter.track(out)
             return out
         return call
@@ -163,6 +171,10 @@ def main(argv=None):
         syncs = sum(c.syncs.values())
         print(f"{name:>11}: {sum(c.ops.values()):5d} ops  {syncs} syncs{' ' + repr(dict(c.syncs)) if syncs else ''}"
               f"  peak {c.peak / 2 ** 20:8.1f} MiB, {(c.peak - c.grad_bytes) / 2 ** 20:8.1f} MiB besides the new gradients")
+        if args.by_source:
+            op, sizes = c.at_peak
+            print(f"{'':>13}peak at {op}; largest live storages then (MiB): "
+                  f"{', '.join(f'{b / 2 ** 20:.1f}' for b in sizes)}")
         if args.by_source and name.startswith("ours"):
             for src, n in c.sources.most_common():
                 print(f"{'':>13}{n:5d}  {src}")

@@ -177,7 +177,9 @@ class _FusedExperts(torch.autograd.Function):
     each parameter's own dtype. The gated operands (W3 .. bias3) are None for non-gated experts.
     The backward frees each [rows, f] buffer as soon as its last reader is done (U and V are held
     on ctx, not saved, so they can be dropped early); for non-gated experts the combine's backward
-    writes [dz | da] over [dhs | dq] in place, so at most two such buffers are alive at once."""
+    writes [dz | da] over [dhs | dq] in place, so at most two such buffers are alive at once. The
+    base weights' gradients are computed straight into their own buffers (their rank-r columns by
+    separate small GEMMs), so no weight-sized buffer is split and copied."""
 
     @staticmethod
     def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2,
@@ -215,12 +217,14 @@ class _FusedExperts(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             dy = dy.contiguous().to(x.dtype)
             dV = ops.gmm_rows(dy, W2x, off, trans_w=True)          # [dhs | dq]
-            dW2x = ops.gmm_wgrad(V, dy, off)
+            # the base gradient straight into its own [G, f, d] buffer, the small rank-r rows apart:
+            # no [G, f + q, d] buffer to split afterwards
+            dW2 = ops.gmm_wgrad(V[:, :f], dy, off).to(tW2)
+            dq_w = ops.gmm_wgrad(V[:, f:], dy, off)
             del V
-            dW2 = _owned(dW2x[:, :f], tW2)
-            dB2 = _owned(dW2x[:, f:f + KR].reshape(-1, K, r, dW2x.shape[2]).transpose(2, 3).reshape(E, -1, r), tB2)
-            dbias2 = _owned(dW2x[:, f + KR:f + KR + K].reshape(E, -1), tb2) if tb2 is not None else None
-            del dW2x
+            dB2 = _owned(dq_w[:, :KR].reshape(-1, K, r, dq_w.shape[2]).transpose(2, 3).reshape(E, -1, r), tB2)
+            dbias2 = _owned(dq_w[:, KR:KR + K].reshape(E, -1), tb2) if tb2 is not None else None
+            del dq_w
             # [dz | da] over [dhs | dq] in place; gated [dz | dz3 | da | da3] is wider: its own buffer
             dU = torch.empty_like(U) if gated else dV[:, :U.shape[1]]
             z, a, gate = _split_up(U, f, KR, B3, bias3)
@@ -228,14 +232,13 @@ class _FusedExperts(torch.autograd.Function):
                                                                off, K, r, ctx.act, dU, **gate)
             del U, z, a, gate, dV
             dx = ops.gmm_rows(dU, W1x, off, trans_w=True)
-            dW1x = ops.gmm_wgrad(x, dU, off)
+            dW1 = ops.gmm_wgrad(x, dU[:, :f], off).to(tW1)
+            dW3 = ops.gmm_wgrad(x, dU[:, f:2 * f], off).to(tW3) if gated else None
+            dA_x = ops.gmm_wgrad(x, dU[:, n * f:], off)       # [A1cat | A3cat] columns
             del dU
-            dW1 = _owned(dW1x[:, :, :f], tW1)
-            dA1 = _owned(_split_factors(dW1x[:, :, n * f:n * f + KR], K), tA1)
-            if gated:
-                dW3 = _owned(dW1x[:, :, f:2 * f], tW3)
-                dA3 = _owned(_split_factors(dW1x[:, :, 2 * f + KR:], K), tA3)
-            del dW1x
+            dA1 = _owned(_split_factors(dA_x[:, :, :KR], K), tA1)
+            dA3 = _owned(_split_factors(dA_x[:, :, KR:], K), tA3) if gated else None
+            del dA_x
         dbias1 = dbias1.to(bias1.dtype) if bias1 is not None else None
         grads = (None, None, None, None, dx, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype), dbias1,
                  dA2.to(A2.dtype), dB2, dbias2)
