@@ -60,6 +60,25 @@ class HierarchicalRouter(nn.Module):
         group_logits, expert_logits = logits.split([G, G * K], dim=1)
         return hierarchical_topk(group_logits, expert_logits.view(-1, G, K), self.group_top_k, self.top_k)
 
+    def route_with_losses(self, x: torch.Tensor, aux_loss_coef: float, z_loss_coef: float,
+                          temperature: float = 1.0, frozen: bool = False):
+        """One-process routing and its balance/z losses in one autograd node (``FusedRouterLoss``).
+
+        Returns ``(routing, loss, hits, slot_counts)``: the same values as ``forward`` followed by
+        ``aux_losses(routing, ...)`` (only ``routing.weights`` and ``loss`` carry gradients), plus the
+        (T, E) 0/1 slot matrix and its column sums (``slot_hits``), in the logits' dtype."""
+        u, v = self.group_proto, self.expert_vec
+        if frozen:
+            u, v = u.detach(), v.detach()
+        G, K = self.num_groups, self.experts_per_group
+        (weights, loss, group_idx, slot_idx, group_probs, expert_probs, logits, hits,
+         counts) = FusedRouterLoss.apply(x, u, v, float(temperature), G, K, self.group_top_k, self.top_k,
+                                         float(aux_loss_coef), float(z_loss_coef))
+        group_logits, expert_logits = logits.split([G, G * K], dim=1)
+        r = Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits,
+                    expert_logits.view(-1, G, K))
+        return r, loss, hits, counts
+
     @torch.no_grad()
     def regroup(self, new_to_old_slot: torch.Tensor, overlap: torch.Tensor, io) -> None:
         """Move each v_i with its expert; warm-start u as the convex combination of the old
@@ -81,6 +100,112 @@ def hierarchical_topk(group_logits: torch.Tensor, expert_logits: torch.Tensor, g
     slot_idx = group_idx.unsqueeze(-1) * K + pos
     weights = top_pg.unsqueeze(-1) * top_pi
     return Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits, expert_logits)
+
+
+class FusedRouterLoss(torch.autograd.Function):
+    """``HierarchicalRouter.forward`` + ``aux_losses`` (one process, ``reduce=None``) as one
+    autograd node with an analytic backward, to cut the number of dispatched operations.
+
+    forward(x, u, v, t, G, K, g1, k, aux_coef, z_coef) ->
+        weights (T, g1, k), loss (), group_idx, slot_idx, group_probs, expert_probs,
+        logits (T, G + E), hits (T, E), slot_counts (E,)
+    Only ``weights`` and ``loss`` are differentiable. The loss is linear in the group probabilities
+    p_g and the expert probabilities p_i given the (gradient-free) shares f:
+        aux * lb = sum_{t,g} p_g[t,g] H[t,g],  H[t,g] = aux/T * (G f_g + E sum_j p_i[t,g,j] f_e[g,j]),
+    so d(aux * lb)/dp_g = H and d(aux * lb)/dp_i[t,g,j] = aux E / T * p_g[t,g] f_e[g,j]. The z-loss
+    adds 2 z lse / count * softmax to the logits' gradient. The loss's gradient w.r.t. the logits
+    does not depend on the upstream gradients, so the forward computes it once; the backward adds
+    the combine weights' part (softmax Jacobians) and ends in two matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, u, v, t, G, K, g1, k, aux_coef, z_coef):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(x.device.type, enabled=False):   # all of it in dt (autocast would run matmuls in bf16)
+            return FusedRouterLoss._forward(ctx, x, u, v, t, G, K, g1, k, aux_coef, z_coef)
+
+    @staticmethod
+    def _forward(ctx, x, u, v, t, G, K, g1, k, aux_coef, z_coef):
+        T = x.shape[0]
+        E = G * K
+        dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
+        w_cat = torch.cat([u, v]).to(dt)
+        xc = x.to(dt)
+        logits = xc @ w_cat.t()
+        if t != 1.0:
+            logits = logits / t
+        gl, el = logits[:, :G], logits[:, G:].view(T, G, K)
+        pg = torch.softmax(gl, dim=-1)
+        pe = torch.softmax(el, dim=-1)
+        top_pg, group_idx = pg.topk(g1, dim=-1)                                    # (T, g1)
+        chosen = pe.gather(1, group_idx.unsqueeze(-1).expand(-1, -1, K))           # (T, g1, K)
+        top_pi, pos = chosen.topk(k, dim=-1)                                       # (T, g1, k)
+        slot_idx = pos.add(group_idx.unsqueeze(-1), alpha=K)                       # group * K + pos
+        weights = top_pg.unsqueeze(-1) * top_pi
+        hits = torch.zeros(T, E, dtype=dt, device=x.device).scatter_(1, slot_idx.view(T, -1), 1.0)
+        counts = hits.sum(0)
+        loss = None
+        dg = de = None          # d(loss)/d(group logits) (T, G), d(loss)/d(expert logits) (T, G, K)
+        if aux_coef > 0 and T > 0:
+            # F[g, j] = aux E / T * f_e[g, j], f_e = counts / (T g1 k); G f_g[g] = (G / E) sum_j E f_e[g, j]
+            F_ = counts.view(G, K) * (aux_coef * E / (T * T * g1 * k))
+            # H[t, g] = sum_j (p_i[t, g, j] + G / E) F[g, j]
+            H = torch.bmm((pe + G / E).transpose(0, 1), F_.unsqueeze(-1)).squeeze(-1).t()   # (T, G)
+            loss = (pg * H).sum()
+            dg = torch._softmax_backward_data(H, pg, -1, dt)
+            de = torch._softmax_backward_data(pg.unsqueeze(-1) * F_, pe, -1, dt)
+        if z_coef > 0 and T > 0:
+            lse_g = torch.logsumexp(gl, dim=-1)                                    # (T,)
+            lse_e = torch.logsumexp(el, dim=-1)                                    # (T, G)
+            # d(z mean lse^2)/d(lse): 2 z lse / count, over every token's group logits and over
+            # the chosen groups' expert logits
+            cg = lse_g * (2.0 * z_coef / T)
+            ce = torch.zeros(T, G, dtype=dt, device=x.device).scatter_(1, group_idx, 2.0 * z_coef / (T * g1)).mul_(lse_e)
+            zl = (torch.dot(cg, lse_g) + (ce * lse_e).sum()) * 0.5
+            loss = zl if loss is None else loss + zl
+            dg = pg * cg.unsqueeze(-1) if dg is None else dg.addcmul_(pg, cg.unsqueeze(-1))
+            de = pe * ce.unsqueeze(-1) if de is None else de.addcmul_(pe, ce.unsqueeze(-1))
+        dlogits_loss = None
+        if loss is None:
+            loss = torch.zeros((), dtype=dt, device=x.device)
+        else:
+            dlogits_loss = torch.cat([dg, de.view(T, E)], dim=1)
+        ctx.save_for_backward(xc, w_cat, pg, pe, group_idx, slot_idx, top_pg, top_pi, dlogits_loss)
+        ctx.meta = (t, G, K, x.dtype, u.dtype, v.dtype)
+        ctx.mark_non_differentiable(group_idx, slot_idx, pg, pe, logits, hits, counts)
+        return weights, loss, group_idx, slot_idx, pg, pe, logits, hits, counts
+
+    @staticmethod
+    def backward(ctx, d_weights, d_loss, *_):
+        xc, w_cat, pg, pe, group_idx, slot_idx, top_pg, top_pi, dlogits_loss = ctx.saved_tensors
+        t, G, K, x_dtype, u_dtype, v_dtype = ctx.meta
+        need_x, need_u, need_v = ctx.needs_input_grad[:3]
+        T, E = xc.shape[0], G * K
+        dlogits = None
+        if d_weights is not None:
+            # weights[t, a, b] = p_g[t, group a] * p_i[t, group a, pos b]; a token's groups (and
+            # slots) are distinct, so scattering (not accumulating) is exact
+            dp = torch.zeros(T, G + E, dtype=xc.dtype, device=xc.device)
+            dp[:, :G].scatter_(1, group_idx, (d_weights * top_pi).sum(-1))
+            dp[:, G:].scatter_(1, slot_idx.view(T, -1), (d_weights * top_pg.unsqueeze(-1)).view(T, -1))
+            dlogits = torch.cat([torch._softmax_backward_data(dp[:, :G], pg, -1, xc.dtype),
+                                 torch._softmax_backward_data(dp[:, G:].view(T, G, K), pe, -1, xc.dtype).view(T, E)],
+                                dim=1)
+        if d_loss is not None and dlogits_loss is not None:
+            dlogits = dlogits_loss * d_loss if dlogits is None else dlogits.addcmul_(dlogits_loss, d_loss)
+        if dlogits is None:
+            return (None,) * 10
+        if t != 1.0:
+            dlogits = dlogits / t
+        dx = du = dv = None
+        with torch.autocast(xc.device.type, enabled=False):
+            if need_x:
+                dx = (dlogits @ w_cat).to(x_dtype)
+            if need_u or need_v:
+                dw = dlogits.t() @ xc
+                du = dw[:G].to(u_dtype) if need_u else None
+                dv = dw[G:].to(v_dtype) if need_v else None
+        return dx, du, dv, None, None, None, None, None, None, None
 
 
 def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
