@@ -129,11 +129,13 @@ class FusedRouterLoss(torch.autograd.Function):
         T = x.shape[0]
         E = G * K
         dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
-        w_cat = torch.cat([u, v]).to(dt)
+        dev = x.device
+        w_cat = torch.cat([u, v], out=torch.empty(G + E, u.shape[1], dtype=dt, device=dev))  # cast on the way
         xc = x.to(dt)
-        logits = xc @ w_cat.t()
-        if t != 1.0:
-            logits = logits / t
+        if t != 1.0:   # logits = x w^T / t in one product (beta = 0: the empty input is not read)
+            logits = torch.empty(T, G + E, dtype=dt, device=dev).addmm_(xc, w_cat.t(), beta=0, alpha=1.0 / t)
+        else:
+            logits = xc @ w_cat.t()
         gl, el = logits[:, :G], logits[:, G:].view(T, G, K)
         pg = torch.softmax(gl, dim=-1)
         pe = torch.softmax(el, dim=-1)
@@ -142,67 +144,82 @@ class FusedRouterLoss(torch.autograd.Function):
         top_pi, pos = chosen.topk(k, dim=-1)                                       # (T, g1, k)
         slot_idx = pos.add(group_idx.unsqueeze(-1), alpha=K)                       # group * K + pos
         weights = top_pg.unsqueeze(-1) * top_pi
-        hits = torch.zeros(T, E, dtype=dt, device=x.device).scatter_(1, slot_idx.view(T, -1), 1.0)
+        hits = torch.zeros(T, E, dtype=dt, device=dev).scatter_(1, slot_idx.view(T, -1), 1.0)
         counts = hits.sum(0)
-        loss = None
-        dg = de = None          # d(loss)/d(group logits) (T, G), d(loss)/d(expert logits) (T, G, K)
-        if aux_coef > 0 and T > 0:
-            # F[g, j] = aux E / T * f_e[g, j], f_e = counts / (T g1 k); G f_g[g] = (G / E) sum_j E f_e[g, j]
+        use_aux, use_z = aux_coef > 0 and T > 0, z_coef > 0 and T > 0
+        loss = dlogits_loss = None
+        if use_aux or use_z:
+            # d(loss)/d(logits), (T, G + E): group part dg, expert part de (T, G, K)
+            dlogits_loss = torch.empty(T, G + E, dtype=dt, device=dev)
+            dg_out, de_out = dlogits_loss[:, :G], dlogits_loss[:, G:].view(T, G, K)
+        if use_aux:
+            # aux * lb = sum_{t,g} p_g H with H[t, g] = sum_j (p_i[t, g, j] + G / E) F[g, j],
+            # F = aux E / T * f_e, f_e = counts / (T g1 k)  (G f_g[g] = G / E * sum_j E f_e[g, j])
             F_ = counts.view(G, K) * (aux_coef * E / (T * T * g1 * k))
-            # H[t, g] = sum_j (p_i[t, g, j] + G / E) F[g, j]
             H = torch.bmm((pe + G / E).transpose(0, 1), F_.unsqueeze(-1)).squeeze(-1).t()   # (T, G)
-            loss = (pg * H).sum()
+            per_tg = pg * H                                     # the loss is its sum (plus the z part)
             dg = torch._softmax_backward_data(H, pg, -1, dt)
             de = torch._softmax_backward_data(pg.unsqueeze(-1) * F_, pe, -1, dt)
-        if z_coef > 0 and T > 0:
+        if use_z:
             lse_g = torch.logsumexp(gl, dim=-1)                                    # (T,)
             lse_e = torch.logsumexp(el, dim=-1)                                    # (T, G)
-            # d(z mean lse^2)/d(lse): 2 z lse / count, over every token's group logits and over
-            # the chosen groups' expert logits
-            cg = lse_g * (2.0 * z_coef / T)
-            ce = torch.zeros(T, G, dtype=dt, device=x.device).scatter_(1, group_idx, 2.0 * z_coef / (T * g1)).mul_(lse_e)
-            zl = (torch.dot(cg, lse_g) + (ce * lse_e).sum()) * 0.5
-            loss = zl if loss is None else loss + zl
-            dg = pg * cg.unsqueeze(-1) if dg is None else dg.addcmul_(pg, cg.unsqueeze(-1))
-            de = pe * ce.unsqueeze(-1) if de is None else de.addcmul_(pe, ce.unsqueeze(-1))
-        dlogits_loss = None
+            # z (mean_t lse_g^2 + mean over chosen (t, g) lse_e^2); d/d(logits) = 2 z lse / count * softmax
+            half_ce = torch.zeros(T, G, dtype=dt, device=dev).scatter_(1, group_idx, z_coef / (T * g1)).mul_(lse_e)
+            per_tg = half_ce * lse_e if not use_aux else per_tg.addcmul_(half_ce, lse_e)
+            loss = torch.add(per_tg.sum(), torch.dot(lse_g, lse_g), alpha=z_coef / T)
+            if use_aux:
+                torch.addcmul(dg, pg, lse_g.unsqueeze(-1), value=2.0 * z_coef / T, out=dg_out)
+                torch.addcmul(de, pe, half_ce.unsqueeze(-1), value=2.0, out=de_out)
+            else:
+                torch.mul(pg, lse_g.unsqueeze(-1), out=dg_out).mul_(2.0 * z_coef / T)
+                torch.mul(pe, half_ce.unsqueeze(-1), out=de_out).mul_(2.0)
+        elif use_aux:
+            loss = per_tg.sum()
+            dg_out.copy_(dg)
+            de_out.copy_(de)
         if loss is None:
-            loss = torch.zeros((), dtype=dt, device=x.device)
-        else:
-            dlogits_loss = torch.cat([dg, de.view(T, E)], dim=1)
-        ctx.save_for_backward(xc, w_cat, pg, pe, group_idx, slot_idx, top_pg, top_pi, dlogits_loss)
+            loss = torch.zeros((), dtype=dt, device=dev)
+        ctx.save_for_backward(xc, w_cat, pg, pe, slot_idx, dlogits_loss)
         ctx.meta = (t, G, K, x.dtype, u.dtype, v.dtype)
         ctx.mark_non_differentiable(group_idx, slot_idx, pg, pe, logits, hits, counts)
         return weights, loss, group_idx, slot_idx, pg, pe, logits, hits, counts
 
     @staticmethod
     def backward(ctx, d_weights, d_loss, *_):
-        xc, w_cat, pg, pe, group_idx, slot_idx, top_pg, top_pi, dlogits_loss = ctx.saved_tensors
+        xc, w_cat, pg, pe, slot_idx, dlogits_loss = ctx.saved_tensors
         t, G, K, x_dtype, u_dtype, v_dtype = ctx.meta
         need_x, need_u, need_v = ctx.needs_input_grad[:3]
         T, E = xc.shape[0], G * K
-        dlogits = None
-        if d_weights is not None:
-            # weights[t, a, b] = p_g[t, group a] * p_i[t, group a, pos b]; a token's groups (and
-            # slots) are distinct, so scattering (not accumulating) is exact
-            dp = torch.zeros(T, G + E, dtype=xc.dtype, device=xc.device)
-            dp[:, :G].scatter_(1, group_idx, (d_weights * top_pi).sum(-1))
-            dp[:, G:].scatter_(1, slot_idx.view(T, -1), (d_weights * top_pg.unsqueeze(-1)).view(T, -1))
-            dlogits = torch.cat([torch._softmax_backward_data(dp[:, :G], pg, -1, xc.dtype),
-                                 torch._softmax_backward_data(dp[:, G:].view(T, G, K), pe, -1, xc.dtype).view(T, E)],
-                                dim=1)
-        if d_loss is not None and dlogits_loss is not None:
-            dlogits = dlogits_loss * d_loss if dlogits is None else dlogits.addcmul_(dlogits_loss, d_loss)
-        if dlogits is None:
+        dt, dev = xc.dtype, xc.device
+        use_loss = d_loss is not None and dlogits_loss is not None
+        if d_weights is None and not use_loss:
             return (None,) * 10
-        if t != 1.0:
-            dlogits = dlogits / t
+        if d_weights is None:
+            dlogits = dlogits_loss * d_loss
+        else:
+            # weights[t, a, b] = p_g[t, g_a] p_i[t, g_a, j_b]: with S the (T, G, K) scatter of
+            # d(weights) (a token's slots are distinct), d p_i = S p_g and d p_g = sum_j S p_i
+            S = torch.zeros(T, E, dtype=dt, device=dev).scatter_(1, slot_idx.view(T, -1),
+                                                                 d_weights.reshape(T, -1)).view(T, G, K)
+            dg = torch._softmax_backward_data((S * pe).sum(-1), pg, -1, dt)
+            de = torch._softmax_backward_data(S * pg.unsqueeze(-1), pe, -1, dt)
+            if use_loss:
+                dlogits = torch.empty(T, G + E, dtype=dt, device=dev)
+                torch.addcmul(dg, dlogits_loss[:, :G], d_loss, out=dlogits[:, :G])
+                torch.addcmul(de.view(T, E), dlogits_loss[:, G:], d_loss, out=dlogits[:, G:])
+            else:
+                dlogits = torch.cat([dg, de.view(T, E)], dim=1)
         dx = du = dv = None
-        with torch.autocast(xc.device.type, enabled=False):
+        a = 1.0 / t    # logits = x w^T / t
+        with torch.autocast(dev.type, enabled=False):
             if need_x:
-                dx = (dlogits @ w_cat).to(x_dtype)
+                dx = torch.empty_like(xc).addmm_(dlogits, w_cat, beta=0, alpha=a) if t != 1.0 else dlogits @ w_cat
+                dx = dx.to(x_dtype)
             if need_u or need_v:
-                dw = dlogits.t() @ xc
+                dw = (torch.empty_like(w_cat).addmm_(dlogits.t(), xc, beta=0, alpha=a) if t != 1.0
+                      else dlogits.t() @ xc)
+                if need_u and need_v and u_dtype == v_dtype:
+                    dw = dw.to(u_dtype)
                 du = dw[:G].to(u_dtype) if need_u else None
                 dv = dw[G:].to(v_dtype) if need_v else None
         return dx, du, dv, None, None, None, None, None, None, None
