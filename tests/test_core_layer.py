@@ -964,3 +964,39 @@ def test_loading_burn_in_state_into_compressed_layer_is_refused():
     layer.recluster(force=True)
     with pytest.raises(RuntimeError, match="uncompressed"):
         layer.load_state_dict(early)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("g1", [1, 2])
+def test_fused_router_trains_like_composite_router(fused, g1):
+    """The one-node router + losses (routing.FusedRouterLoss, the default with one process) and the
+    composite path (router forward + aux_losses under autograd) give the same training run: same
+    losses and parameters step by step, across a regroup (with its router-frozen step) and a
+    changing temperature, on the expert path of either kind."""
+    import copy
+    cfg = _cfg(num_experts=8, num_groups=4, group_top_k=g1, burn_in=2, recluster_interval=3,
+               router_freeze_steps=1, router_temperature_steps=4, aux_loss_coef=0.2, z_loss_coef=0.05)
+    torch.manual_seed(0)
+    a = _layer(cfg)
+    b = copy.deepcopy(a)
+    b.fused_router = False
+    x = _x((40, D), 5)
+    runs = []
+    for layer in (a, b):
+        layer.fused = fused
+        opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+        out = []
+        for _ in range(6):
+            opt.zero_grad(set_to_none=True)
+            y, l_aux, counts = layer(x)
+            ((y ** 2).mean() + l_aux).backward()
+            opt.step()
+            out.append((float(y.detach().square().mean()), float(l_aux.detach()), counts.clone()))
+        runs.append((out, [p.detach().clone() for p in layer.parameters()]))
+    (out_a, pa), (out_b, pb) = runs
+    assert a.step == b.step == 6 and int(a.counters[a._COUNTERS.index("reclusters")]) >= 1
+    for (fa, la, ca), (fb, lb, cb) in zip(out_a, out_b):
+        assert fa == pytest.approx(fb, rel=1e-12, abs=1e-15) and la == pytest.approx(lb, rel=1e-12, abs=1e-15)
+        assert torch.equal(ca, cb)
+    for p, q in zip(pa, pb):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trilemma_moe.core.routing import HierarchicalRouter, Routing, aux_losses, hierarchical_topk
+from trilemma_moe.core.routing import HierarchicalRouter, Routing, aux_losses, hierarchical_topk, slot_hits
 
 
 def _softmax(vals):
@@ -294,3 +294,104 @@ def test_aux_loss_gradient_reaches_router():
     r = router(x)
     aux_losses(r, 1.0, 0.0).backward()
     assert float(router.group_proto.grad.abs().sum()) > 0 and float(router.expert_vec.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------ fused router + losses ------
+
+from trilemma_moe.core.routing import FusedRouterLoss  # noqa: E402
+
+
+def _fused_inputs(G, K, d=7, T=33, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(T, d, generator=gen, dtype=torch.float64) * 1.5).requires_grad_()
+    u = torch.randn(G, d, generator=gen, dtype=torch.float64).requires_grad_()
+    v = torch.randn(G * K, d, generator=gen, dtype=torch.float64).requires_grad_()
+    return x, u, v, gen
+
+
+def _composite(x, u, v, t, G, K, g1, k, aux_coef, z_coef):
+    logits = x @ torch.cat([u, v]).t()
+    if t != 1.0:
+        logits = logits / t
+    gl, el = logits.split([G, G * K], dim=1)
+    r = hierarchical_topk(gl, el.view(-1, G, K), g1, k)
+    return r, aux_losses(r, aux_coef, z_coef)
+
+
+FUSED_CASES = [(4, 4, 1, 2, 1.0, 0.01, 0.001), (3, 5, 2, 2, 0.7, 0.3, 0.2), (2, 4, 2, 1, 1.0, 1.0, 0.0),
+               (8, 2, 1, 1, 2.5, 0.0, 1.0), (4, 3, 2, 3, 1.3, 0.0, 0.0), (5, 4, 3, 2, 0.9, 0.5, 0.05),
+               (1, 6, 1, 3, 1.0, 0.2, 0.1), (6, 1, 2, 1, 1.0, 0.2, 0.1)]
+
+
+@pytest.mark.parametrize("G,K,g1,k,t,aux_coef,z_coef", FUSED_CASES)
+def test_fused_router_loss_matches_composite(G, K, g1, k, t, aux_coef, z_coef):
+    x, u, v, gen = _fused_inputs(G, K, seed=G * 100 + K * 10 + g1 + k)
+    r, loss = _composite(x, u, v, t, G, K, g1, k, aux_coef, z_coef)
+    w, floss, gidx, sidx, pg, pe, logits, hits, counts = FusedRouterLoss.apply(x, u, v, t, G, K, g1, k,
+                                                                               aux_coef, z_coef)
+    assert torch.equal(gidx, r.group_idx) and torch.equal(sidx, r.slot_idx)
+    torch.testing.assert_close(w, r.weights, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(floss, loss.to(floss.dtype), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(pg, r.group_probs, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(pe, r.expert_probs, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(logits, torch.cat([r.group_logits, r.expert_logits.flatten(1)], 1), rtol=1e-14, atol=1e-14)
+    assert torch.equal(hits, slot_hits(r.slot_idx, G * K).double()) and torch.equal(counts, hits.sum(0))
+    for trial in range(3):
+        gw = torch.randn(w.shape, generator=gen, dtype=w.dtype)
+        gl = torch.randn((), generator=gen, dtype=w.dtype)
+        for upstream in ([gw, gl], [gw, None], [None, gl]):   # None: that output unused
+            # (both coefficients 0: the reference loss is a constant, the fused one's gradient 0)
+            keep = [i for i, g in enumerate(upstream) if g is not None and (r.weights, loss)[i].requires_grad]
+            if not keep:
+                continue
+            outs_ref = [(r.weights, loss)[i] for i in keep]
+            outs = [(w, floss)[i] for i in keep]
+            grads = [upstream[i] for i in keep]
+            ref = torch.autograd.grad(outs_ref, (x, u, v), grads, retain_graph=True)
+            got = torch.autograd.grad(outs, (x, u, v), grads, retain_graph=True)
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_fused_router_loss_finite_differences():
+    G, K, g1, k, t = 3, 4, 2, 2, 0.8
+    x, u, v, gen = _fused_inputs(G, K, d=5, T=17, seed=11)
+
+    def f(x, u, v):
+        w, loss, *_ = FusedRouterLoss.apply(x, u, v, t, G, K, g1, k, 0.3, 0.05)
+        return w, loss
+    gw = torch.randn((17, g1, k), generator=gen, dtype=torch.float64)
+    gl = 0.7
+    w, loss = f(x, u, v)
+    ana = torch.autograd.grad([w, loss], (x, u, v), [gw, torch.tensor(gl, dtype=torch.float64)])
+    h = 1e-6
+    for _ in range(6):
+        dirs = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in (x, u, v)]
+        analytic = float(sum((a * dd).sum() for a, dd in zip(ana, dirs)))
+        with torch.no_grad():
+            wp, lp = f(*[p + h * dd for p, dd in zip((x, u, v), dirs)])
+            wm, lm = f(*[p - h * dd for p, dd in zip((x, u, v), dirs)])
+            numeric = float(((wp - wm) * gw).sum() + (lp - lm) * gl) / (2 * h)
+        # the selection is piecewise constant: the step must not change it (it does not here)
+        assert abs(analytic - numeric) < 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_fused_router_frozen_and_dtypes(frozen):
+    torch.manual_seed(3)
+    router = _router(g1=2)
+    x = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+    r, loss, hits, counts = router.route_with_losses(x, 0.1, 0.01, temperature=0.9, frozen=frozen)
+    (r.weights.sum() + loss).backward()
+    if frozen:
+        assert router.group_proto.grad is None and router.expert_vec.grad is None
+    else:
+        assert float(router.group_proto.grad.abs().sum()) > 0 and float(router.expert_vec.grad.abs().sum()) > 0
+    assert float(x.grad.abs().sum()) > 0
+    # low-precision router and input: float32 logits, gradients in the parameters' dtype
+    router = _router(dtype=torch.bfloat16)
+    xb = torch.randn(5, 8).to(torch.bfloat16).requires_grad_()
+    r, loss, hits, counts = router.route_with_losses(xb, 0.1, 0.01)
+    assert r.group_logits.dtype == torch.float32 and r.weights.dtype == torch.float32 and loss.dtype == torch.float32
+    (r.weights.sum() + loss).backward()
+    assert xb.grad.dtype == torch.bfloat16 and router.expert_vec.grad.dtype == torch.bfloat16

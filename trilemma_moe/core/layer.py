@@ -97,6 +97,10 @@ class ClusteredMoE(nn.Module):
         # CUDA tensors when Triton is available; True/False force it (True on the CPU runs the same
         # code on the kernels' torch twins).
         self.fused: Optional[bool] = None
+        # One process: routing and its balance/z losses as one autograd node with an analytic
+        # backward (routing.FusedRouterLoss); False forces the composite path (router forward
+        # + aux_losses under autograd), which expert parallelism always takes.
+        self.fused_router: bool = True
 
     _COUNTERS = ("micro_step", "compressed", "reclusters", "skipped", "last_recluster_step", "frozen_until")
 
@@ -326,7 +330,11 @@ class ClusteredMoE(nn.Module):
             self._last_counts = torch.zeros(self.num_experts)
             return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
                                                                      device=hidden_states.device)
-        routing = self.route(x)
+        fused_router = self.ep is None and self.fused_router
+        if fused_router:
+            routing, l_aux, hits, slot_counts = self.route_with_losses(x)
+        else:
+            routing = self.route(x)
         if self.routing_log is not None and self.training:
             self.routing_log.append((routing.group_idx.detach().cpu(),
                                      self.expert_of_slot[routing.slot_idx].detach().cpu()))
@@ -340,12 +348,14 @@ class ClusteredMoE(nn.Module):
             y_pairs = self.experts(x.index_select(0, plan["pair_token"]), plan["pair_group_counts"],
                                    plan["row_pair"], plan["row_weight"], plan["slot_counts"], self.compressed, views)
             y = self.combine(y_pairs, plan, x.shape[0])
-        with torch.no_grad():
-            hits = slot_hits(routing.slot_idx, self.num_experts)
-            slot_counts = hits.sum(0)
-        l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef,
-                           reduce=None if self.ep is None else self.ep.sum_with_grad,
-                           slot_counts=slot_counts).to(y.dtype)
+        if not fused_router:
+            with torch.no_grad():
+                hits = slot_hits(routing.slot_idx, self.num_experts)
+                slot_counts = hits.sum(0)
+            l_aux = aux_losses(routing, self.config.aux_loss_coef, self.config.z_loss_coef,
+                               reduce=None if self.ep is None else self.ep.sum_with_grad,
+                               slot_counts=slot_counts)
+        l_aux = l_aux.to(y.dtype)
         exp_counts = self._observe(x, hits, slot_counts, learning)
         if keep is not None:
             y = hidden_states.new_zeros(shape[:-1].numel(), self.hidden_size).index_copy(0, keep, y)
@@ -365,6 +375,13 @@ class ClusteredMoE(nn.Module):
     def route(self, x: torch.Tensor) -> Routing:
         frozen = self.training and self.step < self._c("frozen_until")
         return self.router(x, temperature=self.config.temperature(self.step), frozen=frozen)
+
+    def route_with_losses(self, x: torch.Tensor):
+        """One process: ``route(x)`` and ``aux_losses`` of it in one autograd node. Returns
+        (routing, l_aux, hits, slot_counts) (``slot_hits`` and its column sums)."""
+        frozen = self.training and self.step < self._c("frozen_until")
+        return self.router.route_with_losses(x, self.config.aux_loss_coef, self.config.z_loss_coef,
+                                             temperature=self.config.temperature(self.step), frozen=frozen)
 
     def dispatch(self, r: Routing) -> Dict[str, object]:
         """Sort (token, group) pairs by group and (pair, expert) rows by slot."""

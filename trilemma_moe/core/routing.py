@@ -60,6 +60,25 @@ class HierarchicalRouter(nn.Module):
         group_logits, expert_logits = logits.split([G, G * K], dim=1)
         return hierarchical_topk(group_logits, expert_logits.view(-1, G, K), self.group_top_k, self.top_k)
 
+    def route_with_losses(self, x: torch.Tensor, aux_loss_coef: float, z_loss_coef: float,
+                          temperature: float = 1.0, frozen: bool = False):
+        """One-process routing and its balance/z losses in one autograd node (``FusedRouterLoss``).
+
+        Returns ``(routing, loss, hits, slot_counts)``: the same values as ``forward`` followed by
+        ``aux_losses(routing, ...)`` (only ``routing.weights`` and ``loss`` carry gradients), plus the
+        (T, E) 0/1 slot matrix and its column sums (``slot_hits``), in the logits' dtype."""
+        u, v = self.group_proto, self.expert_vec
+        if frozen:
+            u, v = u.detach(), v.detach()
+        G, K = self.num_groups, self.experts_per_group
+        (weights, loss, group_idx, slot_idx, group_probs, expert_probs, logits, hits,
+         counts) = FusedRouterLoss.apply(x, u, v, float(temperature), G, K, self.group_top_k, self.top_k,
+                                         float(aux_loss_coef), float(z_loss_coef))
+        group_logits, expert_logits = logits.split([G, G * K], dim=1)
+        r = Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits,
+                    expert_logits.view(-1, G, K))
+        return r, loss, hits, counts
+
     @torch.no_grad()
     def regroup(self, new_to_old_slot: torch.Tensor, overlap: torch.Tensor, io) -> None:
         """Move each v_i with its expert; warm-start u as the convex combination of the old
@@ -81,6 +100,129 @@ def hierarchical_topk(group_logits: torch.Tensor, expert_logits: torch.Tensor, g
     slot_idx = group_idx.unsqueeze(-1) * K + pos
     weights = top_pg.unsqueeze(-1) * top_pi
     return Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits, expert_logits)
+
+
+class FusedRouterLoss(torch.autograd.Function):
+    """``HierarchicalRouter.forward`` + ``aux_losses`` (one process, ``reduce=None``) as one
+    autograd node with an analytic backward, to cut the number of dispatched operations.
+
+    forward(x, u, v, t, G, K, g1, k, aux_coef, z_coef) ->
+        weights (T, g1, k), loss (), group_idx, slot_idx, group_probs, expert_probs,
+        logits (T, G + E), hits (T, E), slot_counts (E,)
+    Only ``weights`` and ``loss`` are differentiable. The loss is linear in the group probabilities
+    p_g and the expert probabilities p_i given the (gradient-free) shares f:
+        aux * lb = sum_{t,g} p_g[t,g] H[t,g],  H[t,g] = aux/T * (G f_g + E sum_j p_i[t,g,j] f_e[g,j]),
+    so d(aux * lb)/dp_g = H and d(aux * lb)/dp_i[t,g,j] = aux E / T * p_g[t,g] f_e[g,j]. The z-loss
+    adds 2 z lse / count * softmax to the logits' gradient. The loss's gradient w.r.t. the logits
+    does not depend on the upstream gradients, so the forward computes it once; the backward adds
+    the combine weights' part (softmax Jacobians) and ends in two matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, u, v, t, G, K, g1, k, aux_coef, z_coef):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(x.device.type, enabled=False):   # all of it in dt (autocast would run matmuls in bf16)
+            return FusedRouterLoss._forward(ctx, x, u, v, t, G, K, g1, k, aux_coef, z_coef)
+
+    @staticmethod
+    def _forward(ctx, x, u, v, t, G, K, g1, k, aux_coef, z_coef):
+        T = x.shape[0]
+        E = G * K
+        dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
+        dev = x.device
+        w_cat = torch.cat([u, v], out=torch.empty(G + E, u.shape[1], dtype=dt, device=dev))  # cast on the way
+        xc = x.to(dt)
+        if t != 1.0:   # logits = x w^T / t in one product (beta = 0: the empty input is not read)
+            logits = torch.empty(T, G + E, dtype=dt, device=dev).addmm_(xc, w_cat.t(), beta=0, alpha=1.0 / t)
+        else:
+            logits = xc @ w_cat.t()
+        gl, el = logits[:, :G], logits[:, G:].view(T, G, K)
+        pg = torch.softmax(gl, dim=-1)
+        pe = torch.softmax(el, dim=-1)
+        top_pg, group_idx = pg.topk(g1, dim=-1)                                    # (T, g1)
+        chosen = pe.gather(1, group_idx.unsqueeze(-1).expand(-1, -1, K))           # (T, g1, K)
+        top_pi, pos = chosen.topk(k, dim=-1)                                       # (T, g1, k)
+        slot_idx = pos.add(group_idx.unsqueeze(-1), alpha=K)                       # group * K + pos
+        weights = top_pg.unsqueeze(-1) * top_pi
+        hits = torch.zeros(T, E, dtype=dt, device=dev).scatter_(1, slot_idx.view(T, -1), 1.0)
+        counts = hits.sum(0)
+        use_aux, use_z = aux_coef > 0 and T > 0, z_coef > 0 and T > 0
+        loss = dlogits_loss = None
+        if use_aux or use_z:
+            # d(loss)/d(logits), (T, G + E): group part dg, expert part de (T, G, K)
+            dlogits_loss = torch.empty(T, G + E, dtype=dt, device=dev)
+            dg_out, de_out = dlogits_loss[:, :G], dlogits_loss[:, G:].view(T, G, K)
+        if use_aux:
+            # aux * lb = sum_{t,g} p_g H with H[t, g] = sum_j (p_i[t, g, j] + G / E) F[g, j],
+            # F = aux E / T * f_e, f_e = counts / (T g1 k)  (G f_g[g] = G / E * sum_j E f_e[g, j])
+            F_ = counts.view(G, K) * (aux_coef * E / (T * T * g1 * k))
+            H = torch.bmm((pe + G / E).transpose(0, 1), F_.unsqueeze(-1)).squeeze(-1).t()   # (T, G)
+            per_tg = pg * H                                     # the loss is its sum (plus the z part)
+            dg = torch._softmax_backward_data(H, pg, -1, dt)
+            de = torch._softmax_backward_data(pg.unsqueeze(-1) * F_, pe, -1, dt)
+        if use_z:
+            lse_g = torch.logsumexp(gl, dim=-1)                                    # (T,)
+            lse_e = torch.logsumexp(el, dim=-1)                                    # (T, G)
+            # z (mean_t lse_g^2 + mean over chosen (t, g) lse_e^2); d/d(logits) = 2 z lse / count * softmax
+            half_ce = torch.zeros(T, G, dtype=dt, device=dev).scatter_(1, group_idx, z_coef / (T * g1)).mul_(lse_e)
+            per_tg = half_ce * lse_e if not use_aux else per_tg.addcmul_(half_ce, lse_e)
+            loss = torch.add(per_tg.sum(), torch.dot(lse_g, lse_g), alpha=z_coef / T)
+            if use_aux:
+                torch.addcmul(dg, pg, lse_g.unsqueeze(-1), value=2.0 * z_coef / T, out=dg_out)
+                torch.addcmul(de, pe, half_ce.unsqueeze(-1), value=2.0, out=de_out)
+            else:
+                torch.mul(pg, lse_g.unsqueeze(-1), out=dg_out).mul_(2.0 * z_coef / T)
+                torch.mul(pe, half_ce.unsqueeze(-1), out=de_out).mul_(2.0)
+        elif use_aux:
+            loss = per_tg.sum()
+            dg_out.copy_(dg)
+            de_out.copy_(de)
+        if loss is None:
+            loss = torch.zeros((), dtype=dt, device=dev)
+        ctx.save_for_backward(xc, w_cat, pg, pe, slot_idx, dlogits_loss)
+        ctx.meta = (t, G, K, x.dtype, u.dtype, v.dtype)
+        ctx.mark_non_differentiable(group_idx, slot_idx, pg, pe, logits, hits, counts)
+        return weights, loss, group_idx, slot_idx, pg, pe, logits, hits, counts
+
+    @staticmethod
+    def backward(ctx, d_weights, d_loss, *_):
+        xc, w_cat, pg, pe, slot_idx, dlogits_loss = ctx.saved_tensors
+        t, G, K, x_dtype, u_dtype, v_dtype = ctx.meta
+        need_x, need_u, need_v = ctx.needs_input_grad[:3]
+        T, E = xc.shape[0], G * K
+        dt, dev = xc.dtype, xc.device
+        use_loss = d_loss is not None and dlogits_loss is not None
+        if d_weights is None and not use_loss:
+            return (None,) * 10
+        if d_weights is None:
+            dlogits = dlogits_loss * d_loss
+        else:
+            # weights[t, a, b] = p_g[t, g_a] p_i[t, g_a, j_b]: with S the (T, G, K) scatter of
+            # d(weights) (a token's slots are distinct), d p_i = S p_g and d p_g = sum_j S p_i
+            S = torch.zeros(T, E, dtype=dt, device=dev).scatter_(1, slot_idx.view(T, -1),
+                                                                 d_weights.reshape(T, -1)).view(T, G, K)
+            dg = torch._softmax_backward_data((S * pe).sum(-1), pg, -1, dt)
+            de = torch._softmax_backward_data(S * pg.unsqueeze(-1), pe, -1, dt)
+            if use_loss:
+                dlogits = torch.empty(T, G + E, dtype=dt, device=dev)
+                torch.addcmul(dg, dlogits_loss[:, :G], d_loss, out=dlogits[:, :G])
+                torch.addcmul(de.view(T, E), dlogits_loss[:, G:], d_loss, out=dlogits[:, G:])
+            else:
+                dlogits = torch.cat([dg, de.view(T, E)], dim=1)
+        dx = du = dv = None
+        a = 1.0 / t    # logits = x w^T / t
+        with torch.autocast(dev.type, enabled=False):
+            if need_x:
+                dx = torch.empty_like(xc).addmm_(dlogits, w_cat, beta=0, alpha=a) if t != 1.0 else dlogits @ w_cat
+                dx = dx.to(x_dtype)
+            if need_u or need_v:
+                dw = (torch.empty_like(w_cat).addmm_(dlogits.t(), xc, beta=0, alpha=a) if t != 1.0
+                      else dlogits.t() @ xc)
+                if need_u and need_v and u_dtype == v_dtype:
+                    dw = dw.to(u_dtype)
+                du = dw[:G].to(u_dtype) if need_u else None
+                dv = dw[G:].to(v_dtype) if need_v else None
+        return dx, du, dv, None, None, None, None, None, None, None
 
 
 def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
