@@ -130,7 +130,7 @@ class FusedRouterLoss(torch.autograd.Function):
         E = G * K
         dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
         dev = x.device
-        w_cat = torch.cat([u, v], out=torch.empty(G + E, u.shape[1], dtype=dt, device=dev))  # cast on the way
+        w_cat = torch.cat([u, v]).to(dt)
         xc = x.to(dt)
         if t != 1.0:   # logits = x w^T / t in one product (beta = 0: the empty input is not read)
             logits = torch.empty(T, G + E, dtype=dt, device=dev).addmm_(xc, w_cat.t(), beta=0, alpha=1.0 / t)
