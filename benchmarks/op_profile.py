@@ -39,7 +39,7 @@ from layer_bench import DTYPES, _once, build_layers  # noqa: E402
 from trilemma_moe.kernels import fused, reference  # noqa: E402
 
 # Launches of each kernel wrapper in kernels/triton_moe.py (act_combine_bwd: rows and cols kernels).
-TRITON_LAUNCHES = {"gmm_rows": 1, "gmm_wgrad": 1, "act_combine_fwd": 1, "act_combine_bwd": 2}
+TRITON_LAUNCHES = {"gmm_rows": 1, "gmm_wgrad": 1, "act_combine_fwd": 1, "act_combine_bwd": 2, "fake_quant": 1}
 FREE = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "slice",
         "select", "as_strided", "detach", "alias", "empty", "empty_like", "new_empty", "empty_strided", "split",
         "split_with_sizes", "unbind", "_reshape_alias", "lift_fresh", "view_as", "promote_types", "result_type",

@@ -27,12 +27,13 @@ def random_offsets(P, G, gen, empty_group=True):
     return torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([P])]).to(torch.int32)
 
 
-def layer_check(dev, gen, bias, gated=False, act="gelu"):
+def layer_check(dev, gen, bias, gated=False, act="gelu", bits=16):
     """ClusteredMoE forward+backward on the fused path (Triton kernels) vs the per-slot path."""
     import copy
     from trilemma_moe import TrilemmaMoEConfig
     from trilemma_moe.core.layer import ClusteredMoE
-    cfg = TrilemmaMoEConfig(num_experts=12, num_groups=3, rank=4, top_k=2, gamma=None, seed=int(gen.initial_seed()) % 1000)
+    cfg = TrilemmaMoEConfig(num_experts=12, num_groups=3, rank=4, top_k=2, gamma=None, seed=int(gen.initial_seed()) % 1000,
+                            residual_bits=bits)
     slow = ClusteredMoE(32, 80, cfg, activation=act, bias=bias, gated=gated)
     slow.recluster(force=True)
     with torch.no_grad():
@@ -152,10 +153,26 @@ def main(argv=None):
     for dname in args.dtypes.split(","):
         # the whole layer on the kernels (glue included) against its per-slot path, float32
         if dname == "fp32":
-            for bias, gated, act in ((True, False, "gelu"), (False, False, "gelu"), (True, True, "silu")):
-                errs = layer_check(dev, gen, bias, gated, act)
+            for bias, gated, act, bits in ((True, False, "gelu", 16), (False, False, "gelu", 16), (True, True, "silu", 16),
+                                           (True, False, "gelu", 4)):
+                errs = layer_check(dev, gen, bias, gated, act, bits)
                 for label, err in errs.items():
-                    report(f"layer {label} bias={bias}{' gated' if gated else ''}", err, "fp32")
+                    report(f"layer {label} bias={bias}{' gated' if gated else ''}{' int4' if bits == 4 else ''}",
+                           err, "fp32")
+        # INT4 quantize-dequantize: bit for bit (same divisions, same rounding)
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+        for E, rows, r in ((6, 37, 5), (4, 130, 16)):
+            w = rnd(E, rows, r, dt=dt) * 0.2
+            w[1, :, 2] = 0                       # an all-zero column (scale 1, exact)
+            w[2, :, 0] = w[2, :, 0].abs()        # a column that never goes below 0
+            # exact ties for round-half-to-even: scale 0.25, -lo/s = 7.5, w/s = 0.5, 1.5, -2.5, ...
+            ties = torch.tensor([-1.875, 1.875, 0.125, 0.375, -0.625, 0.875, -0.125, 1.125])
+            w[3, :, 1] = ties.repeat(rows // 8 + 1)[:rows].to(dt)
+            got, want = tk.fake_quant(w), ref.fake_quant(w)
+            exact = bool(torch.equal(got, want))
+            failures += not exact
+            print(f"{'ok  ' if exact else 'FAIL'} fake_quant E={E} rows={rows} r={r}  {dname} "
+                  f"{'bit-exact' if exact else f'max |diff| {float((got - want).abs().max()):.3g}'}", flush=True)
     print("all kernel checks passed" if not failures else f"{failures} kernel checks FAILED", flush=True)
     return 1 if failures else 0
 

@@ -248,6 +248,18 @@ class _FusedExperts(torch.autograd.Function):
         return grads + (dW3, dA3, dB3.to(B3.dtype), dbias3.to(bias3.dtype) if bias3 is not None else None)
 
 
+class _FakeQuant(torch.autograd.Function):
+    """INT4 quantize-dequantize by the ops' kernel, straight-through gradient (as core.quant)."""
+
+    @staticmethod
+    def forward(ctx, ops, w):
+        return ops.fake_quant(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
 def supports(slots) -> bool:
     """Whether the fused path covers the experts of ``slots``: every kind (gated or not, any
     activation, with or without biases) does."""
@@ -273,7 +285,8 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
     # the chosen experts' positions inside their group, in row order
     jloc = (slot_idx.reshape(P, k) % K).index_select(0, order)
     w = _GatherRows.apply(weights.reshape(P, k), order, inverse, 1)
-    res = slots.residual   # the factors as the forward sees them (INT4 values at residual_bits=4)
+    def res(p):   # a factor as the forward sees it: its INT4 values at residual_bits=4
+        return _FakeQuant.apply(ops, p) if slots.residual_bits == 4 else p
     fa, fb, bias = slots.fa, slots.fb, slots.bias
     gate = (slots.base["w3"], res(fa["w3"]), res(fb["w3"]), bias.get("b3")) if slots.spec.gated else ()
     y_rows = _FusedExperts.apply(ops, slots.spec.activation, K, slots.rank, xp, off, jloc, w,

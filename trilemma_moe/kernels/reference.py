@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..core import quant
+
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
 
@@ -61,6 +63,13 @@ def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor) -> torch.Ten
         if e > s:
             dw[g] = x[s:e].to(dt).t() @ dy[s:e].to(dt)
     return dw
+
+
+def fake_quant(w: torch.Tensor) -> torch.Tensor:
+    """INT4 quantize-dequantize of slot-stacked factors ``(E, rows, r)``: the values the packed
+    form decodes to (one scale and zero point per (slot, rank column); ``core/quant.py``)."""
+    with torch.no_grad():
+        return quant.fake_quant(w)
 
 
 def q_width(K: int, r: int) -> int:
