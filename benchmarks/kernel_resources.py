@@ -34,7 +34,7 @@ BF16 = ("x_ptr", "w_ptr", "y_ptr", "dy_ptr", "z_ptr", "a_ptr", "z3_ptr", "a3_ptr
 def resources(kernel, constexprs: dict, arch: int, num_warps: int, num_stages: int = 2) -> dict:
     """Compile ``kernel`` for sm_<arch>; unit strides are specialised to 1 as Triton's launcher does."""
     ptr_types = {n: "bf16" for n in BF16}
-    ptr_types.update(j_ptr="i64", off_ptr="i32")
+    ptr_types.update(j_ptr="i64", off_ptr="i32", xi_ptr="i64", yi_ptr="i64", di_ptr="i64")
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -80,14 +80,15 @@ def gemm_kernels(G: int = 8, n: int = 3072):
     import torch
     t = tk._tiles(torch.bfloat16, n)
     tiles = dict(BM=t["BM"], BN=t["BN"], BK=t["BK"])
-    # the unit strides the launcher specialises to 1: x @ w[g] (w's rows contiguous), x @ w[g]^T
-    # (the backward), and the weight gradient of row-major x and dy
-    yield "gmm_rows", tk._gmm_rows_kernel, dict(G=G, IEEE=False, sxk=1, swn=1, syn=1, **tiles), \
-        t["num_warps"], t["num_stages"]
-    yield "gmm_rows (w^T)", tk._gmm_rows_kernel, dict(G=G, IEEE=False, sxk=1, swk=1, syn=1, **tiles), \
-        t["num_warps"], t["num_stages"]
-    yield "gmm_wgrad", tk._gmm_wgrad_kernel, dict(G=G, IEEE=False, sxm=1, sdn=1, swn=1, **tiles), \
-        t["num_warps"], t["num_stages"]
+    # as the layer launches them: the unit strides the launcher specialises to 1, and which side
+    # reads (X_IDX) or writes (Y_IDX) its rows through the token index
+    base = dict(G=G, IEEE=False, **tiles)
+    for name, consts in (("gmm_rows x@[W1|A1] (x gathered)", dict(sxk=1, swn=1, syn=1, X_IDX=True, Y_IDX=False)),
+                         ("gmm_rows V@W2x (y scattered)", dict(sxk=1, swn=1, syn=1, X_IDX=False, Y_IDX=True)),
+                         ("gmm_rows dy@W2x^T", dict(sxk=1, swk=1, syn=1, X_IDX=False, Y_IDX=False)),
+                         ("gmm_rows dU@W1x^T (dx scattered)", dict(sxk=1, swk=1, syn=1, X_IDX=False, Y_IDX=True))):
+        yield name, tk._gmm_rows_kernel, dict(base, **consts), t["num_warps"], t["num_stages"]
+    yield "gmm_wgrad", tk._gmm_wgrad_kernel, dict(base, sxm=1, sdn=1, swn=1), t["num_warps"], t["num_stages"]
 
 
 def main(argv=None):

@@ -27,13 +27,13 @@ def random_offsets(P, G, gen, empty_group=True):
     return torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([P])]).to(torch.int32)
 
 
-def layer_check(dev, gen, bias, gated=False, act="gelu", bits=16):
+def layer_check(dev, gen, bias, gated=False, act="gelu", bits=16, g1=1):
     """ClusteredMoE forward+backward on the fused path (Triton kernels) vs the per-slot path."""
     import copy
     from trilemma_moe import TrilemmaMoEConfig
     from trilemma_moe.core.layer import ClusteredMoE
     cfg = TrilemmaMoEConfig(num_experts=12, num_groups=3, rank=4, top_k=2, gamma=None, seed=int(gen.initial_seed()) % 1000,
-                            residual_bits=bits)
+                            residual_bits=bits, group_top_k=g1)
     slow = ClusteredMoE(32, 80, cfg, activation=act, bias=bias, gated=gated)
     slow.recluster(force=True)
     with torch.no_grad():
@@ -95,6 +95,11 @@ def main(argv=None):
             dyf = rnd(P, f, dt=dt)
             report(f"gmm_rows trans_w P={P}", rel(tk.gmm_rows(dyf, w, off, trans_w=True), ref.gmm_rows(dyf.float(), w.float(), off, trans_w=True)), dname)
             report(f"gmm_wgrad P={P}", rel(tk.gmm_wgrad(x, dyf, off), ref.gmm_wgrad(x.float(), dyf.float(), off)), dname)
+            # rows read through a gather and written through a scatter (a permutation), as the layer runs them
+            perm = torch.randperm(P, generator=gen).to(dev)
+            report(f"gmm_rows gather/scatter P={P}", rel(tk.gmm_rows(x, w, off, x_rows=perm, y_rows=perm),
+                                                          ref.gmm_rows(x.float(), w.float(), off, x_rows=perm, y_rows=perm)), dname)
+
         # (act, (P, G, K, r, k, f, bias), gated)
         variants = [(act, shape, False) for act in ("gelu", "gelu_tanh", "relu", "silu")
                     for shape in ((130, 4, 4, 4, 2, 72, True), (97, 3, 3, 5, 1, 40, False), (200, 2, 8, 16, 2, 64, True))]
@@ -153,12 +158,13 @@ def main(argv=None):
     for dname in args.dtypes.split(","):
         # the whole layer on the kernels (glue included) against its per-slot path, float32
         if dname == "fp32":
-            for bias, gated, act, bits in ((True, False, "gelu", 16), (False, False, "gelu", 16), (True, True, "silu", 16),
-                                           (True, False, "gelu", 4)):
-                errs = layer_check(dev, gen, bias, gated, act, bits)
+            for bias, gated, act, bits, g1 in ((True, False, "gelu", 16, 1), (False, False, "gelu", 16, 1),
+                                               (True, True, "silu", 16, 1), (True, False, "gelu", 4, 1),
+                                               (False, False, "relu", 16, 2)):
+                errs = layer_check(dev, gen, bias, gated, act, bits, g1)
                 for label, err in errs.items():
-                    report(f"layer {label} bias={bias}{' gated' if gated else ''}{' int4' if bits == 4 else ''}",
-                           err, "fp32")
+                    report(f"layer {label} bias={bias}{' gated' if gated else ''}{' int4' if bits == 4 else ''}"
+                           f"{' g1=2' if g1 == 2 else ''}", err, "fp32")
         # INT4 quantize-dequantize: bit for bit (same divisions, same rounding)
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
         for E, rows, r in ((6, 37, 5), (4, 130, 16)):

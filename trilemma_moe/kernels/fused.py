@@ -13,8 +13,10 @@ second base GEMM acts on ``sum_j w_j h_j``. The kernels come from ``triton_moe``
 Triton is importable and from their plain-torch twins in ``reference`` otherwise (same function);
 the autograd code below is shared, so the CPU tests check the same backward the GPU runs.
 
-Dispatch is sort-based: one stable sort by group, its inverse permutation, and gathers in both
-directions (forward and backward), so no step scatters with atomics.
+Dispatch is sort-based: one stable sort by group and its inverse permutation. The first GEMM
+reads each row's token through the sort index, the second writes each row to its token when a
+token has one group (a permutation: no two rows collide), and a token's g1 > 1 rows are summed by
+a gather; no step scatters with atomics.
 """
 from __future__ import annotations
 
@@ -182,28 +184,33 @@ class _FusedExperts(torch.autograd.Function):
     separate small GEMMs), so no weight-sized buffer is split and copied."""
 
     @staticmethod
-    def forward(ctx, ops, act, K, r, x, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2,
+    def forward(ctx, ops, act, K, r, x, rows, inverse, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2,
                 W3=None, A3=None, B3=None, bias3=None):
+        # x: the tokens [T, d]; sorted row m reads token rows[m] inside the first GEMM (no gathered
+        # copy of x). One group per token (rows a permutation): the second GEMM writes row m to
+        # token rows[m], so y is in token order; else y is in row order (the caller sums a
+        # token's rows).
         cdt = x.dtype
         f = W1.shape[2]
         gated = W3 is not None
+        scatter = rows.numel() == x.shape[0]
         with torch.autocast(x.device.type, enabled=False):
             W1x = _up_weights([W1, W3] if gated else [W1], [A1, A3] if gated else [A1], K, cdt)
             W2x = _down_weights(W2, B2, bias2, K, cdt)
-            U = ops.gmm_rows(x, W1x, off)
+            U = ops.gmm_rows(x, W1x, off, x_rows=rows)
             z, a, gate = _split_up(U, f, K * r, B3, bias3)
             V = ops.act_combine_fwd(z, a, jloc, w, B1, bias1, A2, off, K, r, act,
-                                    x.new_empty(x.shape[0], W2x.shape[1]), **gate)
-            y = ops.gmm_rows(V, W2x, off)
-        ctx.save_for_backward(x, off, jloc, w, W1x, W2x, B1, bias1, A2, B3, bias3)
+                                    x.new_empty(rows.numel(), W2x.shape[1]), **gate)
+            y = ops.gmm_rows(V, W2x, off, y_rows=rows if scatter else None)
+        ctx.save_for_backward(x, rows, inverse, off, jloc, w, W1x, W2x, B1, bias1, A2, B3, bias3)
         ctx.U, ctx.V = U, V
-        ctx.ops, ctx.act, ctx.K, ctx.r, ctx.gated = ops, act, K, r, gated
+        ctx.ops, ctx.act, ctx.K, ctx.r, ctx.gated, ctx.scatter = ops, act, K, r, gated, scatter
         ctx.dtypes = [t.dtype if t is not None else None for t in (W1, W2, A1, B2, bias2, W3, A3)]
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, off, jloc, w, W1x, W2x, B1, bias1, A2, B3, bias3 = ctx.saved_tensors
+        x, rows, inverse, off, jloc, w, W1x, W2x, B1, bias1, A2, B3, bias3 = ctx.saved_tensors
         U, V = ctx.U, ctx.V
         if U is None:
             raise RuntimeError("the fused expert stage's backward ran twice (retain_graph): it frees its "
@@ -216,12 +223,17 @@ class _FusedExperts(torch.autograd.Function):
         tW1, tW2, tA1, tB2, tb2, tW3, tA3 = ctx.dtypes
         with torch.autocast(x.device.type, enabled=False):
             dy = dy.contiguous().to(x.dtype)
+            # the weight gradients want rows in sorted order: gather dy (token order when the output
+            # was scattered) and x once here (an index load inside a GEMM's reduction loop would
+            # cost it its software pipeline)
+            if ctx.scatter:
+                dy = dy.index_select(0, rows)
             dV = ops.gmm_rows(dy, W2x, off, trans_w=True)          # [dhs | dq]
             # the base gradient straight into its own [G, f, d] buffer, the small rank-r rows apart:
             # no [G, f + q, d] buffer to split afterwards
             dW2 = ops.gmm_wgrad(V[:, :f], dy, off).to(tW2)
             dq_w = ops.gmm_wgrad(V[:, f:], dy, off)
-            del V
+            del V, dy
             dB2 = _owned(dq_w[:, :KR].reshape(-1, K, r, dq_w.shape[2]).transpose(2, 3).reshape(E, -1, r), tB2)
             dbias2 = _owned(dq_w[:, KR:KR + K].reshape(E, -1), tb2) if tb2 is not None else None
             del dq_w
@@ -231,17 +243,24 @@ class _FusedExperts(torch.autograd.Function):
             dw, dB1, dbias1, dA2, *dgate = ops.act_combine_bwd(z, a, jloc, w, B1, bias1, A2, dV[:, :f], dV[:, f:],
                                                                off, K, r, ctx.act, dU, **gate)
             del U, z, a, gate, dV
-            dx = ops.gmm_rows(dU, W1x, off, trans_w=True)
-            dW1 = ops.gmm_wgrad(x, dU[:, :f], off).to(tW1)
-            dW3 = ops.gmm_wgrad(x, dU[:, f:2 * f], off).to(tW3) if gated else None
-            dA_x = ops.gmm_wgrad(x, dU[:, n * f:], off)       # [A1cat | A3cat] columns
+            if ctx.scatter:   # row m's gradient goes straight to token rows[m]
+                dx = ops.gmm_rows(dU, W1x, off, trans_w=True, y_rows=rows)
+            else:             # a token's g1 rows summed: gathers, no atomics
+                dx_rows = ops.gmm_rows(dU, W1x, off, trans_w=True)
+                dx = dx_rows.index_select(0, inverse).view(x.shape[0], -1, x.shape[1]).sum(1)
+                del dx_rows
+            xr = x.index_select(0, rows)
+            dW1 = ops.gmm_wgrad(xr, dU[:, :f], off).to(tW1)
+            dW3 = ops.gmm_wgrad(xr, dU[:, f:2 * f], off).to(tW3) if gated else None
+            dA_x = ops.gmm_wgrad(xr, dU[:, n * f:], off)       # [A1cat | A3cat] columns
+            del xr
             del dU
             dA1 = _owned(_split_factors(dA_x[:, :, :KR], K), tA1)
             dA3 = _owned(_split_factors(dA_x[:, :, KR:], K), tA3) if gated else None
             del dA_x
         dbias1 = dbias1.to(bias1.dtype) if bias1 is not None else None
-        grads = (None, None, None, None, dx, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype), dbias1,
-                 dA2.to(A2.dtype), dB2, dbias2)
+        grads = (None, None, None, None, dx, None, None, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype),
+                 dbias1, dA2.to(A2.dtype), dB2, dbias2)
         if not gated:
             return grads + (None, None, None, None)
         dB3, dbias3 = dgate
@@ -281,7 +300,6 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
         cdt = x.dtype
     ops = ops or ops_for(x.device, cdt)
     order, inverse, off, token_of_row = sort_by_group(group_idx, G)
-    xp = _GatherRows.apply(x.to(cdt), token_of_row, inverse, g1)
     # the chosen experts' positions inside their group, in row order
     jloc = (slot_idx.reshape(P, k) % K).index_select(0, order)
     w = _GatherRows.apply(weights.reshape(P, k), order, inverse, 1)
@@ -289,7 +307,8 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
         return _FakeQuant.apply(ops, p) if slots.residual_bits == 4 else p
     fa, fb, bias = slots.fa, slots.fb, slots.bias
     gate = (slots.base["w3"], res(fa["w3"]), res(fb["w3"]), bias.get("b3")) if slots.spec.gated else ()
-    y_rows = _FusedExperts.apply(ops, slots.spec.activation, K, slots.rank, xp, off, jloc, w,
-                                 slots.base["w1"], slots.base["w2"], res(fa["w1"]), res(fb["w1"]), bias.get("b1"),
-                                 res(fa["w2"]), res(fb["w2"]), bias.get("b2"), *gate)
-    return _SumGatherRows.apply(y_rows, inverse, token_of_row, g1)
+    y = _FusedExperts.apply(ops, slots.spec.activation, K, slots.rank, x.to(cdt), token_of_row, inverse, off,
+                            jloc, w, slots.base["w1"], slots.base["w2"], res(fa["w1"]), res(fb["w1"]), bias.get("b1"),
+                            res(fa["w2"]), res(fb["w2"]), bias.get("b2"), *gate)
+    # one group per token: y is already in token order; else sum each token's g1 rows
+    return y if g1 == 1 else _SumGatherRows.apply(y, inverse, token_of_row, g1)

@@ -43,15 +43,21 @@ def _segments(off: torch.Tensor):
     return [(g, bounds[g], bounds[g + 1]) for g in range(len(bounds) - 1)]
 
 
-def gmm_rows(x: torch.Tensor, w: torch.Tensor, off: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
-    """Grouped GEMM over row segments: ``y[rows_g] = x[rows_g] @ w[g]`` (``w[g]^T`` if trans_w)."""
+def gmm_rows(x: torch.Tensor, w: torch.Tensor, off: torch.Tensor, trans_w: bool = False,
+             x_rows: Optional[torch.Tensor] = None, y_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Grouped GEMM over row segments: ``y[rows_g] = x[rows_g] @ w[g]`` (``w[g]^T`` if trans_w).
+
+    ``x_rows``: row m reads ``x[x_rows[m]]`` (a gather in the load); ``y_rows``, a permutation:
+    row m is written to ``y[y_rows[m]]`` (a scatter in the store)."""
+    if x_rows is not None:
+        x = x.index_select(0, x_rows)
     n_out = w.shape[1] if trans_w else w.shape[2]
     y = x.new_zeros(x.shape[0], n_out)
     for g, s, e in _segments(off):
         if e > s:
             wg = w[g].t() if trans_w else w[g]
             y[s:e] = x[s:e] @ wg
-    return y
+    return y if y_rows is None else torch.empty_like(y).index_copy_(0, y_rows, y)
 
 
 def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,19 @@ def _act_grad(x, ACT: tl.constexpr):
 
 # --- grouped GEMMs -----------------------------------------------------------------------------
 @triton.jit
-def _gmm_rows_kernel(x_ptr, w_ptr, y_ptr, off_ptr, N, KD, sxm, sxk, swg, swk, swn, sym, syn,
-                     G: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _row_index(idx_ptr, rows, mask, HAS_IDX: tl.constexpr):
+    """Rows of the tensor behind a sorted-row position: idx[rows] (a gather/scatter), or rows."""
+    if HAS_IDX:
+        return tl.load(idx_ptr + rows, mask=mask, other=0)
+    else:
+        return rows
+
+
+@triton.jit
+def _gmm_rows_kernel(x_ptr, w_ptr, y_ptr, off_ptr, xi_ptr, yi_ptr, N, KD, sxm, sxk, swg, swk, swn, sym, syn,
+                     G: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     X_IDX: tl.constexpr, Y_IDX: tl.constexpr):
+    """y[yi[m]] = x[xi[m]] @ w[g(m)] for the sorted rows m (xi, yi: optional row indices)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g, r0, r1 = _group_tile(off_ptr, pid_m, G, BM)
@@ -97,21 +108,24 @@ def _gmm_rows_kernel(x_ptr, w_ptr, y_ptr, off_ptr, N, KD, sxm, sxk, swg, swk, sw
     rk = tl.arange(0, BK)
     mmask = rm < r1
     nmask = rn < N
+    xr = _row_index(xi_ptr, rm, mmask, X_IDX)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, KD, BK):
         kmask = (k0 + rk) < KD
-        xt = tl.load(x_ptr + rm[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        xt = tl.load(x_ptr + xr[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
         wt = tl.load(w_ptr + g * swg + (k0 + rk)[:, None] * swk + rn[None, :] * swn,
                      mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc += _mm(xt, wt, IEEE)
-    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+    yr = _row_index(yi_ptr, rm, mmask, Y_IDX)
+    tl.store(y_ptr + yr[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, off_ptr, M, N, sxr, sxm, sdr, sdn, swg, swm, swn,
                       G: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """dw[g] (M x N) = x[rows_g]^T (M x rows) @ dy[rows_g] (rows x N)."""
+    """dw[g] (M x N) = x[rows_g]^T (M x rows) @ dy[rows_g] (rows x N). (No row gathers here: an index
+    load in the reduction loop costs the software pipeline its stages, per ptxas/Triton's own counts.)"""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
@@ -152,26 +166,31 @@ def _check(off: torch.Tensor, *tensors: torch.Tensor) -> None:
             raise ValueError(f"all kernel inputs must be on {off.device}, got a tensor on {t.device}")
 
 
-def gmm_rows(x: torch.Tensor, w: torch.Tensor, off: torch.Tensor, trans_w: bool = False) -> torch.Tensor:
+def gmm_rows(x: torch.Tensor, w: torch.Tensor, off: torch.Tensor, trans_w: bool = False,
+             x_rows: Optional[torch.Tensor] = None, y_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     G = off.numel() - 1
-    P, KD = x.shape
+    P = x_rows.numel() if x_rows is not None else x.shape[0]
+    KD = x.shape[1]
     if trans_w:
         N = w.shape[1]
         swk, swn = w.stride(2), w.stride(1)
     else:
         N = w.shape[2]
         swk, swn = w.stride(1), w.stride(2)
+    _check(off, x, w, x_rows, y_rows)
     y = torch.empty(P, N, dtype=x.dtype, device=x.device)
     t = _tiles(x.dtype, N)
     grid = (triton.cdiv(P, t["BM"]) + G, triton.cdiv(N, t["BN"]))
-    _gmm_rows_kernel[grid](x, w, y, off, N, KD, x.stride(0), x.stride(1), w.stride(0), swk, swn,
-                           y.stride(0), y.stride(1), G=G, IEEE=x.dtype == torch.float32, **t)
+    _gmm_rows_kernel[grid](x, w, y, off, x_rows if x_rows is not None else off, y_rows if y_rows is not None else off,
+                           N, KD, x.stride(0), x.stride(1), w.stride(0), swk, swn, y.stride(0), y.stride(1),
+                           G=G, IEEE=x.dtype == torch.float32, X_IDX=x_rows is not None, Y_IDX=y_rows is not None, **t)
     return y
 
 
 def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
     G = off.numel() - 1
     M, N = x.shape[1], dy.shape[1]
+    _check(off, x, dy)
     dw = torch.empty(G, M, N, dtype=torch.float32, device=x.device)
     t = _tiles(x.dtype, N)
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(N, t["BN"]), G)
