@@ -76,6 +76,22 @@ class OpProfiler(TorchDispatchMode):
                 self.at_peak = (self.current, sorted(self._sizes.values(), reverse=True)[:6] + [st.nbytes()])
             self._sizes[key] = st.nbytes()
 
+    # Tensor.tolist reads the data without dispatching an operation: count it by hand
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        profiler = self
+
+        def tolist(t, *args, **kwargs):
+            if not profiler.paused:
+                profiler.syncs["tolist"] += 1
+            return profiler._tolist(t, *args, **kwargs)
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
     def _free(self, key, nbytes) -> None:
         self._storages.pop(key, None)
         self._sizes.pop(key, None)

@@ -139,6 +139,30 @@ def test_fused_expert_forward_gradcheck(gated):
         assert abs(float((up - down) / (2 * eps)) - float(a[idx])) < 1e-7
 
 
+@pytest.mark.parametrize("gated,bits", [(False, 16), (True, 16), (False, 4)])
+def test_fused_layer_dispatches_no_host_sync(gated, bits):
+    """The fused training step must not wait for the device (no .item(), .tolist(), nonzero,
+    bincount): counted with benchmarks/op_profile.py's dispatch counter, the kernels charged as
+    their Triton launches. The operation count is guarded too (111 at the time of writing, bf16
+    autocast); a rise past the bound is worth a look."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import op_profile
+    layer = _layer(E=16, G=4, r=4, k=2, act="silu" if gated else "gelu", gated=gated, bits=bits, dtype=torch.float32)
+    layer.fused = True
+    x = torch.randn(64, 24, requires_grad=True)
+    op_profile._once(layer, x, torch.bfloat16)
+    counter = op_profile.OpProfiler()
+    saved = fused.ops_for
+    fused.ops_for = lambda *a, **k: op_profile._CountedKernels(counter)
+    try:
+        with counter:
+            op_profile._once(layer, x, torch.bfloat16)
+    finally:
+        fused.ops_for = saved
+    assert not counter.syncs, dict(counter.syncs)
+    assert sum(counter.ops.values()) <= 140, counter.ops.most_common(10)
+
+
 def test_sort_by_group_and_gathers():
     gen = torch.Generator().manual_seed(2)
     G, T, g1 = 5, 40, 2
