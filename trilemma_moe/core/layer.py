@@ -362,7 +362,7 @@ class ClusteredMoE(nn.Module):
         return y.reshape(shape), l_aux, exp_counts
 
     def _use_fused(self, x: torch.Tensor, learning: bool = True) -> bool:
-        if not self.compressed or not fused.supports(self.experts):
+        if not self.compressed:
             return False
         if not learning and (self._serving or self.config.offload_idle_steps is not None):
             return False  # inference through the offload store reads its own weight views
@@ -372,16 +372,19 @@ class ClusteredMoE(nn.Module):
             return x.is_cuda and fused.triton_available()
         return self.fused
 
+    def _router_state(self) -> Dict[str, object]:
+        """This step's temperature and whether the router is frozen (paper 3.5 (i))."""
+        return dict(temperature=self.config.temperature(self.step),
+                    frozen=self.training and self.step < self._c("frozen_until"))
+
     def route(self, x: torch.Tensor) -> Routing:
-        frozen = self.training and self.step < self._c("frozen_until")
-        return self.router(x, temperature=self.config.temperature(self.step), frozen=frozen)
+        return self.router(x, **self._router_state())
 
     def route_with_losses(self, x: torch.Tensor):
         """One process: ``route(x)`` and ``aux_losses`` of it in one autograd node. Returns
         (routing, l_aux, hits, slot_counts) (``slot_hits`` and its column sums)."""
-        frozen = self.training and self.step < self._c("frozen_until")
         return self.router.route_with_losses(x, self.config.aux_loss_coef, self.config.z_loss_coef,
-                                             temperature=self.config.temperature(self.step), frozen=frozen)
+                                             **self._router_state())
 
     def dispatch(self, r: Routing) -> Dict[str, object]:
         """Sort (token, group) pairs by group and (pair, expert) rows by slot."""

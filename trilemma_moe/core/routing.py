@@ -97,7 +97,7 @@ def hierarchical_topk(group_logits: torch.Tensor, expert_logits: torch.Tensor, g
     top_pg, group_idx = group_probs.topk(group_top_k, dim=-1)                    # (T, g1)
     chosen = expert_probs.gather(1, group_idx.unsqueeze(-1).expand(-1, -1, K))  # (T, g1, K)
     top_pi, pos = chosen.topk(top_k, dim=-1)                                     # (T, g1, k)
-    slot_idx = group_idx.unsqueeze(-1) * K + pos
+    slot_idx = pos.add(group_idx.unsqueeze(-1), alpha=K)                        # group * K + pos
     weights = top_pg.unsqueeze(-1) * top_pi
     return Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits, expert_logits)
 
@@ -137,14 +137,9 @@ class FusedRouterLoss(torch.autograd.Function):
         else:
             logits = xc @ w_cat.t()
         gl, el = logits[:, :G], logits[:, G:].view(T, G, K)
-        pg = torch.softmax(gl, dim=-1)
-        pe = torch.softmax(el, dim=-1)
-        top_pg, group_idx = pg.topk(g1, dim=-1)                                    # (T, g1)
-        chosen = pe.gather(1, group_idx.unsqueeze(-1).expand(-1, -1, K))           # (T, g1, K)
-        top_pi, pos = chosen.topk(k, dim=-1)                                       # (T, g1, k)
-        slot_idx = pos.add(group_idx.unsqueeze(-1), alpha=K)                       # group * K + pos
-        weights = top_pg.unsqueeze(-1) * top_pi
-        hits = torch.zeros(T, E, dtype=dt, device=dev).scatter_(1, slot_idx.view(T, -1), 1.0)
+        r = hierarchical_topk(gl, el, g1, k)
+        pg, pe, group_idx, slot_idx, weights = r.group_probs, r.expert_probs, r.group_idx, r.slot_idx, r.weights
+        hits = slot_hits(slot_idx, E, dt)
         counts = hits.sum(0)
         use_aux, use_z = aux_coef > 0 and T > 0, z_coef > 0 and T > 0
         loss = dlogits_loss = None
@@ -231,12 +226,12 @@ def _count(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, device=flat.device).scatter_add_(0, flat, torch.ones(flat.numel(), device=flat.device))
 
 
-def slot_hits(slot_idx: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """(T, E) float32 0/1 matrix: token t chose slot s. A token's chosen slots are distinct (distinct
+def slot_hits(slot_idx: torch.Tensor, num_slots: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(T, E) 0/1 matrix: token t chose slot s. A token's chosen slots are distinct (distinct
     groups, distinct experts inside a group), so its column sums are the slot counts and its
     transpose times x gives the per-slot activation sums."""
     T = slot_idx.shape[0]
-    return torch.zeros(T, num_slots, device=slot_idx.device).scatter_(1, slot_idx.flatten(1), 1.0)
+    return torch.zeros(T, num_slots, dtype=dtype, device=slot_idx.device).scatter_(1, slot_idx.flatten(1), 1.0)
 
 
 def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None,

@@ -152,11 +152,6 @@ def _split_factors(t: torch.Tensor, K: int) -> torch.Tensor:
     return t.reshape(G, n, K, KR // K).permute(0, 2, 1, 3).reshape(G * K, n, KR // K)
 
 
-def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous copy of a view into a larger gradient buffer (so the buffer can be freed)."""
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
-
-
 def _split_up(U: torch.Tensor, f: int, KR: int, B3, bias3):
     """(z, a, gate): the activation input's column ranges of the up GEMM's output U, and the
     act_combine kernels' keyword operands of the gated stream (none for non-gated experts)."""
@@ -234,8 +229,9 @@ class _FusedExperts(torch.autograd.Function):
             dW2 = ops.gmm_wgrad(V[:, :f], dy, off).to(tW2)
             dq_w = ops.gmm_wgrad(V[:, f:], dy, off)
             del V, dy
-            dB2 = _owned(dq_w[:, :KR].reshape(-1, K, r, dq_w.shape[2]).transpose(2, 3).reshape(E, -1, r), tB2)
-            dbias2 = _owned(dq_w[:, KR:KR + K].reshape(E, -1), tb2) if tb2 is not None else None
+            # (the reshapes copy: the gradients do not keep dq_w alive)
+            dB2 = dq_w[:, :KR].reshape(-1, K, r, dq_w.shape[2]).transpose(2, 3).reshape(E, -1, r).to(tB2)
+            dbias2 = dq_w[:, KR:KR + K].reshape(E, -1).to(tb2) if tb2 is not None else None
             del dq_w
             # [dz | da] over [dhs | dq] in place; gated [dz | dz3 | da | da3] is wider: its own buffer
             dU = torch.empty_like(U) if gated else dV[:, :U.shape[1]]
@@ -255,8 +251,8 @@ class _FusedExperts(torch.autograd.Function):
             dA_x = ops.gmm_wgrad(xr, dU[:, n * f:], off)       # [A1cat | A3cat] columns
             del xr
             del dU
-            dA1 = _owned(_split_factors(dA_x[:, :, :KR], K), tA1)
-            dA3 = _owned(_split_factors(dA_x[:, :, KR:], K), tA3) if gated else None
+            dA1 = _split_factors(dA_x[:, :, :KR], K).to(tA1)
+            dA3 = _split_factors(dA_x[:, :, KR:], K).to(tA3) if gated else None
             del dA_x
         dbias1 = dbias1.to(bias1.dtype) if bias1 is not None else None
         grads = (None, None, None, None, dx, None, None, None, None, dw.to(w.dtype), dW1, dW2, dA1, dB1.to(B1.dtype),
@@ -277,12 +273,6 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return None, grad
-
-
-def supports(slots) -> bool:
-    """Whether the fused path covers the experts of ``slots``: every kind (gated or not, any
-    activation, with or without biases) does."""
-    return True
 
 
 def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_idx: torch.Tensor,
