@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 from trilemma_moe.kernels import triton_moe as tk
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-BF16 = ("x_ptr", "w_ptr", "y_ptr", "dy_ptr", "z_ptr", "a_ptr", "z3_ptr", "a3_ptr", "out_ptr", "dhs_ptr", "dq_ptr",
+BF16 = ("x_ptr", "w_ptr", "w2_ptr", "w3_ptr", "y_ptr", "dy_ptr", "z_ptr", "a_ptr", "z3_ptr", "a3_ptr", "out_ptr", "dhs_ptr", "dq_ptr",
         "dz_ptr", "da_ptr", "dz3_ptr", "da3_ptr")
 
 
@@ -83,10 +83,14 @@ def gemm_kernels(G: int = 8, n: int = 3072):
     # as the layer launches them: the unit strides the launcher specialises to 1, and which side
     # reads (X_IDX) or writes (Y_IDX) its rows through the token index
     base = dict(G=G, IEEE=False, **tiles)
-    for name, consts in (("gmm_rows x@[W1|A1] (x gathered)", dict(sxk=1, swn=1, syn=1, X_IDX=True, Y_IDX=False)),
-                         ("gmm_rows V@W2x (y scattered)", dict(sxk=1, swn=1, syn=1, X_IDX=False, Y_IDX=True)),
-                         ("gmm_rows dy@W2x^T", dict(sxk=1, swk=1, syn=1, X_IDX=False, Y_IDX=False)),
-                         ("gmm_rows dU@W1x^T (dx scattered)", dict(sxk=1, swk=1, syn=1, X_IDX=False, Y_IDX=True))):
+    for name, consts in (("gmm_rows x@W1, x@A1cat (x gathered)", dict(sxk=1, swn=1, syn=1, X_IDX=True, Y_IDX=False, PARTS=1)),
+                         ("gmm_rows [hs|q]@[W2; X2] (y scattered)",
+                          dict(sxk=1, swn=1, sw2n=1, syn=1, X_IDX=False, Y_IDX=True, PARTS=2)),
+                         ("gmm_rows dy@W2^T, dy@X2^T", dict(sxk=1, swk=1, syn=1, X_IDX=False, Y_IDX=False, PARTS=1)),
+                         ("gmm_rows dU@[W1|X1]^T (dx scattered)",
+                          dict(sxk=1, swk=1, sw2k=1, syn=1, X_IDX=False, Y_IDX=True, PARTS=2)),
+                         ("gmm_rows dU@[W1|W3|X1]^T (gated dx)",
+                          dict(sxk=1, swk=1, sw2k=1, sw3k=1, syn=1, X_IDX=False, Y_IDX=True, PARTS=3))):
         yield name, tk._gmm_rows_kernel, dict(base, **consts), t["num_warps"], t["num_stages"]
     yield "gmm_wgrad", tk._gmm_wgrad_kernel, dict(base, sxm=1, sdn=1, swn=1), t["num_warps"], t["num_stages"]
 

@@ -15,7 +15,7 @@ import torch
 
 from trilemma_moe import TrilemmaMoEConfig
 from trilemma_moe.core.layer import ClusteredMoE
-from trilemma_moe.kernels import fused
+from trilemma_moe.kernels import fused, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = os.path.join(ROOT, "tests", "scripts", "kernel_checks.py")
@@ -179,6 +179,53 @@ def test_sort_by_group_and_gathers():
     torch.autograd.gradcheck(lambda y: fused._SumGatherRows.apply(y, inverse, token_of_row, g1), (rows,))
     ref = rows.detach()[inverse].view(T, g1, 3).sum(1)
     torch.testing.assert_close(fused._SumGatherRows.apply(rows, inverse, token_of_row, g1), ref)
+
+
+def test_gmm_rows_weight_parts_and_output_range_match_one_product():
+    """The grouped GEMM's weight in parts stacked along K, and its output written into a column
+    range: the same as the plain product with the concatenated weight (float64, fresh inputs)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    G, P, n = 3, 37, 11
+    off = torch.tensor([0, 15, 15, P], dtype=torch.int32)
+    for trans_w in (False, True):
+        parts = [torch.randn(G, n, kd, generator=gen, dtype=torch.float64) if trans_w else
+                 torch.randn(G, kd, n, generator=gen, dtype=torch.float64) for kd in (5, 8, 3)]
+        x = torch.randn(P, 16, generator=gen, dtype=torch.float64)
+        perm = torch.randperm(P, generator=gen)
+        whole = torch.cat(parts, dim=2 if trans_w else 1)
+        expect = torch.empty(P, n, dtype=torch.float64)
+        for g, (s, e) in enumerate(zip(off.tolist()[:-1], off.tolist()[1:])):
+            expect[s:e] = x[perm[s:e]] @ (whole[g].t() if trans_w else whole[g])
+        wide = torch.randn(P, n + 4, generator=gen, dtype=torch.float64)
+        left = wide[:, :4].clone()
+        got = reference.gmm_rows(x, tuple(parts), off, trans_w=trans_w, x_rows=perm, out=wide[:, 4:])
+        assert got.data_ptr() == wide[:, 4:].data_ptr() and torch.equal(wide[:, :4], left)
+        torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+        scattered = reference.gmm_rows(x, tuple(parts), off, trans_w=trans_w, x_rows=perm, y_rows=perm)
+        torch.testing.assert_close(scattered[perm], expect, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="do not stack along K to the 16 columns"):
+        reference.gmm_rows(x, (parts[0], parts[1]), off, trans_w=True)
+    with pytest.raises(ValueError, match=r"out is \(37, 3\)"):
+        reference.gmm_rows(x, tuple(parts), off, trans_w=True, out=wide[:, :3])
+
+
+def test_fused_forward_keeps_bf16_base_weights_in_place():
+    """bf16 parameters (DeepSpeed's bf16 engine): the base GEMMs read W1/W2 where they lie; the
+    backward keeps the parameters themselves, not weight-sized copies."""
+    layer = _layer(dtype=torch.bfloat16)
+    layer.fused = True
+    x = torch.randn(64, 24, dtype=torch.bfloat16, requires_grad=True)
+    y, _, _ = layer(x)
+    node = y.grad_fn
+    while node is not None and "FusedExperts" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    assert node is not None, "the fused expert stage is not in the graph"
+    saved = {t.data_ptr() for t in node.saved_tensors if t is not None}
+    for name in ("w1", "w2"):
+        assert layer.experts.base[name].data_ptr() in saved, name
+    weight_sized = [t.shape for t in node.saved_tensors if t is not None and t.numel() >= layer.experts.base["w1"].numel()
+                    and t.data_ptr() not in {p.data_ptr() for p in layer.parameters()}]
+    assert not weight_sized, weight_sized
 
 
 def test_fused_and_slot_paths_train_the_same_through_regroups():

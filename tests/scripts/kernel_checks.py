@@ -95,10 +95,25 @@ def main(argv=None):
             dyf = rnd(P, f, dt=dt)
             report(f"gmm_rows trans_w P={P}", rel(tk.gmm_rows(dyf, w, off, trans_w=True), ref.gmm_rows(dyf.float(), w.float(), off, trans_w=True)), dname)
             report(f"gmm_wgrad P={P}", rel(tk.gmm_wgrad(x, dyf, off), ref.gmm_wgrad(x.float(), dyf.float(), off)), dname)
+            # stored straight in a bf16 parameter's dtype (float32 accumulation)
+            report(f"gmm_wgrad into bf16 P={P}", rel(tk.gmm_wgrad(x, dyf, off, dtype=torch.bfloat16),
+                                                     ref.gmm_wgrad(x.float(), dyf.float(), off)), "bf16")
             # rows read through a gather and written through a scatter (a permutation), as the layer runs them
             perm = torch.randperm(P, generator=gen).to(dev)
             report(f"gmm_rows gather/scatter P={P}", rel(tk.gmm_rows(x, w, off, x_rows=perm, y_rows=perm),
                                                           ref.gmm_rows(x.float(), w.float(), off, x_rows=perm, y_rows=perm)), dname)
+            # the weight in parts stacked along K, each read where it lies (dx = dU @ [W1 | W3 | X1]^T)
+            parts = (rnd(G, f, 24, dt=dt), rnd(G, f, 8, dt=dt), rnd(G, f, d - 32, dt=dt))
+            report(f"gmm_rows 3 K parts trans_w P={P}",
+                   rel(tk.gmm_rows(x, parts, off, trans_w=True, y_rows=perm),
+                       ref.gmm_rows(x.float(), tuple(p.float() for p in parts), off, trans_w=True, y_rows=perm)), dname)
+            # a column range of a wider buffer as the output (U's blocks); the other columns untouched
+            wide = rnd(P, f + 40, dt=dt)
+            keep = wide.clone()
+            tk.gmm_rows(x, w, off, x_rows=perm, out=wide[:, 20:20 + f])
+            untouched = torch.equal(wide[:, :20], keep[:, :20]) and torch.equal(wide[:, 20 + f:], keep[:, 20 + f:])
+            report(f"gmm_rows into a column range P={P}", rel(wide[:, 20:20 + f], ref.gmm_rows(x.float(), w.float(), off, x_rows=perm))
+                   if untouched else float("inf"), dname)
 
         # (act, (P, G, K, r, k, f, bias), gated)
         variants = [(act, shape, False) for act in ("gelu", "gelu_tanh", "relu", "silu")

@@ -1,13 +1,15 @@
 """Fast path of the compressed layer: sort-based dispatch, grouped GEMMs and the fused kernels.
 
-The expert stage for rows = (token, chosen group) pairs sorted by group, in two grouped GEMMs::
+The expert stage for rows = (token, chosen group) pairs sorted by group, the shape of one dense FFN::
 
-    [z | a]  = x @ [W1[g] | A1cat[g]]                                  (grouped GEMM)
+    [z | a]  = x @ [W1[g] | A1cat[g]]                                  (grouped GEMMs)
     [hs | q] = act_combine_fwd(z, a)    hs = sum_j w_j act(z + mask_j(a) B1cat[g]^T + b1_j)
     y        = [hs | q] @ [W2[g]; B2cat[g]^T; b2[g]; 0]                 (grouped GEMM)
 
-Gated experts (SwiGLU-style) add the up projection's stream z3 = x @ W3[g], a3 = x @ A3cat[g] in
-the same GEMM and ``h_j = act(z + mask_j(a) B1cat^T + b1_j) * (z3 + mask_j(a3) B3cat^T + b3_j)``.
+The bracketed weights are never concatenated: the GEMMs take them in parts (the base parameter
+where it lies, the small rank-r block assembled), so no weight-sized copy is made per step.
+Gated experts (SwiGLU-style) add the up projection's stream z3 = x @ W3[g], a3 = x @ A3cat[g] to
+U and ``h_j = act(z + mask_j(a) B1cat^T + b1_j) * (z3 + mask_j(a3) B3cat^T + b3_j)``.
 Per token this is one base GEMM per matrix (not one per chosen expert) plus rank-r terms, and the
 second base GEMM acts on ``sum_j w_j h_j``. The kernels come from ``triton_moe`` on CUDA when
 Triton is importable and from their plain-torch twins in ``reference`` otherwise (same function);
@@ -113,36 +115,32 @@ def sort_by_group(group_idx: torch.Tensor, num_groups: int):
 
 
 # --- the expert stage -----------------------------------------------------------------------------
-def _up_weights(W: list, A: list, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """[W1[g] | A1cat[g]] (gated: [W1[g] | W3[g] | A1cat[g] | A3cat[g]]) as one [G, d, n*(f + K*r)]
-    weight for n = len(W) streams: the rank-r input projections ride along the base GEMM as extra
-    output columns."""
-    G, d, f = W[0].shape
-    r, n = A[0].shape[2], len(W)
+def _up_factors(A: list, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """[A1cat[g]] (gated: [A1cat[g] | A3cat[g]]) as one [G, d, n*K*r] weight: the rank-r input
+    projections, output columns of the up GEMM next to the base's (small: the base weights are
+    read where they lie)."""
+    E, d, r = A[0].shape
+    G = E // K
     KR = K * r
-    out = torch.empty(G, d, n * (f + KR), dtype=dtype, device=W[0].device)
-    for i, (Wi, Ai) in enumerate(zip(W, A)):
-        out[:, :, i * f:(i + 1) * f].copy_(Wi)
-        c = n * f + i * KR
-        out[:, :, c:c + KR].view(G, d, K, r).copy_(Ai.view(G, K, d, r).permute(0, 2, 1, 3))
+    out = torch.empty(G, d, len(A) * KR, dtype=dtype, device=A[0].device)
+    for i, Ai in enumerate(A):
+        out[:, :, i * KR:(i + 1) * KR].view(G, d, K, r).copy_(Ai.view(G, K, d, r).permute(0, 2, 1, 3))
     return out
 
 
-def _down_weights(W2: torch.Tensor, B2: torch.Tensor, bias2: Optional[torch.Tensor], K: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """[W2[g]; B2cat[g]^T; bias2 of the group's experts; 0] as one [G, f + q_width, d] weight,
-    matching the columns of ``act_combine_fwd``'s output."""
-    G, f, d = W2.shape
-    r = B2.shape[2]
+def _down_extra(B2: torch.Tensor, bias2: Optional[torch.Tensor], K: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B2cat[g]^T; bias2 of the group's experts; 0] as one [G, q_width, d] weight: the K rows of
+    the down GEMM below the base W2[g], matching the q columns of ``act_combine_fwd``'s output."""
+    E, d, r = B2.shape
+    G = E // K
     KR = K * r
-    out = torch.empty(G, f + reference.q_width(K, r), d, dtype=dtype, device=W2.device)
-    out[:, :f].copy_(W2)
-    out[:, f:f + KR].view(G, K, r, d).copy_(B2.view(G, K, d, r).transpose(2, 3))
+    out = torch.empty(G, reference.q_width(K, r), d, dtype=dtype, device=B2.device)
+    out[:, :KR].view(G, K, r, d).copy_(B2.view(G, K, d, r).transpose(2, 3))
     if bias2 is not None:
-        out[:, f + KR:f + KR + K].copy_(bias2.view(G, K, d))
-        out[:, f + KR + K:].zero_()
+        out[:, KR:KR + K].copy_(bias2.view(G, K, d))
+        out[:, KR + K:].zero_()
     else:
-        out[:, f + KR:].zero_()
+        out[:, KR:].zero_()
     return out
 
 
@@ -161,27 +159,31 @@ def _split_up(U: torch.Tensor, f: int, KR: int, B3, bias3):
 
 
 class _FusedExperts(torch.autograd.Function):
-    """The expert stage in two grouped GEMMs forward and four backward, the shape of one dense
-    FFN: the rank-r input projections ride along the first base GEMM as extra columns, and the
-    down projection's rank-r terms and biases along the second as extra rows (K dimension).
+    """The expert stage in the shape of one dense FFN: the rank-r input projections ride along
+    the first base GEMM as extra output columns, and the down projection's rank-r terms and
+    biases along the second as extra K rows.
 
         U = x @ [W1 | A1cat]                     z = U[:, :f], a = U[:, f:]
           (gated: x @ [W1 | W3 | A1cat | A3cat]  z, z3, a, a3)
         V = act_combine_fwd(z, a, ...)           [hs | q]
         y = V @ [W2; B2cat^T; bias2; 0]
 
-    Weights are cast to the compute dtype (x's) while being assembled; gradients come back in
+    The base weights are read where they lie (cast to the compute dtype, x's, only when theirs
+    differs): the GEMMs take the weight in parts, so no weight-sized [W1 | A1cat] copy is made,
+    kept for the backward, or freed; only the small rank-r blocks (X1 = [A1cat | A3cat],
+    X2 = [B2cat^T; bias2; 0]) are assembled. U's column blocks are written by one GEMM per part
+    (x is read once per part); y and dx read their K parts in one GEMM. Gradients come back in
     each parameter's own dtype. The gated operands (W3 .. bias3) are None for non-gated experts.
     The backward frees each [rows, f] buffer as soon as its last reader is done (U and V are held
     on ctx, not saved, so they can be dropped early); for non-gated experts the combine's backward
     writes [dz | da] over [dhs | dq] in place, so at most two such buffers are alive at once. The
-    base weights' gradients are computed straight into their own buffers (their rank-r columns by
-    separate small GEMMs), so no weight-sized buffer is split and copied."""
+    base weights' gradients are computed straight into their own buffers, in their own dtype
+    (a bf16 parameter gets no float32 gradient buffer of its size)."""
 
     @staticmethod
     def forward(ctx, ops, act, K, r, x, rows, inverse, off, jloc, w, W1, W2, A1, B1, bias1, A2, B2, bias2,
                 W3=None, A3=None, B3=None, bias3=None):
-        # x: the tokens [T, d]; sorted row m reads token rows[m] inside the first GEMM (no gathered
+        # x: the tokens [T, d]; sorted row m reads token rows[m] inside the first GEMMs (no gathered
         # copy of x). One group per token (rows a permutation): the second GEMM writes row m to
         # token rows[m], so y is in token order; else y is in row order (the caller sums a
         # token's rows).
@@ -190,14 +192,20 @@ class _FusedExperts(torch.autograd.Function):
         gated = W3 is not None
         scatter = rows.numel() == x.shape[0]
         with torch.autocast(x.device.type, enabled=False):
-            W1x = _up_weights([W1, W3] if gated else [W1], [A1, A3] if gated else [A1], K, cdt)
-            W2x = _down_weights(W2, B2, bias2, K, cdt)
-            U = ops.gmm_rows(x, W1x, off, x_rows=rows)
+            Wup = [W1.to(cdt), W3.to(cdt)] if gated else [W1.to(cdt)]
+            X1 = _up_factors([A1, A3] if gated else [A1], K, cdt)
+            W2c = W2.to(cdt)
+            X2 = _down_extra(B2, bias2, K, cdt)
+            U = x.new_empty(rows.numel(), len(Wup) * f + X1.shape[2])
+            col = 0
+            for part in Wup + [X1]:   # U's column blocks [z | z3 | a a3]
+                ops.gmm_rows(x, part, off, x_rows=rows, out=U[:, col:col + part.shape[2]])
+                col += part.shape[2]
             z, a, gate = _split_up(U, f, K * r, B3, bias3)
             V = ops.act_combine_fwd(z, a, jloc, w, B1, bias1, A2, off, K, r, act,
-                                    x.new_empty(rows.numel(), W2x.shape[1]), **gate)
-            y = ops.gmm_rows(V, W2x, off, y_rows=rows if scatter else None)
-        ctx.save_for_backward(x, rows, inverse, off, jloc, w, W1x, W2x, B1, bias1, A2, B3, bias3)
+                                    x.new_empty(rows.numel(), f + X2.shape[1]), **gate)
+            y = ops.gmm_rows(V, (W2c, X2), off, y_rows=rows if scatter else None)
+        ctx.save_for_backward(x, rows, inverse, off, jloc, w, W2c, X1, X2, B1, bias1, A2, B3, bias3, *Wup)
         ctx.U, ctx.V = U, V
         ctx.ops, ctx.act, ctx.K, ctx.r, ctx.gated, ctx.scatter = ops, act, K, r, gated, scatter
         ctx.dtypes = [t.dtype if t is not None else None for t in (W1, W2, A1, B2, bias2, W3, A3)]
@@ -205,16 +213,16 @@ class _FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, rows, inverse, off, jloc, w, W1x, W2x, B1, bias1, A2, B3, bias3 = ctx.saved_tensors
+        x, rows, inverse, off, jloc, w, W2c, X1, X2, B1, bias1, A2, B3, bias3, *Wup = ctx.saved_tensors
         U, V = ctx.U, ctx.V
         if U is None:
             raise RuntimeError("the fused expert stage's backward ran twice (retain_graph): it frees its "
                                "activations as it goes; set layer.fused = False for double backward")
         ctx.U = ctx.V = None
         ops, K, r, gated = ctx.ops, ctx.K, ctx.r, ctx.gated
-        n, KR = 2 if gated else 1, K * r
-        f = W1x.shape[2] // n - KR
-        E = W1x.shape[0] * K
+        n, KR = len(Wup), K * r
+        f = W2c.shape[1]
+        E = X1.shape[0] * K
         tW1, tW2, tA1, tB2, tb2, tW3, tA3 = ctx.dtypes
         with torch.autocast(x.device.type, enabled=False):
             dy = dy.contiguous().to(x.dtype)
@@ -223,10 +231,10 @@ class _FusedExperts(torch.autograd.Function):
             # cost it its software pipeline)
             if ctx.scatter:
                 dy = dy.index_select(0, rows)
-            dV = ops.gmm_rows(dy, W2x, off, trans_w=True)          # [dhs | dq]
-            # the base gradient straight into its own [G, f, d] buffer, the small rank-r rows apart:
-            # no [G, f + q, d] buffer to split afterwards
-            dW2 = ops.gmm_wgrad(V[:, :f], dy, off).to(tW2)
+            dV = dy.new_empty(dy.shape[0], f + X2.shape[1])            # [dhs | dq]
+            ops.gmm_rows(dy, W2c, off, trans_w=True, out=dV[:, :f])
+            ops.gmm_rows(dy, X2, off, trans_w=True, out=dV[:, f:])
+            dW2 = ops.gmm_wgrad(V[:, :f], dy, off, dtype=tW2)
             dq_w = ops.gmm_wgrad(V[:, f:], dy, off)
             del V, dy
             # (the reshapes copy: the gradients do not keep dq_w alive)
@@ -239,15 +247,17 @@ class _FusedExperts(torch.autograd.Function):
             dw, dB1, dbias1, dA2, *dgate = ops.act_combine_bwd(z, a, jloc, w, B1, bias1, A2, dV[:, :f], dV[:, f:],
                                                                off, K, r, ctx.act, dU, **gate)
             del U, z, a, gate, dV
+            # dx = dU @ [W1 | W3 | X1]^T: the parts stacked along K, read where they lie
+            parts = tuple(Wup) + (X1,)
             if ctx.scatter:   # row m's gradient goes straight to token rows[m]
-                dx = ops.gmm_rows(dU, W1x, off, trans_w=True, y_rows=rows)
+                dx = ops.gmm_rows(dU, parts, off, trans_w=True, y_rows=rows)
             else:             # a token's g1 rows summed: gathers, no atomics
-                dx_rows = ops.gmm_rows(dU, W1x, off, trans_w=True)
+                dx_rows = ops.gmm_rows(dU, parts, off, trans_w=True)
                 dx = dx_rows.index_select(0, inverse).view(x.shape[0], -1, x.shape[1]).sum(1)
                 del dx_rows
             xr = x.index_select(0, rows)
-            dW1 = ops.gmm_wgrad(xr, dU[:, :f], off).to(tW1)
-            dW3 = ops.gmm_wgrad(xr, dU[:, f:2 * f], off).to(tW3) if gated else None
+            dW1 = ops.gmm_wgrad(xr, dU[:, :f], off, dtype=tW1)
+            dW3 = ops.gmm_wgrad(xr, dU[:, f:2 * f], off, dtype=tW3) if gated else None
             dA_x = ops.gmm_wgrad(xr, dU[:, n * f:], off)       # [A1cat | A3cat] columns
             del xr
             del dU

@@ -43,31 +43,66 @@ def _segments(off: torch.Tensor):
     return [(g, bounds[g], bounds[g + 1]) for g in range(len(bounds) - 1)]
 
 
-def gmm_rows(x: torch.Tensor, w: torch.Tensor, off: torch.Tensor, trans_w: bool = False,
-             x_rows: Optional[torch.Tensor] = None, y_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+def weight_parts(w, kd: int, trans_w: bool) -> tuple:
+    """``w`` as a tuple of parts stacked along K (a lone tensor is one part), checked against x's
+    ``kd`` columns: the parts' K extents must add up to it."""
+    ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    ks = [wi.shape[2] if trans_w else wi.shape[1] for wi in ws]
+    ns = {wi.shape[1] if trans_w else wi.shape[2] for wi in ws}
+    if sum(ks) != kd or len(ns) != 1 or len({wi.shape[0] for wi in ws}) != 1:
+        raise ValueError(f"gmm_rows: weight parts {[tuple(wi.shape) for wi in ws]} (trans_w={trans_w}) do not "
+                         f"stack along K to the {kd} columns of x")
+    return ws
+
+
+def out_rows(out: Optional[torch.Tensor], rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    """The output buffer of a grouped GEMM: ``out`` (any row stride, e.g. a column range of a wider
+    buffer) after a shape check, or a new [rows, n] tensor."""
+    if out is None:
+        return torch.empty(rows, n, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != (rows, n) or out.dtype != like.dtype:
+        raise ValueError(f"gmm_rows: out is {tuple(out.shape)} {out.dtype}, expected ({rows}, {n}) {like.dtype}")
+    return out
+
+
+def gmm_rows(x: torch.Tensor, w, off: torch.Tensor, trans_w: bool = False,
+             x_rows: Optional[torch.Tensor] = None, y_rows: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped GEMM over row segments: ``y[rows_g] = x[rows_g] @ w[g]`` (``w[g]^T`` if trans_w).
 
+    ``w``: a [G, K, N] tensor, or a tuple of up to three stacked along K (``[w1; w2; w3]``, each
+    read where it lies: x's first columns meet w1, the next w2...), so a weight assembled from
+    parameters and small extras needs no concatenated copy.
     ``x_rows``: row m reads ``x[x_rows[m]]`` (a gather in the load); ``y_rows``, a permutation:
-    row m is written to ``y[y_rows[m]]`` (a scatter in the store)."""
+    row m is written to ``y[y_rows[m]]`` (a scatter in the store). ``out``: write into this
+    buffer (e.g. a column range of a wider one) and return it."""
+    ws = weight_parts(w, x.shape[1], trans_w)
     if x_rows is not None:
         x = x.index_select(0, x_rows)
-    n_out = w.shape[1] if trans_w else w.shape[2]
-    y = x.new_zeros(x.shape[0], n_out)
+    n_out = ws[0].shape[1] if trans_w else ws[0].shape[2]
+    direct = out is not None and y_rows is None
+    y = out_rows(out, x.shape[0], n_out, x).zero_() if direct else x.new_zeros(x.shape[0], n_out)
     for g, s, e in _segments(off):
         if e > s:
-            wg = w[g].t() if trans_w else w[g]
-            y[s:e] = x[s:e] @ wg
-    return y if y_rows is None else torch.empty_like(y).index_copy_(0, y_rows, y)
+            # one product per group (one rounding, as the kernel's float32 accumulator); the
+            # group's parts are stacked per group only
+            wg = [wi[g].t() if trans_w else wi[g] for wi in ws]
+            y[s:e] = x[s:e] @ (wg[0] if len(wg) == 1 else torch.cat(wg))
+    if y_rows is None:
+        return y
+    return out_rows(out, y.shape[0], n_out, x).index_copy_(0, y_rows, y)
 
 
-def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
-    """Per-group weight gradient ``dw[g] = x[rows_g]^T @ dy[rows_g]``, float32 (float64 stays)."""
-    dt = torch.promote_types(x.dtype, torch.float32)
+def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Per-group weight gradient ``dw[g] = x[rows_g]^T @ dy[rows_g]``, accumulated in float32
+    (float64 stays) and stored as ``dtype`` (default: the accumulation dtype); a bf16 parameter's
+    gradient is then written once, without a float32 buffer of its size."""
+    acc = torch.promote_types(x.dtype, torch.float32)
     G = off.numel() - 1
-    dw = torch.zeros(G, x.shape[1], dy.shape[1], dtype=dt, device=x.device)
+    dw = torch.zeros(G, x.shape[1], dy.shape[1], dtype=dtype or acc, device=x.device)
     for g, s, e in _segments(off):
         if e > s:
-            dw[g] = x[s:e].to(dt).t() @ dy[s:e].to(dt)
+            dw[g] = x[s:e].to(acc).t() @ dy[s:e].to(acc)
     return dw
 
 

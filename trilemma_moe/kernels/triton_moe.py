@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .reference import ACT_CODES
 
 
@@ -96,26 +97,44 @@ def _row_index(idx_ptr, rows, mask, HAS_IDX: tl.constexpr):
 
 
 @triton.jit
-def _gmm_rows_kernel(x_ptr, w_ptr, y_ptr, off_ptr, xi_ptr, yi_ptr, N, KD, sxm, sxk, swg, swk, swn, sym, syn,
+def _k_phase(acc, x_ptr, xr, mmask, kx0, KD, sxm, sxk, w_ptr, swk, swn, rn, nmask,
+             IEEE: tl.constexpr, BK: tl.constexpr):
+    """acc += x[xr, kx0:kx0+KD] @ w[:KD, rn] (w already at its group)."""
+    rk = tl.arange(0, BK)
+    for k0 in range(0, KD, BK):
+        kmask = (k0 + rk) < KD
+        xt = tl.load(x_ptr + xr[:, None] * sxm + (kx0 + k0 + rk)[None, :] * sxk,
+                     mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wt = tl.load(w_ptr + (k0 + rk)[:, None] * swk + rn[None, :] * swn, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc += _mm(xt, wt, IEEE)
+    return acc
+
+
+@triton.jit
+def _gmm_rows_kernel(x_ptr, w_ptr, w2_ptr, w3_ptr, y_ptr, off_ptr, xi_ptr, yi_ptr, N, KD, KD2, KD3, sxm, sxk,
+                     swg, swk, swn, sw2g, sw2k, sw2n, sw3g, sw3k, sw3n, sym, syn,
                      G: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     X_IDX: tl.constexpr, Y_IDX: tl.constexpr):
-    """y[yi[m]] = x[xi[m]] @ w[g(m)] for the sorted rows m (xi, yi: optional row indices)."""
+                     X_IDX: tl.constexpr, Y_IDX: tl.constexpr, PARTS: tl.constexpr):
+    """y[yi[m]] = x[xi[m]] @ [w; w2; w3][g(m)] for the sorted rows m (xi, yi: optional row indices).
+
+    The weight is up to three tensors stacked along K, each read where it lies: x's first KD
+    columns meet w, the next KD2 w2, the next KD3 w3 (one loop each, each with its own strides,
+    so every loop keeps the launcher's stride specialisations and its software pipeline)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g, r0, r1 = _group_tile(off_ptr, pid_m, G, BM)
     rm = r0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
     mmask = rm < r1
     nmask = rn < N
     xr = _row_index(xi_ptr, rm, mmask, X_IDX)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, KD, BK):
-        kmask = (k0 + rk) < KD
-        xt = tl.load(x_ptr + xr[:, None] * sxm + (k0 + rk)[None, :] * sxk, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        wt = tl.load(w_ptr + g * swg + (k0 + rk)[:, None] * swk + rn[None, :] * swn,
-                     mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc += _mm(xt, wt, IEEE)
+    acc = _k_phase(acc, x_ptr, xr, mmask, 0, KD, sxm, sxk, w_ptr + g * swg, swk, swn, rn, nmask, IEEE, BK)
+    if PARTS >= 2:
+        acc = _k_phase(acc, x_ptr, xr, mmask, KD, KD2, sxm, sxk, w2_ptr + g * sw2g, sw2k, sw2n, rn, nmask, IEEE, BK)
+    if PARTS >= 3:
+        acc = _k_phase(acc, x_ptr, xr, mmask, KD + KD2, KD3, sxm, sxk, w3_ptr + g * sw3g, sw3k, sw3n, rn, nmask,
+                       IEEE, BK)
     yr = _row_index(yi_ptr, rm, mmask, Y_IDX)
     tl.store(y_ptr + yr[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
@@ -166,32 +185,37 @@ def _check(off: torch.Tensor, *tensors: torch.Tensor) -> None:
             raise ValueError(f"all kernel inputs must be on {off.device}, got a tensor on {t.device}")
 
 
-def gmm_rows(x: torch.Tensor, w: torch.Tensor, off: torch.Tensor, trans_w: bool = False,
-             x_rows: Optional[torch.Tensor] = None, y_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gmm_rows(x: torch.Tensor, w, off: torch.Tensor, trans_w: bool = False,
+             x_rows: Optional[torch.Tensor] = None, y_rows: Optional[torch.Tensor] = None,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     G = off.numel() - 1
+    ws = reference.weight_parts(w, x.shape[1], trans_w)
+    if len(ws) > 3:
+        raise ValueError(f"gmm_rows takes at most 3 weight parts stacked along K, got {len(ws)}")
     P = x_rows.numel() if x_rows is not None else x.shape[0]
-    KD = x.shape[1]
-    if trans_w:
-        N = w.shape[1]
-        swk, swn = w.stride(2), w.stride(1)
-    else:
-        N = w.shape[2]
-        swk, swn = w.stride(1), w.stride(2)
-    _check(off, x, w, x_rows, y_rows)
-    y = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    N = ws[0].shape[1] if trans_w else ws[0].shape[2]
+    _check(off, x, *ws, x_rows, y_rows, out)
+    y = reference.out_rows(out, P, N, x)
+    # per part: (K extent, group stride, K stride, N stride); absent parts repeat the first (never read)
+    parts = [(wi.shape[2] if trans_w else wi.shape[1], wi.stride(0),
+              wi.stride(2) if trans_w else wi.stride(1), wi.stride(1) if trans_w else wi.stride(2)) for wi in ws]
+    parts += [parts[0]] * (3 - len(parts))
+    wp = list(ws) + [ws[0]] * (3 - len(ws))
     t = _tiles(x.dtype, N)
     grid = (triton.cdiv(P, t["BM"]) + G, triton.cdiv(N, t["BN"]))
-    _gmm_rows_kernel[grid](x, w, y, off, x_rows if x_rows is not None else off, y_rows if y_rows is not None else off,
-                           N, KD, x.stride(0), x.stride(1), w.stride(0), swk, swn, y.stride(0), y.stride(1),
-                           G=G, IEEE=x.dtype == torch.float32, X_IDX=x_rows is not None, Y_IDX=y_rows is not None, **t)
+    _gmm_rows_kernel[grid](x, wp[0], wp[1], wp[2], y, off, x_rows if x_rows is not None else off,
+                           y_rows if y_rows is not None else off, N, parts[0][0], parts[1][0], parts[2][0],
+                           x.stride(0), x.stride(1), *parts[0][1:], *parts[1][1:], *parts[2][1:], y.stride(0), y.stride(1),
+                           G=G, IEEE=x.dtype == torch.float32, X_IDX=x_rows is not None, Y_IDX=y_rows is not None,
+                           PARTS=len(ws), **t)
     return y
 
 
-def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     G = off.numel() - 1
     M, N = x.shape[1], dy.shape[1]
     _check(off, x, dy)
-    dw = torch.empty(G, M, N, dtype=torch.float32, device=x.device)
+    dw = torch.empty(G, M, N, dtype=dtype or torch.float32, device=x.device)
     t = _tiles(x.dtype, N)
     grid = (triton.cdiv(M, t["BM"]), triton.cdiv(N, t["BN"]), G)
     _gmm_wgrad_kernel[grid](x, dy, dw, off, M, N, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
