@@ -274,6 +274,28 @@ def test_zero2_training_with_offloaded_groups_between_steps(tmp_path, dist_world
     assert curves[0] == curves[1]
 
 
+@pytest.mark.parametrize("bits", [4, 16])
+def test_fused_path_serves_from_the_stacked_stored_form(bits):
+    """Without offload the store holds its groups stacked (each group's tensors views into it, so no
+    second copy), and after release_masters the fused path computes from it: INT4 factors decoded
+    from the packed codes give exactly what the masters' fake-quant forward gave."""
+    layer = _trained(bits, idle=None)
+    layer.fused = True
+    batches = _skewed_batches(layer, 8) + [torch.randn(40, D, dtype=torch.float64)]
+    ref = _eval(layer, batches)
+    layer.fused = False
+    slot_path = _eval(layer, batches)
+    layer.release_masters()
+    store = layer._store
+    assert all(t._base is not None for d in store.resident.values() for t in d.values())   # views, not copies
+    layer.fused = True
+    got = _eval(layer, batches)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    for a, b in zip(slot_path, got):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert layer.memory_report()["residual_masters"] == 0
+
+
 @pytest.mark.parametrize("idle", [None, 2])
 def test_release_masters_serves_the_same_function_from_the_stored_form(idle):
     layer = _trained(4, idle=idle)

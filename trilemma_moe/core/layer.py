@@ -249,6 +249,9 @@ class ClusteredMoE(nn.Module):
         expert parameters' storage. Training or checkpointing the layer afterwards raises."""
         if not self.compressed:
             raise RuntimeError("release_masters: the layer is not compressed yet (it still trains full experts)")
+        if self.ep is not None:
+            raise NotImplementedError("release_masters: serving from the stored form runs in one process "
+                                      "(ep_size=1); consolidate the checkpoint with `trilemma-moe reshard` first")
         self._ensure_store()
         self._serving = True
         for p in self.experts.parameters():
@@ -341,7 +344,9 @@ class ClusteredMoE(nn.Module):
         if self.ep is not None:
             y = self._expert_parallel_compute(x, routing, self.dispatch(routing), self._use_fused(x, learning))
         elif self._use_fused(x, learning):
-            y = fused.fused_expert_forward(self.experts, x, routing.group_idx, routing.slot_idx, routing.weights)
+            # serving: the stored form (INT4 factors decoded per forward), all groups resident
+            slots = self._store.stacked_slots() if self._serving else self.experts
+            y = fused.fused_expert_forward(slots, x, routing.group_idx, routing.slot_idx, routing.weights)
         else:
             plan = self.dispatch(routing)
             views = self._store_views(plan["pair_group_counts"], routing.group_probs) if not learning else None
@@ -364,8 +369,8 @@ class ClusteredMoE(nn.Module):
     def _use_fused(self, x: torch.Tensor, learning: bool = True) -> bool:
         if not self.compressed:
             return False
-        if not learning and (self._serving or self.config.offload_idle_steps is not None):
-            return False  # inference through the offload store reads its own weight views
+        if not learning and self.config.offload_idle_steps is not None:
+            return False  # groups come and go: inference reads the offload store's per-group views
         if self.config.capacity_factor is not None and self.ep is None:
             return False  # the fused path is dropless; one process drops in dispatch() (ep: before the exchange)
         if self.fused is None:

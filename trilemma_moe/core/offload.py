@@ -34,6 +34,7 @@ import struct
 import time
 import warnings
 import zlib
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -174,8 +175,50 @@ class GroupStore:
         self._factor_info = {(kind, n): (p.shape[1], p.dtype) for kind, pd in (("fa", self.experts.fa),
                                                                              ("fb", self.experts.fb))
                              for n, p in pd.items()}
-        self.resident = {g: self._group_tensors(g) for g in range(self.experts.G)}
+        if self.idle_steps is None:
+            # nothing is ever offloaded: hold the stored form stacked over groups (the layout of
+            # the parameters, which the fused GPU path reads), each group's tensors views into it
+            self._stacked = self._stacked_tensors()
+            K = self.experts.K
+            self.resident = {g: {k: (t[g] if k.startswith("base.") else t[g * K:(g + 1) * K])
+                                 for k, t in self._stacked.items()} for g in range(self.experts.G)}
+        else:
+            self._stacked = None
+            self.resident = {g: self._group_tensors(g) for g in range(self.experts.G)}
         self._note_peak()
+
+    @torch.no_grad()
+    def _stacked_tensors(self) -> Dict[str, torch.Tensor]:
+        """The stored form of all groups at once, named as ``_group_tensors``; quantizing a stacked
+        factor gives each group exactly its own codes (scales are per (slot, rank column))."""
+        ex = self.experts
+        out = {f"base.{n}": p.detach().clone() for n, p in ex.base.items()}
+        for kind, pd in (("fa", ex.fa), ("fb", ex.fb)):
+            for n, p in pd.items():
+                if self.bits == 4:
+                    out.update({f"{kind}.{n}.{part}": t for part, t in quant.quantize(p.detach()).items()})
+                else:
+                    out[f"{kind}.{n}"] = p.detach().clone()
+        out.update({f"bias.{n}": p.detach().clone() for n, p in ex.bias.items()})
+        return out
+
+    def stacked_slots(self):
+        """All groups' stored form stacked over groups, shaped like ``ExpertSlots`` (``G, K, rank,
+        spec, base, fa, fb, bias``) for the fused path; the INT4 factors decoded now (small: the
+        packed codes stay what is held). None when groups can be offloaded (``idle_steps`` set)."""
+        if self._stacked is None:
+            return None
+        ex, st = self.experts, self._stacked
+
+        def factor(kind, n):
+            if self.bits != 4:
+                return st[f"{kind}.{n}"]
+            rows, dtype = self._factor_info[(kind, n)]
+            return quant.dequantize({k: st[f"{kind}.{n}.{k}"] for k in ("packed", "scale", "zero")}, rows, dtype)
+        return SimpleNamespace(G=ex.G, K=ex.K, rank=ex.rank, spec=ex.spec, residual_bits=16,
+                               base={n: st[f"base.{n}"] for n in ex.base},
+                               fa={n: factor("fa", n) for n in ex.fa}, fb={n: factor("fb", n) for n in ex.fb},
+                               bias={n: st[f"bias.{n}"] for n in ex.bias})
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in self.resident.values() for t in d.values())
