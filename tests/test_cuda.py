@@ -52,3 +52,19 @@ def test_bf16_forward_backward_on_cuda():
     (y.float().pow(2).mean() + l_aux).backward()
     assert torch.isfinite(y).all() and x.grad is not None and torch.isfinite(x.grad).all()
     assert int(counts.sum()) == 4096 * 2
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_bf16_serving_from_the_stored_form_on_cuda(bits):
+    """bf16 parameters on the fused path (Triton kernels): after release_masters the layer serves
+    from the stacked stored form (INT4 decoded by dequant_int4) exactly what it computed before."""
+    cfg = TrilemmaMoEConfig(num_experts=32, num_groups=8, rank=16, residual_bits=bits)
+    layer = ClusteredMoE(256, 1024, cfg).cuda()
+    layer.recluster(force=True)
+    layer = layer.to(torch.bfloat16).eval()
+    x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = layer(x)[0]
+        layer.release_masters()
+        after = layer(x)[0]
+    assert torch.isfinite(before).all() and torch.equal(before, after)

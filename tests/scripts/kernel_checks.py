@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
+from trilemma_moe.core import quant  # noqa: E402
 from trilemma_moe.kernels import reference as ref  # noqa: E402
 
 
@@ -51,9 +52,16 @@ def layer_check(dev, gen, bias, gated=False, act="gelu", bits=16, g1=1):
         y, l_aux, _ = layer(xx)
         (y.pow(2).sum() + l_aux).backward()
         outs.append((y.detach(), xx.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}))
+    # serving from the stored form (release_masters; INT4: decoded by dequant_int4) computes what
+    # the masters computed, on the same kernels
+    fast.eval()
+    with torch.no_grad():
+        y_eval = fast(x)[0]
+        fast.release_masters()
+        y_served = fast(x)[0]
     os.environ.pop("TRILEMMA_KERNELS")
     (ys, gxs, gps), (yf, gxf, gpf) = outs
-    errs = {"y": rel(yf, ys), "dx": rel(gxf, gxs)}
+    errs = {"y": rel(yf, ys), "dx": rel(gxf, gxs), "served": rel(y_served, y_eval)}
     errs.update({f"d{n.split('.', 1)[-1]}": rel(gpf[n], gps[n]) for n in gps})
     return errs
 
@@ -193,6 +201,13 @@ def main(argv=None):
             exact = bool(torch.equal(got, want))
             failures += not exact
             print(f"{'ok  ' if exact else 'FAIL'} fake_quant E={E} rows={rows} r={r}  {dname} "
+                  f"{'bit-exact' if exact else f'max |diff| {float((got - want).abs().max()):.3g}'}", flush=True)
+            # serving's decode of the packed form (odd row counts leave a half-filled last byte)
+            qt = quant.quantize(w)
+            got, want = tk.dequant_int4(qt, rows, dt), ref.dequant_int4(qt, rows, dt)
+            exact = bool(torch.equal(got, want)) and bool(torch.equal(got, ref.fake_quant(w)))
+            failures += not exact
+            print(f"{'ok  ' if exact else 'FAIL'} dequant_int4 E={E} rows={rows} r={r}  {dname} "
                   f"{'bit-exact' if exact else f'max |diff| {float((got - want).abs().max()):.3g}'}", flush=True)
     print("all kernel checks passed" if not failures else f"{failures} kernel checks FAILED", flush=True)
     return 1 if failures else 0

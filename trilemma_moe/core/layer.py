@@ -345,7 +345,7 @@ class ClusteredMoE(nn.Module):
             y = self._expert_parallel_compute(x, routing, self.dispatch(routing), self._use_fused(x, learning))
         elif self._use_fused(x, learning):
             # serving: the stored form (INT4 factors decoded per forward), all groups resident
-            slots = self._store.stacked_slots() if self._serving else self.experts
+            slots = self._store.stacked_slots(fused.ops_for(x.device).dequant_int4) if self._serving else self.experts
             y = fused.fused_expert_forward(slots, x, routing.group_idx, routing.slot_idx, routing.weights)
         else:
             plan = self.dispatch(routing)

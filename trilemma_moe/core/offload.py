@@ -202,10 +202,11 @@ class GroupStore:
         out.update({f"bias.{n}": p.detach().clone() for n, p in ex.bias.items()})
         return out
 
-    def stacked_slots(self):
+    def stacked_slots(self, decode=quant.dequantize):
         """All groups' stored form stacked over groups, shaped like ``ExpertSlots`` (``G, K, rank,
-        spec, base, fa, fb, bias``) for the fused path; the INT4 factors decoded now (small: the
-        packed codes stay what is held). None when groups can be offloaded (``idle_steps`` set)."""
+        spec, base, fa, fb, bias``) for the fused path; the INT4 factors decoded now by ``decode``
+        (``quant.dequantize``'s signature; small: the packed codes stay what is held). None when
+        groups can be offloaded (``idle_steps`` set)."""
         if self._stacked is None:
             return None
         ex, st = self.experts, self._stacked
@@ -214,7 +215,7 @@ class GroupStore:
             if self.bits != 4:
                 return st[f"{kind}.{n}"]
             rows, dtype = self._factor_info[(kind, n)]
-            return quant.dequantize({k: st[f"{kind}.{n}.{k}"] for k in ("packed", "scale", "zero")}, rows, dtype)
+            return decode({k: st[f"{kind}.{n}.{k}"] for k in ("packed", "scale", "zero")}, rows, dtype)
         return SimpleNamespace(G=ex.G, K=ex.K, rank=ex.rank, spec=ex.spec, residual_bits=16,
                                base={n: st[f"base.{n}"] for n in ex.base},
                                fa={n: factor("fa", n) for n in ex.fa}, fb={n: factor("fb", n) for n in ex.fb},

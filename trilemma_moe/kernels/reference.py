@@ -106,6 +106,12 @@ def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor, dtype: Optio
     return dw
 
 
+def dequant_int4(qt: dict, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values of slot-stacked packed INT4 factors (``core/quant.py``'s ``quantize`` of an
+    ``(E, rows, r)`` tensor) as ``dtype``: what serving from the stored form computes with."""
+    return quant.dequantize(qt, rows, dtype)
+
+
 def fake_quant(w: torch.Tensor) -> torch.Tensor:
     """INT4 quantize-dequantize of slot-stacked factors ``(E, rows, r)``: the values the packed
     form decodes to (one scale and zero point per (slot, rank column); ``core/quant.py``)."""

@@ -619,3 +619,37 @@ def fake_quant(w: torch.Tensor) -> torch.Tensor:
                                  QMAX=15, num_warps=4)
     return out
 
+
+
+# Serving reads the packed form: one launch decodes a whole slot-stacked factor tensor (the torch
+# twin is ~8 operations). Bit-exact: (code - zero) is exact in float32, times the float16 scale is
+# one rounding, as in core/quant.py.
+@triton.jit
+def _dequant_int4_kernel(p_ptr, s_ptr, z_ptr, out_ptr, ROWS, R, sps, spr, sss, szs, sos, sor,
+                         BR: tl.constexpr, RP: tl.constexpr):
+    slot = tl.program_id(0)
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, RP)
+    cmask = cols < R
+    m = (rows < ROWS)[:, None] & cmask[None, :]
+    byte = tl.load(p_ptr + slot * sps + (rows // 2)[:, None] * spr + cols[None, :], mask=m, other=0).to(tl.int32)
+    code = (byte >> ((rows % 2) * 4)[:, None]) & 15          # low nibble: even row
+    scale = tl.load(s_ptr + slot * sss + cols, mask=cmask, other=1.0).to(tl.float32)
+    zero = tl.load(z_ptr + slot * szs + cols, mask=cmask, other=0).to(tl.float32)
+    val = (code.to(tl.float32) - zero[None, :]) * scale[None, :]
+    tl.store(out_ptr + slot * sos + rows[:, None] * sor + cols[None, :], val.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def dequant_int4(qt: dict, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    p, s, z = qt["packed"], qt["scale"], qt["zero"]
+    if p.dim() != 3 or p.stride(2) != 1 or s.stride(2) != 1 or z.stride(2) != 1:
+        raise ValueError(f"dequant_int4 expects slot-stacked packed factors (E, rows/2, r) with unit stride in r, "
+                         f"got packed {tuple(p.shape)} strides {p.stride()}")
+    E, _, r = p.shape
+    out = torch.empty(E, rows, r, dtype=dtype, device=p.device)
+    BR = 16 if _INTERPRETED else 64
+    if out.numel():
+        _dequant_int4_kernel[(E, triton.cdiv(rows, BR))](p, s, z, out, rows, r, p.stride(0), p.stride(1), s.stride(0),
+                                                         z.stride(0), out.stride(0), out.stride(1),
+                                                         BR=BR, RP=max(16, triton.next_power_of_2(r)), num_warps=4)
+    return out
