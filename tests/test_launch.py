@@ -26,8 +26,15 @@ def test_main_job_under_deepspeed_launcher(tmp_path):
     cmd = ["bash", os.path.join(ROOT, "launch", "train_deepspeed.sh"), "--steps", "8", "--d-model", "32",
            "--d-ff", "64", "--layers", "1", "--heads", "2", "--seq-len", "16", "--eval-batches", "2",
            "--no-progress", "--summary-json", str(summary)]
+    # DeepSpeed's CPU all-reduce segments of this port: earlier runs' leftovers go first, and this
+    # run must leave none (attach_engine unlinks them once every rank has mapped them)
+    shm = [f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29581_{r}" for r in range(2)]
+    for path in shm:
+        if os.path.exists(path):
+            os.unlink(path)
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert not any(os.path.exists(p) for p in shm), "DeepSpeed's shared-memory segments were left in /dev/shm"
     result = json.loads(summary.read_text())
     assert result["config"]["deepspeed"] is True and result["steps"] == 8
     assert result["reclusters"] >= 2 and result["compressed"] is True

@@ -282,12 +282,47 @@ def clustered_layers(model: nn.Module) -> List[ClusteredMoE]:
     return [m for m in model.modules() if isinstance(m, ClusteredMoE)]
 
 
+def unlink_cpu_allreduce_shm() -> bool:
+    """Keep DeepSpeed's CPU backend from leaking shared memory; returns whether this rank
+    unlinked its segment. Collective when it acts (every rank decides alike).
+
+    When all ranks share one machine, DeepSpeed's torch backend on the CPU gives each rank a
+    POSIX shared-memory segment for its all-reduce (``/dev/shm/deepspeed_allreduce_buffer_<uid>_
+    <addr>_<port>_<rank>``, 69 MB in 0.19) and never unlinks it. Every run then leaves them in
+    /dev/shm, which is RAM, until a reboot (DeepSpeed PR #4115's discussion; a full /dev/shm later
+    kills jobs with SIGBUS). Each rank has mapped every segment by the time its init returned, so
+    after a barrier each rank unlinks its own name: the mappings stay valid, and the memory goes
+    back when the last rank exits, however it exits."""
+    import os
+
+    import deepspeed.comm as ds_dist
+    from deepspeed.comm import comm as ds_comm
+
+    if not ds_dist.is_initialized() or getattr(ds_comm.cdb, "shm_comm_op", None) is None:
+        return False
+    world = ds_dist.get_world_size()
+    if world != int(os.environ.get("LOCAL_SIZE", "0")):     # DeepSpeed's own test for creating them
+        return False
+    ds_dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{ds_dist.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def attach_engine(engine) -> int:
-    """After ``deepspeed.initialize``: let every clustered layer move optimizer state on regroups.
+    """After ``deepspeed.initialize``, on every rank: let every clustered layer move optimizer
+    state on regroups.
 
     ZeRO-1/2 and bf16 go through DeepSpeed's fp32 partitions; ZeRO-0 in fp32 uses the torch
-    optimizer the engine wraps. Returns the number of layers attached.
+    optimizer the engine wraps. Also unlinks DeepSpeed's CPU all-reduce shared memory so a CPU
+    run leaves none behind (:func:`unlink_cpu_allreduce_shm`). Returns the number of layers
+    attached.
     """
+    unlink_cpu_allreduce_shm()
     layers = clustered_layers(engine.module)
     opt = getattr(engine, "optimizer", None)
     for layer in layers:
