@@ -122,6 +122,11 @@ class CPUTier:
 
 
 # --- the store --------------------------------------------------------------------------------
+def _group_rows(t: torch.Tensor, g: int, K: int, per_slot: bool) -> torch.Tensor:
+    """Group g's part of a tensor stacked over slots (its K rows) or, for bases, over groups."""
+    return t[g * K:(g + 1) * K] if per_slot else t[g]
+
+
 class GroupStore:
     """Stored form of a layer's compressed experts, group by group, resident or offloaded."""
 
@@ -145,24 +150,32 @@ class GroupStore:
                       "peak_resident_bytes": 0, "resident_byte_steps": 0, "write_failures": 0}
         self.build()
 
-    # stored form of group g from the (master) parameters
+    # the stored form from the (master) parameters: of group g, or (g None) of all groups stacked;
+    # quantizing a stacked factor gives each group exactly its own codes (scales are per (slot,
+    # rank column))
     @torch.no_grad()
-    def _group_tensors(self, g: int) -> Dict[str, torch.Tensor]:
+    def _group_tensors(self, g: Optional[int] = None) -> Dict[str, torch.Tensor]:
         ex, K = self.experts, self.experts.K
-        out = {}
-        for n, p in ex.base.items():
-            out[f"base.{n}"] = p.detach()[g].clone()
+
+        def rows(p, per_slot=True):
+            return p.detach() if g is None else _group_rows(p.detach(), g, K, per_slot)
+        out = {f"base.{n}": rows(p, per_slot=False).clone() for n, p in ex.base.items()}
         for kind, pd in (("fa", ex.fa), ("fb", ex.fb)):
             for n, p in pd.items():
-                rows = p.detach()[g * K:(g + 1) * K]
                 if self.bits == 4:
-                    for part, t in quant.quantize(rows).items():
-                        out[f"{kind}.{n}.{part}"] = t
+                    out.update({f"{kind}.{n}.{part}": t for part, t in quant.quantize(rows(p)).items()})
                 else:
-                    out[f"{kind}.{n}"] = rows.clone()
-        for n, p in ex.bias.items():
-            out[f"bias.{n}"] = p.detach()[g * K:(g + 1) * K].clone()
+                    out[f"{kind}.{n}"] = rows(p).clone()
+        out.update({f"bias.{n}": rows(p).clone() for n, p in ex.bias.items()})
         return out
+
+    def _factor(self, tensors: Dict[str, torch.Tensor], kind: str, n: str, decode=quant.dequantize):
+        """A factor's values from stored tensors (one group's, or the stacked form): as held, or
+        decoded by ``decode`` (``quant.dequantize``'s signature) from its INT4 codes."""
+        if self.bits != 4:
+            return tensors[f"{kind}.{n}"]
+        rows, dtype = self._factor_info[(kind, n)]
+        return decode({k: tensors[f"{kind}.{n}.{k}"] for k in ("packed", "scale", "zero")}, rows, dtype)
 
     def build(self) -> None:
         """(Re)build every group from the masters, all resident; previous offloaded copies dropped."""
@@ -178,29 +191,14 @@ class GroupStore:
         if self.idle_steps is None:
             # nothing is ever offloaded: hold the stored form stacked over groups (the layout of
             # the parameters, which the fused GPU path reads), each group's tensors views into it
-            self._stacked = self._stacked_tensors()
+            self._stacked = self._group_tensors()
             K = self.experts.K
-            self.resident = {g: {k: (t[g] if k.startswith("base.") else t[g * K:(g + 1) * K])
+            self.resident = {g: {k: _group_rows(t, g, K, per_slot=not k.startswith("base."))
                                  for k, t in self._stacked.items()} for g in range(self.experts.G)}
         else:
             self._stacked = None
             self.resident = {g: self._group_tensors(g) for g in range(self.experts.G)}
         self._note_peak()
-
-    @torch.no_grad()
-    def _stacked_tensors(self) -> Dict[str, torch.Tensor]:
-        """The stored form of all groups at once, named as ``_group_tensors``; quantizing a stacked
-        factor gives each group exactly its own codes (scales are per (slot, rank column))."""
-        ex = self.experts
-        out = {f"base.{n}": p.detach().clone() for n, p in ex.base.items()}
-        for kind, pd in (("fa", ex.fa), ("fb", ex.fb)):
-            for n, p in pd.items():
-                if self.bits == 4:
-                    out.update({f"{kind}.{n}.{part}": t for part, t in quant.quantize(p.detach()).items()})
-                else:
-                    out[f"{kind}.{n}"] = p.detach().clone()
-        out.update({f"bias.{n}": p.detach().clone() for n, p in ex.bias.items()})
-        return out
 
     def stacked_slots(self, decode=quant.dequantize):
         """All groups' stored form stacked over groups, shaped like ``ExpertSlots`` (``G, K, rank,
@@ -210,15 +208,10 @@ class GroupStore:
         if self._stacked is None:
             return None
         ex, st = self.experts, self._stacked
-
-        def factor(kind, n):
-            if self.bits != 4:
-                return st[f"{kind}.{n}"]
-            rows, dtype = self._factor_info[(kind, n)]
-            return decode({k: st[f"{kind}.{n}.{k}"] for k in ("packed", "scale", "zero")}, rows, dtype)
         return SimpleNamespace(G=ex.G, K=ex.K, rank=ex.rank, spec=ex.spec, residual_bits=16,
                                base={n: st[f"base.{n}"] for n in ex.base},
-                               fa={n: factor("fa", n) for n in ex.fa}, fb={n: factor("fb", n) for n in ex.fb},
+                               fa={n: self._factor(st, "fa", n, decode) for n in ex.fa},
+                               fb={n: self._factor(st, "fb", n, decode) for n in ex.fb},
                                bias={n: st[f"bias.{n}"] for n in ex.bias})
 
     def resident_bytes(self) -> int:
@@ -381,12 +374,7 @@ class GroupStore:
                 base[n][g] = t[f"base.{n}"]
             for kind, dst in (("fa", fa), ("fb", fb)):
                 for n in dst:
-                    if self.bits == 4:
-                        rows, dtype = self._factor_info[(kind, n)]
-                        vals = quant.dequantize({k: t[f"{kind}.{n}.{k}"] for k in ("packed", "scale", "zero")},
-                                                rows, dtype)
-                    else:
-                        vals = t[f"{kind}.{n}"]
+                    vals = self._factor(t, kind, n)
                     for j in range(K):
                         dst[n][g * K + j] = vals[j]
             for n in bias:

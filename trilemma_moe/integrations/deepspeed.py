@@ -6,6 +6,7 @@ A thin shell: the math lives in ``trilemma_moe.core.layer.ClusteredMoE``.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -293,8 +294,6 @@ def unlink_cpu_allreduce_shm() -> bool:
     kills jobs with SIGBUS). Each rank has mapped every segment by the time its init returned, so
     after a barrier each rank unlinks its own name: the mappings stay valid, and the memory goes
     back when the last rank exits, however it exits."""
-    import os
-
     import deepspeed.comm as ds_dist
     from deepspeed.comm import comm as ds_comm
 
