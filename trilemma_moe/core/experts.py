@@ -236,6 +236,10 @@ class ExpertSlots(nn.Module):
         act = ACTIVATIONS[self.spec.activation]
         P, d = x_pairs.shape
         gated = self.spec.gated
+        # Every group and slot runs, zero rows included, so the autograd graph (which parameters
+        # get a gradient, in which order) is the same whatever the routing. Only the offload
+        # store's views skip groups without rows: those may not be resident, and serve no backward.
+        every = views is None
         if compressed:
             base, fa, fb, bias = views if views is not None else self.param_views()
         else:
@@ -246,9 +250,9 @@ class ExpertSlots(nn.Module):
             # Base GEMMs once per (token, group): W_base x is shared by the k chosen experts.
             split_x = x_pairs.split(pair_group_counts)
             f = self.spec.ffn_hidden_size
-            # a group without tokens is skipped: its weights may be offloaded
-            base1 = torch.cat([xg @ base["w1"][g] if len(xg) else xg.new_zeros(0, f) for g, xg in enumerate(split_x)])
-            base3 = torch.cat([xg @ base["w3"][g] if len(xg) else xg.new_zeros(0, f)
+            base1 = torch.cat([xg @ base["w1"][g] if every or len(xg) else xg.new_zeros(0, f)
+                               for g, xg in enumerate(split_x)])
+            base3 = torch.cat([xg @ base["w3"][g] if every or len(xg) else xg.new_zeros(0, f)
                                for g, xg in enumerate(split_x)]) if gated else None
             row_b1 = base1.index_select(0, row_pair)
             row_b3 = base3.index_select(0, row_pair) if gated else None
@@ -260,7 +264,7 @@ class ExpertSlots(nn.Module):
         b1_per = row_b1.split(slot_counts) if compressed else None
         b3_per = row_b3.split(slot_counts) if compressed and gated else None
         for s, n in enumerate(slot_counts):
-            if n == 0:
+            if n == 0 and not every:
                 continue
             xs, w = xs_per[s], w_per[s].unsqueeze(-1).to(x_pairs.dtype)
             if compressed:
@@ -296,5 +300,6 @@ class ExpertSlots(nn.Module):
         if compressed:
             h_sum = x_pairs.new_zeros(P, self.spec.ffn_hidden_size).index_add(0, row_pair, torch.cat(h_rows).to(x_pairs.dtype))
             split_h = h_sum.split(pair_group_counts)
-            out = out + torch.cat([hg @ base["w2"][g] if len(hg) else hg.new_zeros(0, d) for g, hg in enumerate(split_h)])
+            out = out + torch.cat([hg @ base["w2"][g] if every or len(hg) else hg.new_zeros(0, d)
+                                   for g, hg in enumerate(split_h)])
         return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -84,6 +84,8 @@ class ClusteredMoE(nn.Module):
         self.register_buffer("centroids", torch.zeros(E, hidden_size))
         self.register_buffer("centroid_seen", torch.zeros(E, dtype=torch.bool))
         self.register_buffer("counters", torch.zeros(6, dtype=torch.long))  # see _COUNTERS
+        # training tokens with a non-finite feature, left out of the centroids (stats(); not checkpointed)
+        self.register_buffer("nonfinite_tokens", torch.zeros((), dtype=torch.long), persistent=False)
         self.sim_cache = clustering.ParamSimilarityCache(cfg.sim_cache_lifetime, cfg.sim_cache_eps, cfg.seed)
         self.io = TorchParamIO()
         # expert parallelism: the communicator also carries the regroup agreement (rank 0 decides)
@@ -101,6 +103,13 @@ class ClusteredMoE(nn.Module):
         # backward (routing.FusedRouterLoss); False forces the composite path (router forward
         # + aux_losses under autograd), which expert parallelism always takes.
         self.fused_router: bool = True
+        # Optimizer steps the training engine skipped (fp16 loss-scale overflow): a callable that
+        # returns its running count (DeepSpeed: ``engine.skipped_steps``; ``attach_engine`` sets
+        # it). A skipped step does not count here either: see :meth:`_sync_skipped_steps`.
+        self.skipped_steps_source: Optional[Callable[[], int]] = None
+        self._skips_seen: Optional[int] = None
+        self._step_start = None         # (micro_step, centroids, centroid_seen) when this step began
+        self._router_frozen = False     # whether the last training forward ran with a frozen router
 
     _COUNTERS = ("micro_step", "compressed", "reclusters", "skipped", "last_recluster_step", "frozen_until")
 
@@ -117,8 +126,46 @@ class ClusteredMoE(nn.Module):
     # --- public state --------------------------------------------------------------------
     @property
     def step(self) -> int:
-        """Optimizer steps seen (training forwards / gradient_accumulation_steps)."""
+        """Optimizer steps taken (training forwards / gradient_accumulation_steps), not counting
+        steps the engine skipped (``skipped_steps_source``)."""
+        self._sync_skipped_steps()
         return self._c("micro_step") // self.config.gradient_accumulation_steps
+
+    def _sync_skipped_steps(self) -> None:
+        """Uncount optimizer steps the engine skipped since the last look.
+
+        The engine applied nothing in such a step (DeepSpeed's fp16 loss scaler on an overflow;
+        every rank agrees, the overflow flag is reduced), so the layer's schedule (burn-in, regroup
+        interval, temperature, router freeze) must not advance either, and the step's activation
+        statistics are undone: they came from a forward whose values overflowed. A regroup that ran
+        at the start of the skipped step stays applied (it changed weights outside the optimizer),
+        and is not repeated: its step is the one that runs again."""
+        if self.skipped_steps_source is None:
+            return
+        skipped = int(self.skipped_steps_source())
+        if self._skips_seen is None or skipped < self._skips_seen:
+            self._skips_seen = skipped   # first look, or the engine's count came from a checkpoint
+            return
+        new = skipped - self._skips_seen
+        if new == 0:
+            return
+        self._skips_seen = skipped
+        gas = self.config.gradient_accumulation_steps
+        start = self._step_start
+        if start is not None and new == 1 and self._c("micro_step") == start[0] + gas:
+            self.centroids.copy_(start[1])
+            self.centroid_seen.copy_(start[2])
+        self._set_c("micro_step", max(0, self._c("micro_step") - new * gas))
+        self._step_start = None
+
+    def idle_parameters(self) -> List[nn.Parameter]:
+        """Parameters that get no gradient in the current phase, on every rank whatever its data:
+        the expert form not in use (the compressed form during burn-in, the burn-in weights after
+        the first clustering) and the router while it is frozen after a regroup. Gradient
+        reducers skip exactly these; every other trainable parameter has a gradient."""
+        ex = self.experts
+        idle = list(ex.full.values()) if self.compressed else [*ex.base.values(), *ex.fa.values(), *ex.fb.values()]
+        return idle + (list(self.router.parameters()) if self._router_frozen else [])
 
     @property
     def compressed(self) -> bool:
@@ -145,6 +192,7 @@ class ClusteredMoE(nn.Module):
         return sum(p.numel() for p in self.experts.expert_parameters(self.compressed))
 
     def stats(self) -> Dict[str, float]:
+        self._sync_skipped_steps()
         counts = self._last_counts.float().cpu()
         group_counts = counts[self.expert_of_slot.cpu()].view(self.num_groups, -1).sum(1)
         s = {
@@ -156,6 +204,7 @@ class ClusteredMoE(nn.Module):
             "step": self.step,
             "temperature": self.config.temperature(self.step),
             "compression_ratio": self.measured_compression_ratio(),
+            "nonfinite_tokens": int(self.nonfinite_tokens),
         }
         s.update(self._last_regroup)
         s.update(self._regroup_times)
@@ -216,6 +265,7 @@ class ClusteredMoE(nn.Module):
                         state_dict[key] = t.new_empty(0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host_counters = None
+        self._skips_seen, self._step_start = None, None   # the engine's skip count is reloaded too
         self._store_key = None  # new weights: the stored form is rebuilt at the next inference forward
 
     # --- precision and memory (3.4) ------------------------------------------------------------
@@ -260,6 +310,7 @@ class ClusteredMoE(nn.Module):
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._sync_skipped_steps()   # a checkpoint after a skipped step holds the counters without it
         if self._serving:
             raise RuntimeError(f"{prefix or 'layer'}: released its master weights (release_masters) and serves "
                                f"from the stored form; checkpoints come from the training process")
@@ -311,6 +362,11 @@ class ClusteredMoE(nn.Module):
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states has last dimension {hidden_states.shape[-1]}, "
                              f"but the layer's hidden_size is {self.hidden_size}")
+        dtype = self.router.group_proto.dtype
+        if hidden_states.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise TypeError(f"hidden_states is {hidden_states.dtype} but layer {self.layer_index}'s parameters are "
+                            f"{dtype}: cast the model to the activations' dtype (model.to({hidden_states.dtype}), "
+                            f"or DeepSpeed's fp16/bf16 config) or run the forward under torch.autocast")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         keep = None
@@ -323,16 +379,14 @@ class ClusteredMoE(nn.Module):
         if learning and self._serving:
             raise RuntimeError("this layer released its master weights (release_masters): inference only")
         if learning:
+            self._sync_skipped_steps()
             self._maybe_recluster()
-        if x.shape[0] == 0 and self.ep is None:
-            if learning:  # still a training forward: keep the step count (and regroup times) in sync
-                self._set_c("micro_step", self._c("micro_step") + 1)
-            # Connected to every trainable parameter so data-parallel gradient reduction sees
-            # the same set of gradients on every rank, even one whose batch was empty.
-            zero = hidden_states.new_zeros(()) + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
-            self._last_counts = torch.zeros(self.num_experts)
-            return hidden_states.new_zeros(shape), zero, torch.zeros(self.num_experts, dtype=torch.long,
-                                                                     device=hidden_states.device)
+            if self.skipped_steps_source is not None and self._c("micro_step") % self.config.gradient_accumulation_steps == 0:
+                # what a skipped step would have to undo
+                self._step_start = (self._c("micro_step"), self.centroids.clone(), self.centroid_seen.clone())
+        # An empty batch (or an all-False used_token) takes the same path with zero rows: the
+        # autograd graph, hence which parameters get a gradient and in which order, depends on the
+        # phase only, never on the data (data-parallel reducers such as ZeRO-2's buckets rely on it).
         fused_router = self.ep is None and self.fused_router
         if fused_router:
             routing, l_aux, hits, slot_counts = self.route_with_losses(x)
@@ -379,8 +433,10 @@ class ClusteredMoE(nn.Module):
 
     def _router_state(self) -> Dict[str, object]:
         """This step's temperature and whether the router is frozen (paper 3.5 (i))."""
-        return dict(temperature=self.config.temperature(self.step),
-                    frozen=self.training and self.step < self._c("frozen_until"))
+        frozen = self.training and self.step < self._c("frozen_until")
+        if self.training and torch.is_grad_enabled():
+            self._router_frozen = frozen
+        return dict(temperature=self.config.temperature(self.step), frozen=frozen)
 
     def route(self, x: torch.Tensor) -> Routing:
         return self.router(x, **self._router_state())
@@ -444,13 +500,16 @@ class ClusteredMoE(nn.Module):
         local_slot = (plan["pair_slots"] - dest.unsqueeze(1) * (Gl * K)).to(torch.int32)
         recv = ep.all_to_all(payload, send_counts, recv_counts, "tokens_out")
         recv_slot = ep.all_to_all(local_slot, send_counts, recv_counts, "routing_out").long()
+        # An owner that receives no rows computes on zero rows through the same operations: its
+        # backward enters the same collectives, and its expert parameters get (zero) gradients in
+        # the same order as their replicas' on other ranks.
         R = recv.shape[0]
         if use_fused:
             y_recv = fused.fused_expert_forward(ex, recv[:, :d], recv_slot[:, :1] // K, recv_slot.unsqueeze(1),
                                                 recv[:, d:].unsqueeze(1))
         else:
             # the owner sorts what it received by its local group and slot, as the one-process dispatch does
-            order = torch.argsort(recv_slot[:, 0] // K, stable=True) if R else recv_slot.new_zeros(0)
+            order = torch.argsort(recv_slot[:, 0] // K, stable=True)
             xs, ws, slots = recv[order, :d], recv[order, d:], recv_slot[order]
             pair_group_counts = torch.bincount(slots[:, 0] // K, minlength=Gl).tolist()
             row_slot = slots.reshape(-1)
@@ -461,12 +520,6 @@ class ClusteredMoE(nn.Module):
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(R, device=order.device)
             y_recv = y_sorted.index_select(0, inverse)
-        if R == 0 and torch.is_grad_enabled():
-            # No rows here. The backward must still enter every collective the other ranks enter
-            # (the received tensor stays in the graph), and every local expert parameter gets a
-            # (zero) gradient so all ranks hold the same optimizer state keys (regroups read them
-            # collectively).
-            y_recv = y_recv + 0.0 * (recv.sum() + sum(p.sum() for p in ex.parameters() if p.requires_grad))
         y_back = ep.all_to_all(y_recv, recv_counts, send_counts, "tokens_back")
         return x.new_zeros(x.shape[0], d).index_add(0, plan["pair_token"], y_back.to(x.dtype))
 
@@ -487,15 +540,22 @@ class ClusteredMoE(nn.Module):
             self._last_counts = counts.long()
             return self._last_counts
         dt = torch.promote_types(x.dtype, torch.float32)
-        stats = torch.cat([hits.t().to(dt) @ x.detach().to(dt), slot_counts.to(dt).unsqueeze(1)], dim=1)
+        xd = x.detach().to(dt)
+        # A token with a NaN/inf feature (an fp16 overflow upstream) would make its experts'
+        # centroids non-finite for good: it counts in the routing statistics, not in the centroids.
+        finite = torch.isfinite(xd).all(1, keepdim=True)
+        self.nonfinite_tokens += (~finite).sum()
+        hits_f = hits.to(dt) * finite
+        stats = torch.cat([hits_f.t() @ torch.where(finite, xd, 0.0), hits_f.sum(0).unsqueeze(1),
+                           slot_counts.to(dt).unsqueeze(1)], dim=1)
         by_expert = torch.empty_like(stats)
         by_expert[self.expert_of_slot] = stats
         self._last_counts = by_expert[:, -1].long()   # this rank's tokens
         if self.ep is not None:
             # centroids follow the tokens of every rank: identical everywhere, as at ep_size 1
             by_expert = self.ep.reduce_stats(by_expert)
-        c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, by_expert[:, :-1].to(self.centroids.dtype),
-                                              by_expert[:, -1].to(self.centroids.dtype), self.config.beta)
+        c, seen = clustering.update_centroids(self.centroids, self.centroid_seen, by_expert[:, :-2].to(self.centroids.dtype),
+                                              by_expert[:, -2].to(self.centroids.dtype), self.config.beta)
         self.centroids.copy_(c)
         self.centroid_seen.copy_(seen)
         self._set_c("micro_step", self._c("micro_step") + 1)
@@ -532,12 +592,18 @@ class ClusteredMoE(nn.Module):
         slot_of_expert = self.slot_of_expert()
         old_assign = (slot_of_expert // K).cpu()
         self.sync.average_(self.centroids)  # replicas must cluster on the same statistics
+        # identical on every rank now (averaged, or reduced every step under expert parallelism),
+        # so every rank refuses together
+        _refuse_nonfinite(self.centroids, f"layer {self.layer_index}: the activation centroids",
+                          torch.arange(E))
         if ep is None:
             flat = torch.cat([w[slot_of_expert].reshape(E, -1) for w in eff.values()], dim=1)
         else:  # rank 0 coordinates: it alone needs every expert's weights (S_param)
             flat = ep.gather_to_coordinator(torch.cat([w.reshape(ex.num_experts, -1) for w in eff.values()], dim=1))
             flat = flat[slot_of_expert] if flat is not None else None
-        if flat is not None:
+        # experts with non-finite weights, found where all weights are (the coordinator)
+        bad = None if flat is None or bool(torch.isfinite(flat).all()) else ~torch.isfinite(flat).all(1)
+        if flat is not None and bad is None:
             s_param = self.sim_cache.similarity(flat, self.step)
             s_task = clustering.task_similarity(self.centroids)
             sim = clustering.fuse_similarity(s_param, s_task.to(s_param.device), cfg.alpha)
@@ -546,12 +612,16 @@ class ClusteredMoE(nn.Module):
             new_assign = clustering.balanced_kmeans(1.0 - sim.cpu(), G, seed=seed, iters=cfg.kmeans_iters)
             gain = (clustering.intra_group_similarity(sim.cpu(), new_assign, G)
                     - clustering.intra_group_similarity(sim.cpu(), old_assign, G))
+        elif bad is not None:   # the decision tells every rank: gain NaN, the bad experts flagged
+            gain, new_assign = float("nan"), bad.cpu().long()
         else:  # not the coordinator: receives the decision below
             gain, new_assign = 0.0, torch.zeros(E, dtype=torch.long)
         # Rank 0's decision is everyone's: replicas apply the same regroup or none.
         decision = self.sync.from_first(torch.cat([torch.tensor([gain], dtype=torch.float64),
                                                    new_assign.to(torch.float64)]))
         gain, new_assign = float(decision[0]), decision[1:].round().long()
+        if math.isnan(gain):
+            _refuse_nonfinite(None, f"layer {self.layer_index}: the expert weights", new_assign.nonzero().squeeze(1))
         self._set_c("last_recluster_step", self.step)
         t_decided = time.perf_counter()
         if was_compressed and not force and gain < cfg.delta:
@@ -644,6 +714,17 @@ class ClusteredMoE(nn.Module):
                 expert_of_slot[s] = e
         assert (expert_of_slot >= 0).all()
         return expert_of_slot
+
+
+def _refuse_nonfinite(rows: Optional[torch.Tensor], what: str, experts: torch.Tensor) -> None:
+    """Clustering on NaN/inf would crash inside an SVD or regroup on garbage: one clear error.
+    ``rows`` (E, ...) is checked per expert; None means ``experts`` already lists the bad ones."""
+    if rows is not None:
+        experts = experts[~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(1).cpu()]
+    if experts.numel():
+        raise FloatingPointError(f"{what} of experts {experts.tolist()} are not finite (NaN or inf): refusing to "
+                                 f"cluster on them. Non-finite training tokens are left out of the centroids "
+                                 f"(stats()['nonfinite_tokens']); non-finite weights mean training diverged")
 
 
 def _mix_groups(coeff: torch.Tensor, s: torch.Tensor, take=None) -> torch.Tensor:

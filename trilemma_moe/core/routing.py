@@ -188,14 +188,17 @@ class FusedRouterLoss(torch.autograd.Function):
         dt, dev = xc.dtype, xc.device
         use_loss = d_loss is not None and dlogits_loss is not None
         if d_weights is None and not use_loss:
-            return (None,) * 10
+            # nothing flows back (e.g. no tokens): still a gradient for every input that wants one,
+            # so the router's parameters are reduced whatever the batch held
+            d_weights = torch.zeros(T, *slot_idx.shape[1:], dtype=dt, device=dev)
         if d_weights is None:
             dlogits = dlogits_loss * d_loss
         else:
             # weights[t, a, b] = p_g[t, g_a] p_i[t, g_a, j_b]: with S the (T, G, K) scatter of
             # d(weights) (a token's slots are distinct), d p_i = S p_g and d p_g = sum_j S p_i
-            S = torch.zeros(T, E, dtype=dt, device=dev).scatter_(1, slot_idx.view(T, -1),
-                                                                 d_weights.reshape(T, -1)).view(T, G, K)
+            n = math.prod(slot_idx.shape[1:])   # chosen slots per token (g1 * k; T may be 0)
+            S = torch.zeros(T, E, dtype=dt, device=dev).scatter_(1, slot_idx.reshape(T, n),
+                                                                 d_weights.reshape(T, n)).view(T, G, K)
             dg = torch._softmax_backward_data((S * pe).sum(-1), pg, -1, dt)
             de = torch._softmax_backward_data(S * pg.unsqueeze(-1), pe, -1, dt)
             if use_loss:
@@ -252,24 +255,25 @@ def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None
         return _reduced_aux_losses(r, aux_loss_coef, z_loss_coef, reduce)
     T, G, K = r.expert_probs.shape
     dev = r.group_probs.device
-    if T == 0:
-        return torch.zeros((), device=dev)
+    # No early exit for T = 0: the same operations run on zero rows (means as sums over
+    # max(T, 1)), so an empty batch gives a zero loss whose backward reaches the router the same way.
+    n_tok, n_choice = max(T, 1), max(r.slot_idx.numel(), 1)
     loss = 0.0
     if aux_loss_coef > 0:
         E = G * K
         if slot_counts is None:
             slot_counts = _count(r.slot_idx, E)
-        f_e = slot_counts.to(r.group_probs.dtype) / r.slot_idx.numel()
+        f_e = slot_counts.to(r.group_probs.dtype) / n_choice
         # every chosen (token, group) pair holds k chosen slots, so a group's share of the pairs
         # is the sum of its slots' shares
         f_g = f_e.view(G, K).sum(1)
-        joint = (r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E).mean(0)
-        lb = G * torch.dot(f_g, r.group_probs.mean(0)) + E * torch.dot(f_e, joint)
+        joint = (r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E).sum(0) / n_tok
+        lb = G * torch.dot(f_g, r.group_probs.sum(0) / n_tok) + E * torch.dot(f_e, joint)
         loss = loss + aux_loss_coef * lb
     if z_loss_coef > 0:
-        z_group = torch.logsumexp(r.group_logits, dim=-1).square().mean()
+        z_group = torch.logsumexp(r.group_logits, dim=-1).square().sum() / n_tok
         chosen = r.expert_logits.gather(1, r.group_idx.unsqueeze(-1).expand(-1, -1, K))
-        z_expert = torch.logsumexp(chosen, dim=-1).square().mean()
+        z_expert = torch.logsumexp(chosen, dim=-1).square().sum() / max(chosen.shape[0] * chosen.shape[1], 1)
         loss = loss + z_loss_coef * (z_group + z_expert)
     if not torch.is_tensor(loss):
         return torch.zeros((), device=dev)

@@ -314,17 +314,21 @@ def unlink_cpu_allreduce_shm() -> bool:
 
 def attach_engine(engine) -> int:
     """After ``deepspeed.initialize``, on every rank: let every clustered layer move optimizer
-    state on regroups.
+    state on regroups, and follow the engine's skipped steps.
 
     ZeRO-1/2 and bf16 go through DeepSpeed's fp32 partitions; ZeRO-0 in fp32 uses the torch
-    optimizer the engine wraps. Also unlinks DeepSpeed's CPU all-reduce shared memory so a CPU
-    run leaves none behind (:func:`unlink_cpu_allreduce_shm`). Returns the number of layers
-    attached.
+    optimizer the engine wraps. A step the engine skips (fp16 loss-scale overflow, or a
+    non-finite gradient norm under ZeRO-1/2) is not counted by the layers either: their step
+    counters, regroup schedule and activation centroids stay as if it had not run
+    (``ClusteredMoE.skipped_steps_source``). Also unlinks DeepSpeed's CPU all-reduce shared memory
+    so a CPU run leaves none behind (:func:`unlink_cpu_allreduce_shm`). Returns the number of
+    layers attached.
     """
     unlink_cpu_allreduce_shm()
     layers = clustered_layers(engine.module)
     opt = getattr(engine, "optimizer", None)
     for layer in layers:
+        layer.skipped_steps_source = lambda: engine.skipped_steps
         if _uses_deepspeed_partitions(layer):
             layer.set_param_io(DeepSpeedParamIO())
         else:

@@ -226,13 +226,22 @@ def average_gradients(module: torch.nn.Module, topology: ExpertParallelTopology)
     """Gradient reduction without DeepSpeed, with DeepSpeed's convention: every gradient is a
     sum over its replicas divided by the world size. Replicated parameters (router, the rest of
     the model) sum over the world; expert slots over their expert-data-parallel replicas (the
-    all-to-all backward already summed the expert-parallel ranks' contributions)."""
+    all-to-all backward already summed the expert-parallel ranks' contributions).
+
+    Which tensors are reduced depends on the phase, never on the data: every trainable
+    parameter except those a clustered layer declares idle in this phase (``idle_parameters``)
+    takes part on every rank, in module order; one without a gradient here contributes zeros
+    (as DeepSpeed's engine does), so the ranks' collectives always match."""
     from ..core.layer import ClusteredMoE
-    expert_ids = {id(p) for m in module.modules() if isinstance(m, ClusteredMoE) for p in m.experts.parameters()}
+    layers = [m for m in module.modules() if isinstance(m, ClusteredMoE)]
+    expert_ids = {id(p) for m in layers for p in m.experts.parameters()}
+    idle = {id(p) for m in layers for p in m.idle_parameters()}
     world = topology.world_size
     for p in module.parameters():
-        if p.grad is None:
+        if not p.requires_grad or id(p) in idle:
             continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
         if id(p) in expert_ids:
             if topology.edp_group is not None:
                 dist.all_reduce(p.grad, group=topology.edp_group)
