@@ -110,6 +110,9 @@ class ClusteredMoE(nn.Module):
         self._skips_seen: Optional[int] = None
         self._step_start = None         # (micro_step, centroids, centroid_seen) when this step began
         self._router_frozen = False     # whether the last training forward ran with a frozen router
+        # set while an engine loads a checkpoint with its optimizer state (attach_engine): a
+        # checkpoint of another ep_size is then refused (its optimizer partitions do not fit)
+        self.refuse_ep_size_change = False
 
     _COUNTERS = ("micro_step", "compressed", "reclusters", "skipped", "last_recluster_step", "frozen_until")
 
@@ -235,10 +238,17 @@ class ClusteredMoE(nn.Module):
     def get_extra_state(self):
         """The S_param cache and last regroup report travel with ``state_dict`` (tensors and
         numbers only, so ``torch.load(weights_only=True)`` reads them)."""
-        return {"sim_cache": self.sim_cache.state_dict(),
+        return {"sim_cache": self.sim_cache.state_dict(), "ep_size": self.config.ep_size,
                 "last_regroup": {k: float(v) for k, v in self._last_regroup.items()}}
 
     def set_extra_state(self, state) -> None:
+        saved = state.get("ep_size")
+        if self.refuse_ep_size_change and saved is not None and int(saved) != self.config.ep_size:
+            raise RuntimeError(
+                f"layer {self.layer_index}: this checkpoint was saved at ep_size {int(saved)}, the model runs "
+                f"ep_size {self.config.ep_size}; its optimizer state (partitioned per expert-parallel rank) does not "
+                f"fit. Load the weights only, engine.load_checkpoint(dir, load_module_only=True) (optimizer state "
+                f"starts fresh), or convert it with `trilemma-moe reshard DIR --out FILE` and load that file")
         self.sim_cache.load_state_dict(state["sim_cache"])
         self._last_regroup = dict(state.get("last_regroup", {}))
         self._host_counters = None
@@ -579,6 +589,7 @@ class ClusteredMoE(nn.Module):
 
         ``force=True`` applies the new grouping even when its similarity gain is below delta.
         """
+        self._sync_skipped_steps()   # before reading centroids: a skipped step's are undone
         cfg = self.config
         G, K, E = self.num_groups, self.experts_per_group, self.num_experts
         io = self.io

@@ -6,6 +6,8 @@ A thin shell: the math lives in ``trilemma_moe.core.layer.ClusteredMoE``.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import warnings
 from typing import Any, Dict, List, Optional
@@ -45,6 +47,20 @@ class DeepSpeedParamIO(TorchParamIO):
     # Under ZeRO a parameter outside this rank's partition has ``_hp_mapping = None`` but the
     # safe_* helpers still join the all-reduce: dispatch on the attribute's presence, never on
     # its value, or the ranks' collectives go out of step.
+    def __init__(self, optimizer=None):
+        super().__init__(None)
+        self.ds_optimizer = optimizer   # the engine's ZeRO / bf16 optimizer (attach_engine)
+
+    def _relink(self) -> None:
+        """DeepSpeed links each parameter's view of the optimizer state once, after the first
+        ``step()`` of its FIRST parameter group: groups stepped after it (the expert group of an
+        MoE model) get empty views for good, and ``safe_get/set_full_optimizer_state`` cannot
+        reach their moments. Linking again once state exists fixes the views (narrow() only)."""
+        opt = self.ds_optimizer
+        if opt is not None and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
     def read(self, p):
         from deepspeed.utils import safe_get_full_fp32_param
         if not hasattr(p, "_hp_mapping"):
@@ -56,6 +72,8 @@ class DeepSpeedParamIO(TorchParamIO):
         import torch.distributed as dist
         from deepspeed.utils import safe_get_full_optimizer_state
         mapping = p._hp_mapping
+        if mapping is not None and not (mapping.optim_fragment and key in mapping.optim_fragment):
+            self._relink()
         have = mapping is None or (mapping.optim_fragment is not None and key in mapping.optim_fragment)
         flag = torch.tensor([1.0 if have else 0.0])
         if dist.is_initialized():
@@ -326,15 +344,45 @@ def attach_engine(engine) -> int:
     """
     unlink_cpu_allreduce_shm()
     layers = clustered_layers(engine.module)
+    _guard_load_checkpoint(engine, layers)
     opt = getattr(engine, "optimizer", None)
     for layer in layers:
         layer.skipped_steps_source = lambda: engine.skipped_steps
         if _uses_deepspeed_partitions(layer):
-            layer.set_param_io(DeepSpeedParamIO())
+            layer.set_param_io(DeepSpeedParamIO(opt))
         else:
             inner = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", None)
             layer.attach_optimizer(inner if isinstance(inner, torch.optim.Optimizer) else None)
     return len(layers)
+
+
+def _guard_load_checkpoint(engine, layers: List[ClusteredMoE]) -> None:
+    """``engine.load_checkpoint`` with optimizer state refuses a checkpoint saved at another
+    ep_size with one clear error (DeepSpeed would fail on a missing per-rank file at ZeRO-0, and
+    at ZeRO-1/2 load partitions of another layout without a word). The layers check it when
+    the module state arrives, before DeepSpeed reads any optimizer file; module-only loads (at
+    any ep_size: expert files are per global slot) are untouched."""
+    load = engine.load_checkpoint
+    if getattr(load, "_trilemma_guarded", False):
+        return
+    signature = inspect.signature(load)
+
+    @functools.wraps(load)
+    def load_checkpoint(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        full = bool(bound.arguments.get("load_optimizer_states", True)) and \
+            not bound.arguments.get("load_module_only", False)
+        for layer in layers:
+            layer.refuse_ep_size_change = full
+        try:
+            return load(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.refuse_ep_size_change = False
+
+    load_checkpoint._trilemma_guarded = True
+    engine.load_checkpoint = load_checkpoint
 
 
 def moe_param_groups(model: nn.Module, weight_decay: float = 0.0, lr: Optional[float] = None) -> List[Dict]:
