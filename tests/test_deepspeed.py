@@ -137,12 +137,25 @@ def test_trains_under_deepspeed_zero_across_regroups(stage):
     before_m = safe_get_full_optimizer_state(vec, "exp_avg") if stage > 0 else \
         engine.optimizer.state[vec]["exp_avg"].clone()
     slot_before = layer.moe.slot_of_expert().clone()
+    # expert parameters sit in DeepSpeed's second (MoE) parameter group: their moments follow too
+    bias, fa = layer.moe.experts.bias["b1"], layer.moe.experts.fa["w1"]
+    before_bias_m = layer.moe.io.read_state(bias, "exp_avg") if stage > 0 else \
+        engine.optimizer.state[bias]["exp_avg"].clone()
+    assert before_bias_m is not None and float(before_bias_m.abs().max()) > 0
     assert layer.recluster(force=True)
     slot_after = layer.moe.slot_of_expert()
     assert layer.stats()["moved_experts"] > 0
     after_m = safe_get_full_optimizer_state(vec, "exp_avg") if stage > 0 else engine.optimizer.state[vec]["exp_avg"]
     torch.testing.assert_close(vec.detach()[slot_after], before_vec[slot_before], rtol=0, atol=0)
     torch.testing.assert_close(after_m[slot_after], before_m[slot_before], rtol=0, atol=0)
+    # what the optimizer holds (DeepSpeed's own reader) is what the regroup wrote: bias moments moved
+    # with their expert, the fresh factors' first moments reset where the slot's expert changed
+    after_bias_m = safe_get_full_optimizer_state(bias, "exp_avg") if stage > 0 else engine.optimizer.state[bias]["exp_avg"]
+    torch.testing.assert_close(after_bias_m[slot_after], before_bias_m[slot_before], rtol=0, atol=0)
+    fa_m = safe_get_full_optimizer_state(fa, "exp_avg") if stage > 0 else engine.optimizer.state[fa]["exp_avg"]
+    moved = layer.moe.expert_of_slot != layer.moe.expert_of_slot.new_tensor(
+        slot_before.argsort().tolist())   # slots whose expert changed
+    assert moved.any() and float(fa_m[moved].abs().max()) == 0.0
     if stage > 0:  # the fp32 masters hold what the module holds, so the next step does not undo the regroup
         for p in layer.parameters():
             if p.numel() and getattr(p, "_hp_mapping", None) is not None:

@@ -67,7 +67,7 @@ class DeepSpeedParamIO(TorchParamIO):
             return p.detach()
         return safe_get_full_fp32_param(p).to(p.device)
 
-    def _state(self, p, key):
+    def read_state(self, p, key):
         """The full optimizer state, or None on every rank if any rank has none yet."""
         import torch.distributed as dist
         from deepspeed.utils import safe_get_full_optimizer_state
@@ -93,7 +93,7 @@ class DeepSpeedParamIO(TorchParamIO):
         if rule is None:
             return
         for key in _ADAM_KEYS:
-            old = self._state(p, key)
+            old = self.read_state(p, key)
             if old is not None:
                 safe_set_full_optimizer_state(p, rule(key, old.float()).to(old.device), key)
 
