@@ -84,8 +84,10 @@ class ClusteredMoE(nn.Module):
         self.register_buffer("centroids", torch.zeros(E, hidden_size))
         self.register_buffer("centroid_seen", torch.zeros(E, dtype=torch.bool))
         self.register_buffer("counters", torch.zeros(6, dtype=torch.long))  # see _COUNTERS
-        # training tokens with a non-finite feature, left out of the centroids (stats(); not checkpointed)
-        self.register_buffer("nonfinite_tokens", torch.zeros((), dtype=torch.long), persistent=False)
+        # training tokens seen and those of them that were finite (the others are left out of the
+        # centroids; stats()['nonfinite_tokens']); counted on the device, not checkpointed
+        self.register_buffer("finite_tokens", torch.zeros((), dtype=torch.long), persistent=False)
+        self._tokens_observed = 0
         self.sim_cache = clustering.ParamSimilarityCache(cfg.sim_cache_lifetime, cfg.sim_cache_eps, cfg.seed)
         self.io = TorchParamIO()
         # expert parallelism: the communicator also carries the regroup agreement (rank 0 decides)
@@ -207,7 +209,7 @@ class ClusteredMoE(nn.Module):
             "step": self.step,
             "temperature": self.config.temperature(self.step),
             "compression_ratio": self.measured_compression_ratio(),
-            "nonfinite_tokens": int(self.nonfinite_tokens),
+            "nonfinite_tokens": self._tokens_observed - int(self.finite_tokens),
         }
         s.update(self._last_regroup)
         s.update(self._regroup_times)
@@ -553,10 +555,12 @@ class ClusteredMoE(nn.Module):
         xd = x.detach().to(dt)
         # A token with a NaN/inf feature (an fp16 overflow upstream) would make its experts'
         # centroids non-finite for good: it counts in the routing statistics, not in the centroids.
-        finite = torch.isfinite(xd).all(1, keepdim=True)
-        self.nonfinite_tokens += (~finite).sum()
+        # (A row sums to NaN/inf iff it holds one, barring overflow: one reduction, not a T x d mask.)
+        finite = torch.isfinite(xd.sum(1, keepdim=True))
+        self.finite_tokens.add_(finite.sum())
+        self._tokens_observed += x.shape[0]
         hits_f = hits.to(dt) * finite
-        stats = torch.cat([hits_f.t() @ torch.where(finite, xd, 0.0), hits_f.sum(0).unsqueeze(1),
+        stats = torch.cat([hits_f.t() @ xd.nan_to_num(0.0, 0.0, 0.0), hits_f.sum(0).unsqueeze(1),
                            slot_counts.to(dt).unsqueeze(1)], dim=1)
         by_expert = torch.empty_like(stats)
         by_expert[self.expert_of_slot] = stats
