@@ -13,7 +13,8 @@ deepspeed = pytest.importorskip("deepspeed")
 
 from trilemma_moe import TrilemmaMoE  # noqa: E402
 from trilemma_moe.core.checkpoint import SLOT_PREFIX, atomic_save, safe_load, to_slot_keys  # noqa: E402
-from trilemma_moe.integrations.checkpoint import consolidate, latest_tag, reshard_main, save_checkpoint  # noqa: E402
+from trilemma_moe.integrations.checkpoint import (consolidate, latest_tag, load_checkpoint, reshard_main,  # noqa: E402
+                                                  resolve_tag, save_checkpoint)
 from trilemma_moe.integrations.deepspeed import attach_engine, moe_param_groups  # noqa: E402
 
 from test_deepspeed import D, V, TinyLM, ffn, small_config  # noqa: E402
@@ -197,6 +198,80 @@ def test_reshard_names_missing_and_corrupt_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"global slots \[5\]"):
         consolidate(str(tmp_path))
     assert not (tmp_path / "o.pt").exists()
+
+
+# --- a bad 'latest' or checkpoint file: one error that names it ------------------------------
+_BAD_LATEST = [(b"", "is empty"), (b" \n\t", "is empty"), (b"\xff\xfe\x00\x81step", "not a text file")]
+
+
+@pytest.mark.parametrize("content,expect", _BAD_LATEST, ids=["empty", "blank", "binary"])
+def test_bad_latest_file_is_named(tmp_path, content, expect):
+    (tmp_path / "step3").mkdir()
+    latest = tmp_path / "latest"
+    latest.write_bytes(content)
+    for read in (latest_tag, resolve_tag, consolidate):
+        with pytest.raises(ValueError, match=expect) as info:
+            read(str(tmp_path))
+        assert str(latest) in str(info.value), read.__name__
+
+
+def test_latest_naming_a_missing_tag_folder(tmp_path):
+    (tmp_path / "step3").mkdir()
+    (tmp_path / "latest").write_text("step9\n")
+    for read in (resolve_tag, consolidate):
+        with pytest.raises(FileNotFoundError) as info:
+            read(str(tmp_path))
+        msg = str(info.value)
+        assert str(tmp_path / "latest") in msg and "'step9'" in msg and str(tmp_path / "step9") in msg
+    assert latest_tag(str(tmp_path)) == "step9"   # the content itself is fine
+    assert resolve_tag(str(tmp_path), "step3") == "step3"
+    with pytest.raises(FileNotFoundError, match="tag 'nope' given, but there is no folder"):
+        resolve_tag(str(tmp_path), "nope")
+    (tmp_path / "latest").unlink()
+    assert latest_tag(str(tmp_path)) is None       # nothing saved yet is not an error of latest_tag
+    with pytest.raises(FileNotFoundError, match="no 'latest' file and no tag given"):
+        resolve_tag(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+        resolve_tag(str(tmp_path / "missing"))
+
+
+def test_load_checkpoint_checks_latest_before_the_engine(tmp_path):
+    e = _engine(0)
+    _train(e, _batches(2))
+    save_checkpoint(e, str(tmp_path), "t")
+    latest = tmp_path / "latest"
+    for content, expect in _BAD_LATEST + [(b"gone\n", "names tag 'gone', but there is no folder")]:
+        latest.write_bytes(content)
+        with pytest.raises((ValueError, FileNotFoundError), match=expect) as info:
+            load_checkpoint(e, str(tmp_path))
+        assert str(latest) in str(info.value)
+    latest.write_text("t")
+    path, client = load_checkpoint(e, str(tmp_path), load_optimizer_states=False)
+    assert path == os.path.join(str(tmp_path), "t", "mp_rank_00_model_states.pt") and client is not None
+    path, _ = load_checkpoint(e, str(tmp_path), tag="t")
+    assert path is not None
+    with pytest.raises(FileNotFoundError, match="tag 'u' given"):
+        load_checkpoint(e, str(tmp_path), tag="u")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign_object"])
+def test_safe_load_names_a_corrupt_file_and_never_suggests_unsafe_loading(tmp_path, damage):
+    import argparse
+    path = tmp_path / "layer_0_expert_3_mp_rank_00_model_states.pt"
+    torch.save({f"{SLOT_PREFIX}3.fa.w1": torch.randn(4, 4)}, path)
+    whole = path.read_bytes()
+    if damage == "foreign_object":   # a sound file the weights-only unpickler refuses
+        torch.save({"args": argparse.Namespace(lr=1.0)}, path)
+    else:
+        path.write_bytes({"garbage": b"\x00\x01not a checkpoint" * 8, "truncated": whole[:len(whole) // 2],
+                          "empty": b""}[damage])
+    with pytest.raises(RuntimeError) as info:
+        safe_load(str(path))
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read checkpoint file {path}: corrupt"), msg
+    # torch's own message advises re-running with weights_only=False (arbitrary code execution)
+    assert "weights_only" not in msg and "trusted source" not in msg
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def _train_cmd(tmp_path, steps, extra=(), use_deepspeed=True):

@@ -1,4 +1,5 @@
 """TrilemmaMoEConfig: validation (every knob named in its error), defaults of Eq. 11, loaders."""
+import dataclasses
 import json
 
 import pytest
@@ -97,6 +98,28 @@ def test_non_number_types(knob, value):
 ])
 def test_out_of_range_values(knob, value):
     _raises_naming(knob, **{knob: value})
+
+
+# every float knob, found by its annotation so that a new one is covered too
+_FLOAT_KNOBS = [f.name for f in dataclasses.fields(TrilemmaMoEConfig) if "float" in str(f.type)]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("knob", _FLOAT_KNOBS)
+def test_non_finite_float_knobs_rejected(knob, value):
+    # NaN passes every range comparison; +inf passes the open-ended ones
+    msg = _raises_naming(knob, **{knob: value})
+    assert msg == f"{knob} must be a finite number, got {value}"
+
+
+def test_non_finite_knob_from_deepspeed_json_rejected(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text('{"gradient_clipping": NaN, "trilemma_moe": {"delta": Infinity}}')   # Python's json reads both
+    with pytest.raises(ValueError, match="delta must be a finite number, got inf"):
+        TrilemmaMoEConfig.from_deepspeed_config(p)
+    p.write_text('{"gradient_clipping": NaN}')
+    with pytest.raises(ValueError, match="grad_clip must be a finite number, got nan"):
+        TrilemmaMoEConfig.from_deepspeed_config(p)
 
 
 def test_optional_knobs_accept_none():
@@ -238,3 +261,55 @@ def test_from_deepspeed_unknown_key_named():
     ds = dict(_DS, trilemma_moe={"num_experts": 8, "num_groups": 2, "not_a_knob": 1})
     with pytest.raises(ValueError, match="not_a_knob"):
         TrilemmaMoEConfig.from_deepspeed_config(ds)
+
+
+# ------------------------------------------------------------------ bad sections and files ----
+
+@pytest.mark.parametrize("section", [None, [1, 2], "num_experts: 8", 3], ids=["null", "list", "str", "int"])
+@pytest.mark.parametrize("as_file", [False, True], ids=["dict", "file"])
+def test_from_deepspeed_section_not_a_mapping(tmp_path, section, as_file):
+    ds = {"train_batch_size": 8, "trilemma_moe": section}
+    src = tmp_path / "ds.json"
+    src.write_text(json.dumps(ds))
+    with pytest.raises(ValueError) as info:
+        TrilemmaMoEConfig.from_deepspeed_config(src if as_file else ds)
+    msg = str(info.value)
+    assert "'trilemma_moe'" in msg and "must be a mapping" in msg
+    assert (str(src) in msg) == as_file
+
+
+@pytest.mark.parametrize("key", ["trilemma-moe", "trilemmaMoE", "Trilemma_MoE", "trilemma_moe ", "TRILEMMA MOE"])
+@pytest.mark.parametrize("as_file", [False, True], ids=["dict", "file"])
+def test_from_deepspeed_misspelt_section(tmp_path, key, as_file):
+    ds = {"train_batch_size": 8, key: {"num_experts": 8, "num_groups": 2}}
+    src = tmp_path / "ds.json"
+    src.write_text(json.dumps(ds))
+    with pytest.raises(ValueError) as info:
+        TrilemmaMoEConfig.from_deepspeed_config(src if as_file else ds)
+    msg = str(info.value)
+    assert repr(key) in msg and "must be called 'trilemma_moe'" in msg
+    assert (str(src) in msg) == as_file
+
+
+def test_from_deepspeed_file_not_json(tmp_path):
+    for name, data in (("trailing_comma.json", b'{"train_batch_size": 8,}'), ("binary.json", b"\xff\xfe\x00\x81"),
+                       ("list.json", b"[1, 2]")):
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(ValueError) as info:
+            TrilemmaMoEConfig.from_deepspeed_config(p)
+        assert str(info.value).startswith(f"{p}: ")
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("trilemma_moe:\n", "must be a mapping"), ("trilemma_moe: [1, 2]\n", "must be a mapping"),
+    ("trilemma-moe:\n  num_experts: 8\n  num_groups: 2\n", "must be called 'trilemma_moe'"),
+    ("Trilemma_MoE:\n  num_experts: 8\n  num_groups: 2\n", "must be called 'trilemma_moe'"),
+    ("num_experts: [8\nnum_groups: 2\n", "not valid YAML"),
+])
+def test_from_yaml_bad_section_or_file_named(tmp_path, text, expect):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError) as info:
+        TrilemmaMoEConfig.from_yaml(p)
+    assert str(info.value).startswith(f"{p}: ") and expect in str(info.value)

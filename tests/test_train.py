@@ -3,6 +3,8 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,6 +14,7 @@ from trilemma_moe import cli, train
 from trilemma_moe.data import (EOS, UNK, BatchSampler, SyntheticTopicCorpus, eval_batches,
                                load_wikitext)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT2 = "/work/shared/data/wikitext-2"
 TINY = ["--d-model", "32", "--d-ff", "64", "--layers", "2", "--heads", "2", "--seq-len", "16",
         "--batch-size", "4", "--num-experts", "4", "--num-groups", "2", "--rank", "4",
@@ -73,6 +76,25 @@ def test_load_wikitext_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="wiki.valid.tokens") as exc:
         load_wikitext(str(tmp_path))
     assert "--data" in str(exc.value)
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+@pytest.mark.parametrize("text", ["", " \n\n\t \n"], ids=["empty", "whitespace"])
+def test_load_wikitext_empty_split_named(tmp_path, split, text):
+    files = {"train": "the cat sat\n", "valid": "the cat\n", "test": "cat\n"}
+    files[split] = text
+    _write_wikitext(tmp_path, files["train"], files["valid"], files["test"])
+    with pytest.raises(ValueError) as exc:
+        load_wikitext(str(tmp_path))
+    assert str(exc.value).startswith(f"{tmp_path / f'wiki.{split}.tokens'} is empty"), str(exc.value)
+
+
+def test_load_wikitext_not_utf8_named(tmp_path):
+    _write_wikitext(tmp_path, "a b\n", "a\n", "a\n")
+    (tmp_path / "wiki.valid.tokens").write_bytes(b"a \xff\xfe b\n")
+    with pytest.raises(ValueError, match="not UTF-8") as exc:
+        load_wikitext(str(tmp_path))
+    assert str(tmp_path / "wiki.valid.tokens") in str(exc.value)
 
 
 def test_batch_sampler_and_eval_batches():
@@ -145,11 +167,84 @@ def test_train_loss_decreases_on_synthetic(tmp_path, kind):
     assert summary["valid_loss"] < math.log(512) - 0.6
 
 
-def test_train_missing_data_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data"):
-        train.main(["--data", str(tmp_path / "nope"), "--steps", "1"] + TINY)
-    with pytest.raises(FileNotFoundError, match="wiki.train.tokens"):
-        train.main(["--data", str(tmp_path), "--steps", "1"] + TINY)
+def _one_line_error(capsys, argv):
+    """train.main(argv) must stop with exit status 2 and one stderr line: the error."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("trilemma_moe.train: error: "), err
+    return err
+
+
+def test_train_missing_data_dir(tmp_path, capsys):
+    err = _one_line_error(capsys, ["--data", str(tmp_path / "nope"), "--steps", "1"] + TINY)
+    assert f"--data {str(tmp_path / 'nope')!r}: no such directory" in err
+    err = _one_line_error(capsys, ["--data", str(tmp_path), "--steps", "1"] + TINY)
+    assert str(tmp_path / "wiki.train.tokens") in err and "--data" in err
+
+
+def test_train_empty_data_file(tmp_path, capsys):
+    _write_wikitext(tmp_path, "the cat\n", "", "cat\n")
+    err = _one_line_error(capsys, ["--data", str(tmp_path), "--steps", "1"] + TINY)
+    assert f"{tmp_path / 'wiki.valid.tokens'} is empty" in err and "--data" in err
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("trilemma-moe:\n  rank: 2\n", "section 'trilemma-moe' is misspelt: it must be called 'trilemma_moe'"),
+    ("trilemma_moe:\n", "section 'trilemma_moe' must be a mapping of knobs, got null"),
+    ("delta: .nan\n", "delta must be a finite number, got nan"),
+], ids=["misspelt_section", "null_section", "nan_knob"])
+def test_train_bad_config_file(tmp_path, capsys, text, expect):
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text(text)
+    err = _one_line_error(capsys, ["--config", str(cfg), "--steps", "1"] + TINY)
+    assert err.startswith("trilemma_moe.train: error: --config") and str(cfg) in err and expect in err, err
+
+
+def test_train_bad_deepspeed_config_file(tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"Trilemma_MoE": {"rank": 2}}')
+    err = _one_line_error(capsys, ["--deepspeed_config", str(ds), "--steps", "1"] + TINY)
+    assert f"--deepspeed_config: {ds}: section 'Trilemma_MoE' is misspelt" in err
+    ds.write_text('{"train_batch_size": 8,}')
+    err = _one_line_error(capsys, ["--deepspeed_config", str(ds), "--steps", "1"] + TINY)
+    assert f"{ds}: not valid JSON" in err
+
+
+def _run_cli(module_args, port):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(port))
+    return subprocess.run([sys.executable, "-m", *module_args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("entry", [["trilemma_moe.train"], ["trilemma_moe.cli", "train"]],
+                         ids=["python-m", "trilemma-moe"])
+def test_cli_missing_data_dir_is_one_line(tmp_path, entry):
+    missing = str(tmp_path / "no_such_dir")
+    proc = _run_cli(entry + ["--data", missing, "--steps", "1", "--no-progress"], 29641)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"trilemma_moe.train: error: --data {missing!r}: no such directory")
+
+
+def test_cli_resume_from_bad_latest_is_one_line(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 9,
+                              "trilemma_moe": {"num_experts": 4, "num_groups": 2, "rank": 4}}))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step2").mkdir(parents=True)
+    (ckpt / "latest").write_bytes(b"")   # DeepSpeed's own loader: a bare AssertionError
+    proc = _run_cli(["trilemma_moe.train", "--deepspeed_config", str(ds), "--save-dir", str(ckpt), "--resume",
+                     "--steps", "4", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2",
+                     "--seq-len", "16", "--no-progress", "--threads", "1"], 29643)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"trilemma_moe.train: error: --resume: {ckpt / 'latest'} is empty: expected the tag of " \
+                   f"a checkpoint folder in {ckpt}", proc.stderr
 
 
 def test_train_config_yaml(tmp_path):

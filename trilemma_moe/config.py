@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
@@ -156,6 +158,9 @@ class TrilemmaMoEConfig:
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{name} must be a number, got {value!r}")
+        # NaN passes every comparison below, and inf would pass the open-ended ranges.
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
         if value < low or value > high or (low_open and value == low):
             bracket = "(" if low_open else "["
             raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
@@ -198,12 +203,14 @@ class TrilemmaMoEConfig:
         import yaml
 
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:  # yaml's message is several lines
+                raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of trilemma_moe knobs, got {type(data).__name__}")
-        if DEEPSPEED_SECTION in data and isinstance(data[DEEPSPEED_SECTION], dict):
-            data = data[DEEPSPEED_SECTION]
-        return cls.from_dict(data, **overrides)
+        section = _section(data, path)
+        return cls.from_dict(data if section is None else section, **overrides)
 
     @classmethod
     def from_deepspeed_config(cls, config: Union[str, os.PathLike, Mapping[str, Any]],
@@ -213,10 +220,17 @@ class TrilemmaMoEConfig:
         ``gradient_accumulation_steps`` and ``gradient_clipping`` are taken from the DeepSpeed
         config itself unless the section sets them, so regroups land on optimizer-step boundaries.
         """
+        source = None
         if not isinstance(config, Mapping):
+            source = config
             with open(config) as f:
-                config = json.load(f)
-        section = dict(config.get(DEEPSPEED_SECTION) or {})
+                try:
+                    config = json.load(f)
+                except ValueError as exc:  # JSON or UTF-8 decoding: their messages lack the file
+                    raise ValueError(f"{source}: not valid JSON: {exc}") from None
+            if not isinstance(config, Mapping):
+                raise ValueError(f"{source}: a DeepSpeed config must be a JSON object, got {type(config).__name__}")
+        section = dict(_section(config, source) or {})
         # "auto" (Hugging Face's convention) leaves our default in place.
         gas, clip = config.get("gradient_accumulation_steps"), config.get("gradient_clipping")
         if "gradient_accumulation_steps" not in section and gas not in (None, "auto"):
@@ -234,3 +248,27 @@ class TrilemmaMoEConfig:
         if "aio" not in section and isinstance(config.get("aio"), Mapping):
             section["aio"] = dict(config["aio"])
         return cls.from_dict(section, **overrides)
+
+
+def _section(config: Mapping[str, Any], source: Optional[Union[str, os.PathLike]] = None) -> Optional[Mapping]:
+    """The ``"trilemma_moe"`` section of ``config``, None when there is none.
+
+    A null / non-mapping section or a near-miss spelling of its name would otherwise run with every
+    default and say nothing, so both raise.
+    """
+    where = f"{os.fspath(source)}: " if source is not None else ""
+    want = _normalise_key(DEEPSPEED_SECTION)
+    for key in config:
+        if key != DEEPSPEED_SECTION and isinstance(key, str) and _normalise_key(key) == want:
+            raise ValueError(f"{where}section {key!r} is misspelt: it must be called {DEEPSPEED_SECTION!r}")
+    if DEEPSPEED_SECTION not in config:
+        return None
+    section = config[DEEPSPEED_SECTION]
+    if not isinstance(section, Mapping):
+        got = "null" if section is None else f"{type(section).__name__} {section!r}"
+        raise ValueError(f"{where}section {DEEPSPEED_SECTION!r} must be a mapping of knobs, got {got}")
+    return section
+
+
+def _normalise_key(key: str) -> str:
+    return re.sub(r"[\s_-]", "", key.lower())

@@ -137,12 +137,26 @@ WIKITEXT_FILES = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
 
 def _read_words(path: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            words = line.split()
-            if not words:
-                continue
-            yield from words
-            yield EOS
+        try:
+            for line in f:
+                words = line.split()
+                if not words:
+                    continue
+                yield from words
+                yield EOS
+        except UnicodeDecodeError as exc:  # its message does not say which file
+            raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _read_split(directory: str, name: str) -> List[str]:
+    """All words of one split. An empty one raises: train would fail later without naming the
+    file, valid / test would report loss 0 (perplexity 1) over no tokens."""
+    path = os.path.join(directory, name)
+    words = list(_read_words(path))
+    if not words:
+        raise ValueError(f"{path} is empty (no tokens): --data must point to a WikiText directory whose "
+                         f"{', '.join(WIKITEXT_FILES)} hold text")
+    return words
 
 
 def load_wikitext(directory: str, max_train_tokens: Optional[int] = None) -> TokenCorpus:
@@ -161,7 +175,7 @@ def load_wikitext(directory: str, max_train_tokens: Optional[int] = None) -> Tok
                 f"{path} not found: --data must point to a WikiText directory holding "
                 f"{', '.join(WIKITEXT_FILES)} (e.g. wikitext-2 unpacked), or leave --data out "
                 f"to use the synthetic corpus")
-    train_words = list(_read_words(os.path.join(directory, WIKITEXT_FILES[0])))
+    train_words = _read_split(directory, WIKITEXT_FILES[0])
     counts = Counter(train_words)
     vocab = [EOS] + [w for w, _ in counts.most_common() if w != EOS]
     if UNK not in counts:
@@ -175,8 +189,8 @@ def load_wikitext(directory: str, max_train_tokens: Optional[int] = None) -> Tok
     train = encode(train_words)
     if max_train_tokens is not None:
         train = train[:max_train_tokens]
-    valid = encode(_read_words(os.path.join(directory, WIKITEXT_FILES[1])))
-    test = encode(_read_words(os.path.join(directory, WIKITEXT_FILES[2])))
+    valid = encode(_read_split(directory, WIKITEXT_FILES[1]))
+    test = encode(_read_split(directory, WIKITEXT_FILES[2]))
     return TokenCorpus(train=train, valid=valid, test=test, vocab=vocab,
                        name=f"wikitext({os.path.basename(os.path.normpath(directory))})", stoi=stoi)
 

@@ -13,9 +13,11 @@ default run clusters and regroups within its steps); they are printed at start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -142,6 +144,21 @@ def _load_data(args) -> TokenCorpus:
     return load_wikitext(args.data, max_train_tokens=args.max_train_tokens)
 
 
+@contextlib.contextmanager
+def _input_errors(flag: Optional[str], value: Any = None):
+    """A bad file or directory given with ``flag`` (or a bad knob): one line on stderr and exit
+    status 2, as argparse does for a bad flag, instead of a traceback. Only the phases that read
+    the user's inputs are wrapped: an error in training itself keeps its traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        msg = str(exc)
+        if flag is not None and flag not in msg:
+            msg = f"{flag}: {msg}" if str(value) in msg else f"{flag} {value}: {msg}"
+        print(f"trilemma_moe.train: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
     """Linear warmup to ``peak`` over ``warmup`` steps, then cosine down to ``min_ratio*peak``.
     ``step`` counts from 0."""
@@ -256,8 +273,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def _run(args) -> Dict[str, Any]:
-    cfg = _moe_config(args)
-    corpus = _load_data(args)
+    config_flag = "--deepspeed_config" if args.deepspeed_config else "--config" if args.config else None
+    with _input_errors(config_flag, args.deepspeed_config or args.config):  # None: knobs from flags only
+        cfg = _moe_config(args)
+    with _input_errors("--data", args.data):
+        corpus = _load_data(args)
     use_ds = args.deepspeed_config is not None
     if cfg.ep_size > 1 and not use_ds:
         raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
@@ -300,7 +320,8 @@ def _run(args) -> Dict[str, Any]:
     logger = _Logger(args.logdir if is_main else None)
     start_step = 0
     if args.resume:
-        start_step = _load_training_checkpoint(args, model, optimizer, engine, sampler)
+        with _input_errors("--resume", args.save_dir):
+            start_step = _load_training_checkpoint(args, model, optimizer, engine, sampler)
         if is_main:
             print(f"resumed from {args.save_dir} at step {start_step}")
 
@@ -603,9 +624,11 @@ def _save_training_checkpoint(args, model, optimizer, engine, sampler, step: int
 
 def _load_training_checkpoint(args, model, optimizer, engine, sampler) -> int:
     if engine is not None:
-        path, client = engine.load_checkpoint(args.save_dir)
+        # Ours checks 'latest' (empty, binary, naming a missing folder) and names it; DeepSpeed's does not.
+        from .integrations.checkpoint import load_checkpoint
+        path, client = load_checkpoint(engine, args.save_dir)
         if path is None:
-            raise SystemExit(f"--resume: no DeepSpeed checkpoint in {args.save_dir}")
+            raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {args.save_dir}")
     else:
         from .core.checkpoint import safe_load
         client = safe_load(os.path.join(args.save_dir, "latest.pt"))

@@ -132,10 +132,29 @@ def _atomic_write(path: str, mode: str, write) -> None:
 
 
 def safe_load(path: str, map_location="cpu"):
-    """``torch.load(weights_only=True)`` with an error that names the file."""
+    """``torch.load(weights_only=True)`` with one error that names the file.
+
+    torch's message for a file its weights-only unpickler refuses (garbage bytes do that too)
+    advises re-running with ``weights_only=False``, i.e. executing whatever the file holds: only
+    the reason is kept, and the original exception is not chained (``from None``).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"cannot read checkpoint file {path}: {exc}") from exc
+        reason = _load_failure_reason(exc)
+        raise RuntimeError(f"cannot read checkpoint file {path}: corrupt, truncated, or holds more than "
+                           f"tensors and plain containers ({reason})") from None
+
+
+def _load_failure_reason(exc: BaseException) -> str:
+    """``<type>: <first sentence>`` of a torch.load error, without any advice about weights_only."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # the reason is the first line after this marker
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    text = text.split(". ", 1)[0].rstrip(".")
+    if "weights_only" in text:
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

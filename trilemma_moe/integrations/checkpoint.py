@@ -4,7 +4,8 @@
 ``save_latest=False`` and, once every rank has written its files, points ``latest`` at the tag
 with an atomic rename: a run killed mid-save leaves ``latest`` on the previous complete
 checkpoint (DeepSpeed's own files are plain ``torch.save`` writes, so a torn tag directory is
-never the one resumed from).
+never the one resumed from). ``load_checkpoint(engine, dir, tag=None, **kwargs)`` checks ``latest``
+(:func:`resolve_tag`: not empty, text, naming an existing folder) before ``engine.load_checkpoint``.
 
 Expert tensors are written by DeepSpeed one file per *global* slot (see
 ``trilemma_moe/core/checkpoint.py``), so the model part of a checkpoint does not depend on the
@@ -44,12 +45,55 @@ def save_checkpoint(engine, save_dir: str, tag: Optional[str] = None,
     return tag
 
 
-def latest_tag(ckpt_dir: str) -> Optional[str]:
-    path = os.path.join(ckpt_dir, "latest")
+def latest_tag(ckpt_dir: str, latest: str = "latest") -> Optional[str]:
+    """The tag in ``ckpt_dir/latest``; None when there is no such file (nothing saved yet).
+
+    An empty or non-UTF-8 ``latest`` raises naming the file: DeepSpeed would fail on it with a
+    bare assertion / UnicodeDecodeError.
+    """
+    path = os.path.join(ckpt_dir, latest)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return f.read().strip() or None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected the tag of a checkpoint folder, "
+                         f"got {len(raw)} bytes that are not UTF-8)") from None
+    if not tag:
+        raise ValueError(f"{path} is empty: expected the tag of a checkpoint folder in {ckpt_dir}")
+    return tag
+
+
+def resolve_tag(ckpt_dir: str, tag: Optional[str] = None, latest: str = "latest") -> str:
+    """``tag``, or the one in ``ckpt_dir/latest``, checked to name an existing folder of ``ckpt_dir``."""
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    if tag is None:
+        tag = latest_tag(ckpt_dir, latest)
+        if tag is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no '{latest}' file and no tag given (nothing saved there yet?)")
+        named_by = f"{os.path.join(ckpt_dir, latest)} names tag {tag!r}"
+    else:
+        tag = str(tag)
+        if not tag.strip():
+            raise ValueError(f"{ckpt_dir}: empty checkpoint tag given")
+        named_by = f"tag {tag!r} given"
+    folder = os.path.join(ckpt_dir, tag)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{named_by}, but there is no folder {folder}")
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str, tag: Optional[str] = None, **kwargs):
+    """``engine.load_checkpoint(ckpt_dir, tag=...)`` after :func:`resolve_tag`: a bad ``latest`` or
+    tag raises naming the file and tag instead of DeepSpeed's bare errors (or its warning and
+    ``(None, None)`` when there is no ``latest``). Returns what the engine returns."""
+    universal = getattr(engine, "load_universal_checkpoint", None)
+    latest = "latest_universal" if callable(universal) and universal() else "latest"  # as DeepSpeed reads it
+    tag = resolve_tag(ckpt_dir, tag, latest)
+    return engine.load_checkpoint(ckpt_dir, tag=tag, **kwargs)
 
 
 def consolidate(ckpt_dir: str, tag: Optional[str] = None, mp_rank: int = 0) -> Dict[str, torch.Tensor]:
@@ -59,9 +103,7 @@ def consolidate(ckpt_dir: str, tag: Optional[str] = None, mp_rank: int = 0) -> D
     for a checkpoint saved at any expert-parallel size: expert files are named and keyed by
     global slot. Raises naming the file on a missing or unreadable one.
     """
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{ckpt_dir}: no 'latest' file and no tag given")
+    tag = resolve_tag(ckpt_dir, tag)
     root = os.path.join(ckpt_dir, tag)
     model_file = os.path.join(root, f"mp_rank_{mp_rank:02d}_model_states.pt")
     state = safe_load(model_file)
