@@ -19,7 +19,8 @@ SCRIPT = ROOT / "tests" / "scripts" / "peer_matrix.py"
 
 MATRIX = {
     4: ["train:1:0", "train:1:1", "train:1:2", "train:2:0", "train:2:1", "train:2:2:ckpt", "train:4:0",
-        "train:4:1:ckpt", "train:4:2", "train:2:2:bf16", "parity:0", "parity:1", "parity:2"],
+        "train:4:1:ckpt", "train:4:2", "train:2:2:bf16", "train:2:1:client", "train:4:2:client", "parity:0",
+        "parity:1", "parity:2"],
     2: ["train:1:0", "train:1:2", "train:2:0", "train:2:1:ckpt", "train:2:2", "train:1:1:bf16", "parity:1", "parity:2"],
 }
 

@@ -127,3 +127,33 @@ def test_gradient_set_and_order_depend_on_phase_not_data(case):
     assert "pre.weight" in reference   # reached through the MoE's output alone
     for name, order in orders.items():
         assert order == reference, f"{name}: gradients accumulated as {order}, a normal batch gives {reference}"
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_switch_baseline_gradients_do_not_depend_on_routing(impl):
+    """The --ffn switch baseline under ZeRO-2 has the same obligation: an expert nobody routed to
+    still gets its (zero) gradient, in the same order."""
+    from trilemma_moe.models import SwitchTop2FFN
+    if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm is not in this torch")
+
+    def run(x):
+        torch.manual_seed(0)
+        layer = SwitchTop2FFN(D, F, num_experts=4, k=2, seed=3, impl=impl)
+        if x is None:   # every token to experts 0 and 1
+            with torch.no_grad():
+                w = layer.router.weight
+                x = (torch.linalg.pinv(w) @ torch.tensor([30.0, 30.0, 0.0, 0.0])).expand(5, D) + 0.01 * torch.randn(5, D)
+        order = []
+        hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: order.append(n))
+                 for n, p in layer.named_parameters()]
+        y, l_aux = layer(x)
+        (y.square().sum() + l_aux).backward()
+        for h in hooks:
+            h.remove()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+        return order
+
+    reference = run(torch.randn(9, D))
+    assert run(None) == reference
+    assert run(torch.randn(0, D)) == reference

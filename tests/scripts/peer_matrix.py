@@ -5,7 +5,7 @@ tests/unit/checkpoint/test_moe_checkpoint.py): run by tests/test_peer_matrix.py 
 
 One spawn of WORLD gloo CPU processes runs every CASE in sequence (process start-up, gloo and
 DeepSpeed's op build are paid once). Each rank reads its own data. A case is
-``train:EP:ZERO[:bf16][:ckpt]`` or ``parity:ZERO``:
+``train:EP:ZERO[:bf16][:ckpt][:client]`` or ``parity:ZERO``:
 
 train   A small net holding TrilemmaMoE (E=8, G=4, r=4, k=2, burn-in 3) under deepspeed.initialize
         at ZERO, expert parallel over EP ranks, 12 optimizer steps through the first clustering
@@ -18,6 +18,8 @@ train   A small net holding TrilemmaMoE (E=8, G=4, r=4, k=2, burn-in 3) under de
         in every step; the loss of a fixed evaluation batch falls; the skipped step changed no
         parameter and the layer's step equals the engine's applied steps; centroids stay finite;
         after training every parameter and layer buffer is identical across its replicas.
+        ``client``: the optimizer is the user's torch AdamW over DeepSpeed's
+        split_params_into_different_moe_groups_for_optimizer groups, not one from the config.
         ``ckpt``: engine.save_checkpoint after step 5, a fresh model and engine load it (optimizer
         state included) and continue: the loss curve must be the same; then loading the same
         checkpoint at another ep_size with its optimizer state must stop with one clear error naming
@@ -108,7 +110,7 @@ def make_config(aux=True, **kw):
     return TrilemmaMoEConfig(**base)
 
 
-def build(ep, zero, bf16=False, aux=True, frozen=False):
+def build(ep, zero, bf16=False, aux=True, frozen=False, client=False):
     import deepspeed
     from trilemma_moe import TrilemmaMoE
     from trilemma_moe.integrations.deepspeed import attach_engine, moe_param_groups
@@ -125,7 +127,14 @@ def build(ep, zero, bf16=False, aux=True, frozen=False):
         # the gradient reductions alone (trajectories would drift apart from float noise that
         # Adam's first steps and routing's discrete choices amplify)
         cfg["optimizer"]["params"]["lr"] = 0.0
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(model), config=cfg)
+    if client:   # the user's own torch AdamW over DeepSpeed's MoE parameter groups
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        del cfg["optimizer"]
+        groups = split_params_into_different_moe_groups_for_optimizer(
+            {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2), config=cfg)
+    else:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(model), config=cfg)
     attach_engine(engine)
     return engine, layer
 
@@ -214,9 +223,9 @@ def check_replicas(engine, layer, ep):
     return world, rank
 
 
-def run_train(ep, zero, bf16, ckpt, out_dir):
+def run_train(ep, zero, bf16, ckpt, out_dir, client=False):
     rank = dist.get_rank()
-    engine, layer = build(ep, zero, bf16)
+    engine, layer = build(ep, zero, bf16, client=client)
     hooks = HookOrder(engine.module)
     start_eval = eval_loss(engine, layer)
     curve, moved, orders = [], 0, {}
@@ -369,7 +378,7 @@ def worker(rank, world, port, out_dir, cases):
         parts = case.split(":")
         if parts[0] == "train":
             result = run_train(int(parts[1]), int(parts[2]), "bf16" in parts, "ckpt" in parts,
-                               os.path.join(out_dir, case.replace(":", "_")))
+                               os.path.join(out_dir, case.replace(":", "_")), client="client" in parts)
         elif parts[0] == "parity":
             result = run_parity(int(parts[1]), out_dir)
         else:

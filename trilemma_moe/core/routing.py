@@ -255,25 +255,29 @@ def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None
         return _reduced_aux_losses(r, aux_loss_coef, z_loss_coef, reduce)
     T, G, K = r.expert_probs.shape
     dev = r.group_probs.device
-    # No early exit for T = 0: the same operations run on zero rows (means as sums over
-    # max(T, 1)), so an empty batch gives a zero loss whose backward reaches the router the same way.
-    n_tok, n_choice = max(T, 1), max(r.slot_idx.numel(), 1)
+    # No early exit for T = 0: the same operations run on zero rows (a mean over no rows taken as
+    # a sum, 0 instead of 0 / 0), so an empty batch gives a zero loss whose backward reaches the
+    # router the same way.
+    def mean(t, dim=None):
+        if T:
+            return t.mean() if dim is None else t.mean(dim)
+        return t.sum() if dim is None else t.sum(dim)
     loss = 0.0
     if aux_loss_coef > 0:
         E = G * K
         if slot_counts is None:
             slot_counts = _count(r.slot_idx, E)
-        f_e = slot_counts.to(r.group_probs.dtype) / n_choice
+        f_e = slot_counts.to(r.group_probs.dtype) / max(r.slot_idx.numel(), 1)
         # every chosen (token, group) pair holds k chosen slots, so a group's share of the pairs
         # is the sum of its slots' shares
         f_g = f_e.view(G, K).sum(1)
-        joint = (r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E).sum(0) / n_tok
-        lb = G * torch.dot(f_g, r.group_probs.sum(0) / n_tok) + E * torch.dot(f_e, joint)
+        joint = mean((r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E), 0)
+        lb = G * torch.dot(f_g, mean(r.group_probs, 0)) + E * torch.dot(f_e, joint)
         loss = loss + aux_loss_coef * lb
     if z_loss_coef > 0:
-        z_group = torch.logsumexp(r.group_logits, dim=-1).square().sum() / n_tok
+        z_group = mean(torch.logsumexp(r.group_logits, dim=-1).square())
         chosen = r.expert_logits.gather(1, r.group_idx.unsqueeze(-1).expand(-1, -1, K))
-        z_expert = torch.logsumexp(chosen, dim=-1).square().sum() / max(chosen.shape[0] * chosen.shape[1], 1)
+        z_expert = mean(torch.logsumexp(chosen, dim=-1).square())
         loss = loss + z_loss_coef * (z_group + z_expert)
     if not torch.is_tensor(loss):
         return torch.zeros((), device=dev)

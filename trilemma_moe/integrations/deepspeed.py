@@ -68,7 +68,9 @@ class DeepSpeedParamIO(TorchParamIO):
         return safe_get_full_fp32_param(p).to(p.device)
 
     def read_state(self, p, key):
-        """The full optimizer state, or None on every rank if any rank has none yet."""
+        """The full optimizer state, or None on every rank if any rank has none yet (agreed over
+        the whole world: the rule applied to it may fetch rows across the expert-parallel group,
+        so every rank must take the same branch)."""
         import torch.distributed as dist
         from deepspeed.utils import safe_get_full_optimizer_state
         mapping = p._hp_mapping
@@ -77,9 +79,8 @@ class DeepSpeedParamIO(TorchParamIO):
         have = mapping is None or (mapping.optim_fragment is not None and key in mapping.optim_fragment)
         flag = torch.tensor([1.0 if have else 0.0])
         if dist.is_initialized():
-            group = getattr(p, "_dp_group", None)
-            flag = flag.to(_comm_device(group, p.device))
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            flag = flag.to(_comm_device(None, p.device))
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item() == 0.0:
             return None
         return safe_get_full_optimizer_state(p, key)

@@ -160,24 +160,25 @@ class SwitchTop2FFN(nn.Module):
         # unbind once: per-expert indexing of a stacked parameter makes autograd allocate a
         # full-size zero gradient per slice
         w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
+        # every expert runs, zero rows included: the same parameters get gradients in the same
+        # order whatever the routing (data-parallel reducers such as ZeRO-2 rely on it)
         for e, chunk in enumerate(torch.split(xs, counts.tolist())):
-            if chunk.shape[0] == 0:
-                continue
             h = self.act(torch.addmm(b1[e], chunk, w1[e]))
             outs.append(torch.addmm(b2[e], h, w2[e]))
-        ys = torch.cat(outs, dim=0) if outs else xs.new_zeros(0, shape[-1])
+        ys = torch.cat(outs, dim=0)
         # unsort by a gather (no scatter-add), then weight the k rows of each token and sum
-        y = (ys[inv].view(N, k, -1) * gates.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
+        y = (ys[inv].view(N, k, ys.shape[-1]) * gates.to(ys.dtype).unsqueeze(-1)).sum(dim=1)
 
         return y.reshape(shape), self._aux(counts, probs, logits, N)
 
     def _aux(self, counts: Tensor, probs: Tensor, logits: Tensor, N: int) -> Tensor:
         self.last_counts = counts.detach()
-        f = counts.to(probs.dtype) / float(N * self.k)
-        P = probs.mean(dim=0)
-        l_aux = self.aux_loss_coef * self.num_experts * torch.sum(f * P)
+        # an empty batch: the same operations give 0 (sums over no rows), not NaN (0 / 0)
+        mean = (lambda t: t.mean(dim=0)) if N else (lambda t: t.sum(dim=0))
+        f = counts.to(probs.dtype) / float(max(N * self.k, 1))
+        l_aux = self.aux_loss_coef * self.num_experts * torch.sum(f * mean(probs))
         if self.z_loss_coef > 0:
-            l_aux = l_aux + self.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            l_aux = l_aux + self.z_loss_coef * mean(torch.logsumexp(logits, dim=-1).pow(2))
         return l_aux
 
     def _experts_grouped(self, x2: Tensor, top_i: Tensor, gates: Tensor):
