@@ -105,8 +105,13 @@ def test_skip_count_reloaded_from_a_checkpoint_is_a_new_baseline():
 
 def test_hidden_states_of_another_dtype_is_one_clear_error():
     m = ClusteredMoE(D, F, TrilemmaMoEConfig(num_experts=4, num_groups=2, rank=2))
-    with pytest.raises(TypeError, match=r"hidden_states is torch.bfloat16 but layer 0's parameters are torch.float32"):
+    with pytest.raises(TypeError, match=r"hidden_states is torch.bfloat16 but layer 0's expert parameters are "
+                                        r"torch.float32"):
         m(torch.randn(3, D, dtype=torch.bfloat16))
+    m.experts.to(torch.bfloat16)   # bf16 experts beside a float32 router: the router upcasts itself
+    y, _, _ = m(torch.randn(3, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    m.experts.to(torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):   # mixed precision is legitimate
         y, _, _ = m(torch.randn(3, D, dtype=torch.bfloat16))
     assert y.shape == (3, D)

@@ -374,10 +374,12 @@ class ClusteredMoE(nn.Module):
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states has last dimension {hidden_states.shape[-1]}, "
                              f"but the layer's hidden_size is {self.hidden_size}")
-        dtype = self.router.group_proto.dtype
+        # the experts' matmuls need the activations in their dtype (the router upcasts by itself,
+        # so a float32 router beside bf16 experts is fine)
+        dtype = self.experts.fa["w1"].dtype
         if hidden_states.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
-            raise TypeError(f"hidden_states is {hidden_states.dtype} but layer {self.layer_index}'s parameters are "
-                            f"{dtype}: cast the model to the activations' dtype (model.to({hidden_states.dtype}), "
+            raise TypeError(f"hidden_states is {hidden_states.dtype} but layer {self.layer_index}'s expert parameters "
+                            f"are {dtype}: cast the model to the activations' dtype (model.to({hidden_states.dtype}), "
                             f"or DeepSpeed's fp16/bf16 config) or run the forward under torch.autocast")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
