@@ -66,6 +66,34 @@ def layer_check(dev, gen, bias, gated=False, act="gelu", bits=16, g1=1):
     return errs
 
 
+def empty_batch_check(dev, gated=False, bits=16):
+    """A training forward+backward of zero tokens on the kernels: the same parameters get
+    gradients, in the same order, as with tokens (all zero), so data-parallel reducers see the
+    same set on a rank with an empty batch. Returns whether it holds."""
+    from trilemma_moe import TrilemmaMoEConfig
+    from trilemma_moe.core.layer import ClusteredMoE
+    os.environ["TRILEMMA_KERNELS"] = "triton"
+    layer = ClusteredMoE(32, 80, TrilemmaMoEConfig(num_experts=12, num_groups=3, rank=4, top_k=2, residual_bits=bits,
+                                                   router_freeze_steps=0), gated=gated).to(dev)
+    layer.recluster(force=True)
+    layer.fused = True
+    orders = []
+    for T in (40, 0):
+        order = []
+        hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: order.append(n))
+                 for n, p in layer.named_parameters() if p.requires_grad]
+        x = torch.randn(T, 32, device=dev, requires_grad=True)
+        y, l_aux, _ = layer(x)
+        (y.square().sum() + l_aux).backward()
+        for h in hooks:
+            h.remove()
+        orders.append(order)
+        zero = all(float(p.grad.abs().max()) == 0.0 for n, p in layer.named_parameters() if n in order)
+        layer.zero_grad(set_to_none=True)
+    os.environ.pop("TRILEMMA_KERNELS")
+    return orders[0] == orders[1] and zero and y.shape == (0, 32)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -188,6 +216,11 @@ def main(argv=None):
                 for label, err in errs.items():
                     report(f"layer {label} bias={bias}{' gated' if gated else ''}{' int4' if bits == 4 else ''}"
                            f"{' g1=2' if g1 == 2 else ''}", err, "fp32")
+            for gated, bits in ((False, 16), (True, 4)):
+                ok = empty_batch_check(dev, gated, bits)
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} layer empty batch{' gated' if gated else ''}"
+                      f"{' int4' if bits == 4 else ''}  fp32 same gradients, same order, all zero", flush=True)
         # INT4 quantize-dequantize: bit for bit (same divisions, same rounding)
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
         for E, rows, r in ((6, 37, 5), (4, 130, 16)):
