@@ -185,10 +185,12 @@ class ExpertSlots(nn.Module):
                 for name in self.spec.biases:
                     self.bias[name][e].copy_(w[name])
 
+    def matrices(self, compressed: bool) -> List[nn.Parameter]:
+        """The expert matrices of one form: bases and factors, or the burn-in full weights."""
+        return [*self.base.values(), *self.fa.values(), *self.fb.values()] if compressed else list(self.full.values())
+
     def expert_parameters(self, compressed: bool) -> List[nn.Parameter]:
-        mats = list(self.base.values()) + list(self.fa.values()) + list(self.fb.values()) \
-            if compressed else list(self.full.values())
-        return mats + list(self.bias.values())
+        return self.matrices(compressed) + list(self.bias.values())
 
     @torch.no_grad()
     def effective_weights(self, compressed: bool, read=lambda p: p.detach()) -> Dict[str, torch.Tensor]:

@@ -168,8 +168,7 @@ class ClusteredMoE(nn.Module):
         the expert form not in use (the compressed form during burn-in, the burn-in weights after
         the first clustering) and the router while it is frozen after a regroup. Gradient
         reducers skip exactly these; every other trainable parameter has a gradient."""
-        ex = self.experts
-        idle = list(ex.full.values()) if self.compressed else [*ex.base.values(), *ex.fa.values(), *ex.fb.values()]
+        idle = self.experts.matrices(not self.compressed)
         return idle + (list(self.router.parameters()) if self._router_frozen else [])
 
     @property
@@ -197,7 +196,6 @@ class ClusteredMoE(nn.Module):
         return sum(p.numel() for p in self.experts.expert_parameters(self.compressed))
 
     def stats(self) -> Dict[str, float]:
-        self._sync_skipped_steps()
         counts = self._last_counts.float().cpu()
         group_counts = counts[self.expert_of_slot.cpu()].view(self.num_groups, -1).sum(1)
         s = {

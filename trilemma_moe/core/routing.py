@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .metrics import mean_over_rows
+
 
 @dataclass
 class Routing:
@@ -255,13 +257,8 @@ def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None
         return _reduced_aux_losses(r, aux_loss_coef, z_loss_coef, reduce)
     T, G, K = r.expert_probs.shape
     dev = r.group_probs.device
-    # No early exit for T = 0: the same operations run on zero rows (a mean over no rows taken as
-    # a sum, 0 instead of 0 / 0), so an empty batch gives a zero loss whose backward reaches the
-    # router the same way.
-    def mean(t, dim=None):
-        if T:
-            return t.mean() if dim is None else t.mean(dim)
-        return t.sum() if dim is None else t.sum(dim)
+    # No early exit for T = 0: the same operations run on zero rows (mean_over_rows), so an empty
+    # batch gives a zero loss whose backward reaches the router the same way.
     loss = 0.0
     if aux_loss_coef > 0:
         E = G * K
@@ -271,13 +268,13 @@ def aux_losses(r: Routing, aux_loss_coef: float, z_loss_coef: float, reduce=None
         # every chosen (token, group) pair holds k chosen slots, so a group's share of the pairs
         # is the sum of its slots' shares
         f_g = f_e.view(G, K).sum(1)
-        joint = mean((r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E), 0)
-        lb = G * torch.dot(f_g, mean(r.group_probs, 0)) + E * torch.dot(f_e, joint)
+        joint = mean_over_rows((r.group_probs.unsqueeze(-1) * r.expert_probs).reshape(T, E))
+        lb = G * torch.dot(f_g, mean_over_rows(r.group_probs)) + E * torch.dot(f_e, joint)
         loss = loss + aux_loss_coef * lb
     if z_loss_coef > 0:
-        z_group = mean(torch.logsumexp(r.group_logits, dim=-1).square())
+        z_group = mean_over_rows(torch.logsumexp(r.group_logits, dim=-1).square())
         chosen = r.expert_logits.gather(1, r.group_idx.unsqueeze(-1).expand(-1, -1, K))
-        z_expert = mean(torch.logsumexp(chosen, dim=-1).square())
+        z_expert = mean_over_rows(torch.logsumexp(chosen, dim=-1).square().reshape(-1))
         loss = loss + z_loss_coef * (z_group + z_expert)
     if not torch.is_tensor(loss):
         return torch.zeros((), device=dev)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import TrilemmaMoEConfig
 from ..core.experts import activation_fn as _activation
-from ..core.metrics import coefficient_of_variation as load_cv
+from ..core.metrics import coefficient_of_variation as load_cv, mean_over_rows
 
 FFN_KINDS = ("ours", "static", "switch", "dense", "deepspeed")
 _DS_EXTRA_MSG = "DeepSpeed is required for ffn='deepspeed': pip install 'trilemma_moe[deepspeed]'"
@@ -173,12 +173,10 @@ class SwitchTop2FFN(nn.Module):
 
     def _aux(self, counts: Tensor, probs: Tensor, logits: Tensor, N: int) -> Tensor:
         self.last_counts = counts.detach()
-        # an empty batch: the same operations give 0 (sums over no rows), not NaN (0 / 0)
-        mean = (lambda t: t.mean(dim=0)) if N else (lambda t: t.sum(dim=0))
-        f = counts.to(probs.dtype) / float(max(N * self.k, 1))
-        l_aux = self.aux_loss_coef * self.num_experts * torch.sum(f * mean(probs))
+        f = counts.to(probs.dtype) / float(max(N * self.k, 1))   # an empty batch: 0, not 0 / 0
+        l_aux = self.aux_loss_coef * self.num_experts * torch.sum(f * mean_over_rows(probs))
         if self.z_loss_coef > 0:
-            l_aux = l_aux + self.z_loss_coef * mean(torch.logsumexp(logits, dim=-1).pow(2))
+            l_aux = l_aux + self.z_loss_coef * mean_over_rows(torch.logsumexp(logits, dim=-1).pow(2))
         return l_aux
 
     def _experts_grouped(self, x2: Tensor, top_i: Tensor, gates: Tensor):
