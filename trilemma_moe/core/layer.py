@@ -751,3 +751,8 @@ def _mix_groups(coeff: torch.Tensor, s: torch.Tensor, take=None) -> torch.Tensor
     needed = (coeff.sum(0) > 0).nonzero().squeeze(1)
     old = take(s, needed)
     return (coeff[:, needed].to(s.dtype) @ old.reshape(old.shape[0], -1)).reshape(s.shape)
+
+
+def clustered_layers(model: nn.Module) -> List[ClusteredMoE]:
+    """Every clustered layer of ``model`` in module order (the one way to find them)."""
+    return [m for m in model.modules() if isinstance(m, ClusteredMoE)]
