@@ -298,6 +298,21 @@ class TrilemmaMoE(_DeepSpeedMoE):
         return self.moe.offload_stats()
 
 
+def ensure_process_group() -> None:
+    """DeepSpeed's MoE needs its process groups; outside the launcher / ``deepspeed.initialize``
+    start a world-1 group (gloo on CPU) so a single process runs."""
+    import deepspeed
+    import deepspeed.comm as ds_dist
+
+    if ds_dist.is_initialized():
+        return
+    for key, val in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                     ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
+        os.environ.setdefault(key, val)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
 def clustered_layers(model: nn.Module) -> List[ClusteredMoE]:
     return [m for m in model.modules() if isinstance(m, ClusteredMoE)]
 

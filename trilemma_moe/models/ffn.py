@@ -19,7 +19,6 @@ Kinds (``build_ffn``):
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -205,21 +204,6 @@ class SwitchTop2FFN(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
-def _ensure_single_process_dist() -> None:
-    """DeepSpeed's MoE needs its process groups; outside the launcher / ``deepspeed.initialize``
-    start a world-1 group (gloo on CPU) so a single process runs."""
-    import deepspeed
-    import deepspeed.comm as ds_dist
-
-    if ds_dist.is_initialized():
-        return
-    for key, val in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                     ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517")):
-        os.environ.setdefault(key, val)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-
-
 class DeepSpeedMoEFFN(nn.Module):
     """``deepspeed.moe.layer.MoE`` with an ``nn.Sequential(Linear, GELU, Linear)`` expert.
 
@@ -261,7 +245,8 @@ class DeepSpeedMoEFFN(nn.Module):
         self.last_counts = torch.zeros(num_experts, dtype=torch.long)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        _ensure_single_process_dist()
+        from ..integrations.deepspeed import ensure_process_group
+        ensure_process_group()
         self.moe.set_deepspeed_parallelism(use_data_before_expert_parallel_)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -360,3 +345,12 @@ def build_ffn(kind: str, d_model: int, d_ff: int, moe_config: Optional[TrilemmaM
         return OursFFN(d_model, d_ff, cfg, activation=activation, static=(kind == "static"),
                        layer_index=layer_index)
     raise ValueError(f"unknown ffn kind {kind!r}: ffn must be one of {', '.join(FFN_KINDS)}")
+
+
+def __getattr__(name):
+    # Deprecated alias (until train.py imports it from its new home); lazy so that importing this
+    # module does not import DeepSpeed.
+    if name == "_ensure_single_process_dist":
+        from ..integrations.deepspeed import ensure_process_group
+        return ensure_process_group
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
