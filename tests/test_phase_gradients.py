@@ -44,7 +44,7 @@ def make(phase, gated=False, bits=16, g1=1, fused=False, fused_router=True, froz
         moe.recluster(force=True)
         if not frozen:   # a forward past the router's freeze
             moe.counters[moe._COUNTERS.index("frozen_until")] = 0
-            moe._host_counters = None
+            moe.schedule.reloaded()
     torch.manual_seed(0)
     return Stack(moe)
 
