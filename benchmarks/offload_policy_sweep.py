@@ -5,7 +5,7 @@
 
 Records, for every MoE layer, each step's per-group token counts and router group probabilities
 on the first ``--steps`` windows of the *training* split, then replays them through the policy of
-``core/offload.py`` (EMA predictor with evidence ``max(selected, 1 - prod_t (1 - p_tg^gamma))``,
+``core/prefetch.py`` (EMA predictor with evidence ``max(selected, 1 - prod_t (1 - p_tg^gamma))``,
 gamma = None for selections only; eviction after S idle steps, either only when the predictor
 says "unlikely within L" (``cond``, what GroupStore does) or always (``always``); prefetch when
 ``1 - (1 - ema)^L >= threshold``) and prints, per evidence variant, the setting with the fewest
@@ -20,6 +20,7 @@ import json
 import torch
 
 from trilemma_moe.core.checkpoint import safe_load
+from trilemma_moe.core.prefetch import PrefetchPolicy, router_evidence
 from trilemma_moe.data import eval_batches, load_wikitext
 
 from offload_bench import _model
@@ -44,9 +45,10 @@ def record(model, data, window, steps):
 
 
 def simulate(trace, S, L, a, th, gamma, rule):
+    """The store's predictor (``PrefetchPolicy``) on a recorded trace, without the I/O."""
     G = len(trace[0][0])
     res, pending = set(range(G)), set()
-    ema, idle = [0.0] * G, [0] * G
+    policy = PrefetchPolicy(G, L, a, th)
     acc = miss = resident = 0
     for counts, probs in trace:
         res |= pending
@@ -57,15 +59,10 @@ def simulate(trace, S, L, a, th, gamma, rule):
                 if g not in res:
                     miss += 1
                     res.add(g)
-        soft = [0.0] * G if gamma is None else \
-            (-torch.expm1(torch.log1p(-(probs ** gamma).clamp(max=1 - 1e-12)).sum(0))).tolist()
+        policy.observe(counts, router_evidence(None if gamma is None else probs, G, gamma or 1.0))
         for g in range(G):
-            used = counts[g] > 0
-            ema[g] = (1 - a) * ema[g] + a * max(float(used), soft[g])
-            idle[g] = 0 if used else idle[g] + 1
-        for g in range(G):
-            likely = 1 - (1 - ema[g]) ** L >= th
-            if g in res and idle[g] >= S and (rule == "always" or not likely):
+            likely = policy.likely(g)
+            if g in res and policy.idle[g] >= S and (rule == "always" or not likely):
                 res.discard(g)
             elif g not in res and likely:
                 pending.add(g)

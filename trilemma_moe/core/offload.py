@@ -1,4 +1,5 @@
-"""Idle-group offload of the stored expert form, with an EMA prefetch predictor (paper 3.4).
+"""Idle-group offload of the stored expert form (paper 3.4); the prefetch predictor is
+``prefetch.PrefetchPolicy``.
 
 What is offloaded: the layer's *stored form* per group -- the base of every matrix, the K slots'
 residual factors (INT4 packed + scales + zero points when ``residual_bits=4``, else as the
@@ -13,11 +14,9 @@ Per step (one forward): the groups that receive tokens are *needed* (``accesses`
 prefetches are completed (time spent blocked is stall time); a needed group that is resident is a
 hit (``prefetch_hits``: resident because a prefetch brought it back), one that is absent is read
 synchronously and counts as a miss; ``hit_rate = hits / accesses``.
-Then each group's EMA selection frequency ``p_g`` is updated (rate ``prefetch_ema_rate``; the
-evidence is soft, from the router's group probabilities, see :meth:`GroupStore.step`);
-resident groups idle for ``offload_idle_steps`` steps whose predicted chance of use within the
-next L steps, ``1 - (1 - p_g)^L``, is below ``prefetch_threshold`` are written out, and
-offloaded groups above it are read back asynchronously.
+Then the predictor observes the step; resident groups idle for ``offload_idle_steps`` steps that
+it finds unlikely to be used within the next L steps are written out, and offloaded groups it
+finds likely are read back asynchronously.
 
 Every file carries a header (magic, layer/group id, payload bytes, CRC32 of the payload): a
 missing, truncated or corrupt file raises an error naming the group and the path. A write that
@@ -29,19 +28,17 @@ Pure torch: no deepspeed or torch.distributed import.
 """
 from __future__ import annotations
 
-import os
 import struct
 import time
 import warnings
 import zlib
-from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from . import quant
-
-PREFETCH_THRESHOLD = 0.25   # default of ``prefetch_threshold``: a miss costs more than a wasted prefetch
+from .prefetch import PREFETCH_THRESHOLD, PrefetchPolicy, router_evidence
 HEADER_BYTES = 64
 _MAGIC = b"TMOEGRP1"
 _HEADER = struct.Struct("<8sqqqQ")   # magic, layer, group, payload bytes, crc32
@@ -122,6 +119,20 @@ class CPUTier:
 
 
 # --- the store --------------------------------------------------------------------------------
+@dataclass
+class StoredSlots:
+    """The stored form of every group, stacked like ``ExpertSlots`` (an ``interfaces.SlotView``)."""
+    G: int
+    K: int
+    rank: int
+    spec: Any
+    residual_bits: int
+    base: Dict[str, torch.Tensor]
+    fa: Dict[str, torch.Tensor]
+    fb: Dict[str, torch.Tensor]
+    bias: Dict[str, torch.Tensor]
+
+
 def _group_rows(t: torch.Tensor, g: int, K: int, per_slot: bool) -> torch.Tensor:
     """Group g's part of a tensor stacked over slots (its K rows) or, for bases, over groups."""
     return t[g * K:(g + 1) * K] if per_slot else t[g]
@@ -134,16 +145,14 @@ class GroupStore:
                  idle_steps: Optional[int] = None, lookahead: int = 2, ema_rate: float = 0.3,
                  router_evidence: bool = True, threshold: float = PREFETCH_THRESHOLD):
         self.experts, self.bits, self.tier, self.layer = experts, residual_bits, tier, layer_index
-        self.idle_steps, self.lookahead, self.ema_rate = idle_steps, lookahead, ema_rate
-        self.router_evidence, self.threshold = router_evidence, threshold
+        self.idle_steps, self.router_evidence = idle_steps, router_evidence
         G = experts.G
+        self.policy = PrefetchPolicy(G, lookahead, ema_rate, threshold)
         self.resident: Dict[int, Dict[str, torch.Tensor]] = {}
         self.meta: Dict[int, list] = {}
         self.offloaded: Dict[int, int] = {}      # group -> buffer bytes (on the tier)
         self.inflight: Dict[int, str] = {}       # group -> "read" | "write"
         self._write_bufs: Dict[int, torch.Tensor] = {}
-        self.idle = [0] * G
-        self.ema = [0.0] * G
         self._prefetched = set()
         self.stats = {"hits": 0, "misses": 0, "prefetch_hits": 0, "offloads": 0, "prefetches": 0,
                       "bytes_written": 0, "bytes_read": 0, "stall_s": 0.0, "steps": 0, "accesses": 0,
@@ -208,11 +217,11 @@ class GroupStore:
         if self._stacked is None:
             return None
         ex, st = self.experts, self._stacked
-        return SimpleNamespace(G=ex.G, K=ex.K, rank=ex.rank, spec=ex.spec, residual_bits=16,
-                               base={n: st[f"base.{n}"] for n in ex.base},
-                               fa={n: self._factor(st, "fa", n, decode) for n in ex.fa},
-                               fb={n: self._factor(st, "fb", n, decode) for n in ex.fb},
-                               bias={n: st[f"bias.{n}"] for n in ex.bias})
+        return StoredSlots(G=ex.G, K=ex.K, rank=ex.rank, spec=ex.spec, residual_bits=16,
+                           base={n: st[f"base.{n}"] for n in ex.base},
+                           fa={n: self._factor(st, "fa", n, decode) for n in ex.fa},
+                           fb={n: self._factor(st, "fb", n, decode) for n in ex.fb},
+                           bias={n: st[f"bias.{n}"] for n in ex.bias})
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in self.resident.values() for t in d.values())
@@ -312,20 +321,11 @@ class GroupStore:
     # --- one forward ------------------------------------------------------------------------
     def step(self, group_counts: List[int], group_probs: Optional[torch.Tensor] = None):
         """Make the needed groups resident, update the predictor, evict and prefetch; return the
-        forward's weight views (see ``ExpertSlots.param_views``).
-
-        ``group_probs`` (tokens, G): the router's group probabilities. The predictor's evidence for
-        group g in this step is ``max(selected, 1 - prod_t (1 - p_tg))``, the chance that some
-        token would pick g if tokens drew their group from the router: it keeps moving while a
-        group is offloaded (the router is always resident), so a group the router is warming to
-        is prefetched before its first selection.
-        """
+        forward's weight views (see ``ExpertSlots.param_views``). ``group_probs`` (tokens, G): the
+        router's group probabilities, the predictor's soft evidence (``prefetch.router_evidence``)."""
         G = self.experts.G
         needed = [g for g in range(G) if group_counts[g] > 0]
-        if self.router_evidence and group_probs is not None and group_probs.numel():
-            soft = (-torch.expm1(torch.log1p(-group_probs.detach().double().clamp(max=1 - 1e-12)).sum(0))).tolist()
-        else:
-            soft = [0.0] * G
+        soft = router_evidence(group_probs if self.router_evidence else None, G)
         self._drain()
         for g in needed:
             self.stats["accesses"] += 1
@@ -343,19 +343,15 @@ class GroupStore:
         self._note_peak()
         self.stats["resident_byte_steps"] += self.resident_bytes()
         views = self.views(needed)
-        a = self.ema_rate
-        for g in range(G):
-            used = group_counts[g] > 0
-            self.ema[g] = (1 - a) * self.ema[g] + a * max(float(used), soft[g])
-            self.idle[g] = 0 if used else self.idle[g] + 1
+        policy = self.policy
+        policy.observe(group_counts, soft)
         self.stats["steps"] += 1
         if self.idle_steps is not None:
-            L = max(1, self.lookahead)
             for g in range(G):
-                likely = 1.0 - (1.0 - self.ema[g]) ** L >= self.threshold
-                if g in self.resident and not likely and self.idle[g] >= self.idle_steps:
+                likely = policy.likely(g)
+                if g in self.resident and not likely and policy.idle[g] >= self.idle_steps:
                     self._evict(g)
-                elif self.lookahead > 0 and g in self.offloaded and likely and g not in self.inflight:
+                elif policy.lookahead > 0 and g in self.offloaded and likely and g not in self.inflight:
                     self._request(g)
                     self._prefetched.add(g)
                     self.stats["prefetches"] += 1

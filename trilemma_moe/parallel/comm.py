@@ -42,7 +42,10 @@ def _comm_device(group, fallback: torch.device) -> torch.device:
 
 
 class ExpertParallelComm:
-    """One per layer (its counters are the layer's); the process groups come from a shared
+    """The layer's ``core.interfaces.ExpertParallelExchange`` over torch.distributed (gloo/NCCL),
+    every collective bounded by ``comm_timeout_s`` and named by layer and stage when it fails.
+
+    One per layer (its counters are the layer's); the process groups come from a shared
     ``ExpertParallelTopology``. ``config`` is the layer's TrilemmaMoEConfig: its hash is checked
     across all ranks here, at construction (a collective)."""
 
@@ -132,7 +135,7 @@ class ExpertParallelComm:
         """Sum of per-rank statistics over every rank of the layer (centroid sums and counts)."""
         return self._all_reduce(t, self.topo.world_group, "stats")
 
-    # --- the LocalSync interface (regroup agreement) --------------------------------------------
+    # --- the ReplicaSync interface (regroup agreement) --------------------------------------------
     def average_(self, tensor: torch.Tensor) -> None:
         """Centroids are already identical everywhere (statistics are reduced every step)."""
 
