@@ -107,7 +107,7 @@ class ParamIO(Protocol):
         """Rows (and their moments) move with their expert."""
 
     def write_fresh(self, p: torch.Tensor, value: torch.Tensor, new_to_old: Optional[torch.Tensor],
-                    keep: torch.Tensor, take: Optional[RowFetch] = None) -> None:
+                    keep_rows: Optional[torch.Tensor] = None, take: Optional[RowFetch] = None) -> None:
         """Fresh factors: moments reset (second moments to the expert's old mean) except kept rows."""
 
 

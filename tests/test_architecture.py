@@ -1,0 +1,103 @@
+"""The shape of the house: imports only point down the layers, files stay small enough to read,
+and the collaborators a layer is given fit the interfaces core declares (core/interfaces.py)."""
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from trilemma_moe.core import interfaces
+from trilemma_moe.core.experts import ExpertSlots
+from trilemma_moe.core.offload import CPUTier, StoredSlots
+from trilemma_moe.core.state_io import TorchParamIO
+from trilemma_moe.parallel.comm import ExpertParallelComm
+
+PACKAGE = Path(__file__).resolve().parents[1] / "trilemma_moe"
+# bottom to top: a package may import only from those before it
+LAYERS = ["config", "kernels", "core", "parallel", "integrations", "models", "data", "training", "train", "cli"]
+EXEMPT_FROM_SIZE = {"kernels/triton_moe.py"}   # the Triton kernels: one file per the kernels' shared tiles
+MAX_LINES = 420
+
+
+def _package_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 or rel.name != "__init__.py" else ""
+
+
+def _imported_packages(path: Path):
+    text = path.read_text()
+    depth_up = len(path.relative_to(PACKAGE).parts) - 1   # ".." from a subpackage reaches the top
+    for m in re.finditer(r"^\s*from\s+(\.+)(\w*)", text, re.M):
+        dots, name = len(m.group(1)), m.group(2)
+        if depth_up and dots == 2 or not depth_up and dots == 1:
+            yield name
+    for m in re.finditer(r"^\s*(?:from|import)\s+trilemma_moe\.(\w+)", text, re.M):
+        yield m.group(1)
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_down_the_layers(path):
+    own = _package_of(path)
+    if own not in LAYERS:
+        return
+    allowed = set(LAYERS[:LAYERS.index(own) + 1])
+    upward = sorted({p for p in _imported_packages(path) if p in LAYERS and p not in allowed})
+    assert not upward, f"{path.relative_to(PACKAGE)} ({own}) imports {upward}"
+
+
+def test_core_imports_nothing_distributed():
+    for path in (PACKAGE / "core").glob("*.py"):
+        assert not re.search(r"^\s*(import|from)\s+(torch\.distributed|deepspeed|megatron)", path.read_text(), re.M), path
+
+
+def test_no_file_is_too_long_to_read():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if str(p.relative_to(PACKAGE)) not in EXEMPT_FROM_SIZE
+            and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def _conforms(cls, protocol):
+    """Every method the protocol declares exists on ``cls`` and accepts the protocol's parameters."""
+    missing = []
+    for name, member in vars(protocol).items():
+        if name.startswith("_") or not inspect.isfunction(member):
+            continue
+        impl = getattr(cls, name, None)
+        if impl is None:
+            missing.append(name)
+            continue
+        wanted = list(inspect.signature(member).parameters)[1:]
+        have = inspect.signature(impl).parameters
+        if not all(p in have for p in wanted) and not any(p.kind == p.VAR_POSITIONAL for p in have.values()):
+            missing.append(f"{name}{tuple(wanted)}")
+    return missing
+
+
+@pytest.mark.parametrize("cls,protocol", [
+    (interfaces.LocalSync, interfaces.ReplicaSync),
+    (ExpertParallelComm, interfaces.ReplicaSync),
+    (ExpertParallelComm, interfaces.ExpertParallelExchange),
+    (TorchParamIO, interfaces.ParamIO),
+    (CPUTier, interfaces.OffloadTier),
+])
+def test_implementations_fit_their_interfaces(cls, protocol):
+    assert _conforms(cls, protocol) == []
+
+
+def test_deepspeed_collaborators_fit_their_interfaces():
+    pytest.importorskip("deepspeed")
+    from trilemma_moe.integrations.aio import AioTier
+    from trilemma_moe.integrations.deepspeed import DataParallelSync, DeepSpeedParamIO
+    assert _conforms(DataParallelSync, interfaces.ReplicaSync) == []
+    assert _conforms(DeepSpeedParamIO, interfaces.ParamIO) == []
+    assert _conforms(AioTier, interfaces.OffloadTier) == []
+
+
+def test_both_slot_views_carry_what_the_fused_path_reads():
+    from trilemma_moe.core.experts import ExpertSpec
+    slots = ExpertSlots(ExpertSpec(4, 6, "gelu", False, True), 2, 2, 2, seed=0)
+    stored = StoredSlots(G=2, K=2, rank=2, spec=slots.spec, residual_bits=16, base=dict(slots.base),
+                         fa=dict(slots.fa), fb=dict(slots.fb), bias=dict(slots.bias))
+    for view in (slots, stored):
+        assert isinstance(view, interfaces.SlotView)
