@@ -19,6 +19,7 @@ import torch
 
 from trilemma_moe.config import TrilemmaMoEConfig
 from trilemma_moe.core.checkpoint import safe_load
+from trilemma_moe.core.layer import clustered_layers
 from trilemma_moe.data import eval_batches, load_wikitext
 from trilemma_moe.integrations.aio import make_tier
 from trilemma_moe.models import GPT
@@ -52,20 +53,19 @@ def main(argv=None):
     for name, idle in (("no offload", 10 ** 9), ("offload", args.idle_steps)):
         torch.manual_seed(0)
         model = _model(run, corpus.vocab_size, state)
-        for ffn in model.moe_layers():
-            moe = ffn.layer.moe
-            moe.config = TrilemmaMoEConfig.from_dict(moe.config.to_dict(), offload_idle_steps=idle,
-                                                     prefetch_lookahead=args.lookahead,
-                                                     prefetch_ema_rate=args.ema_rate,
-                                                     prefetch_router_evidence=not args.no_router_evidence,
-                                                     prefetch_threshold=args.threshold)
+        layers = clustered_layers(model)
+        for moe in layers:
+            moe.config = moe.config.replace(offload_idle_steps=idle, prefetch_lookahead=args.lookahead,
+                                            prefetch_ema_rate=args.ema_rate,
+                                            prefetch_router_evidence=not args.no_router_evidence,
+                                            prefetch_threshold=args.threshold)
             moe.offload_tier = make_tier(args.offload_dir if idle < 10 ** 9 else None, None) \
                 if idle < 10 ** 9 else None
-        held_before = sum(f.memory_report()["bases"] + f.memory_report()["residual_masters"]
-                          + f.memory_report()["biases"] for f in model.moe_layers())
+        held_before = sum(m.memory_report()["bases"] + m.memory_report()["residual_masters"]
+                          + m.memory_report()["biases"] for m in layers)
         if args.release_masters:
-            for ffn in model.moe_layers():
-                ffn.layer.moe.release_masters()
+            for moe in layers:
+                moe.release_masters()
         model.eval()
         total, n = 0.0, 0
         t0 = time.perf_counter()
@@ -75,10 +75,10 @@ def main(argv=None):
                 total += float(loss) * y.numel()
                 n += y.numel()
         wall = time.perf_counter() - t0
-        st = _offload_summary([f.offload_stats() for f in model.moe_layers()])
+        st = _offload_summary([m.offload_stats() for m in layers])
         st["stored_mean_resident_fraction"] = st["mean_resident_bytes"] / sum(
-            f.memory_report()["stored_experts"] for f in model.moe_layers())
-        mem = [f.memory_report() for f in model.moe_layers()]
+            m.memory_report()["stored_experts"] for m in layers)
+        mem = [m.memory_report() for m in layers]
         results[name] = {"valid_loss": total / n, "valid_ppl": math.exp(total / n), "tokens": n,
                          "wall_s": wall, "stored_experts_bytes": sum(m["stored_experts"] for m in mem),
                          "master_param_bytes_before": held_before,

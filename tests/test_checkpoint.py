@@ -12,10 +12,11 @@ import torch
 deepspeed = pytest.importorskip("deepspeed")
 
 from trilemma_moe import TrilemmaMoE  # noqa: E402
-from trilemma_moe.core.checkpoint import SLOT_PREFIX, atomic_save, safe_load, to_slot_keys  # noqa: E402
+from trilemma_moe.core.checkpoint import atomic_save, safe_load  # noqa: E402
 from trilemma_moe.integrations.checkpoint import (consolidate, latest_tag, load_checkpoint, reshard_main,  # noqa: E402
                                                   resolve_tag, save_checkpoint)
 from trilemma_moe.integrations.deepspeed import attach_engine, moe_param_groups  # noqa: E402
+from trilemma_moe.integrations.deepspeed_keys import SLOT_PREFIX, to_slot_keys  # noqa: E402
 
 from test_deepspeed import D, V, TinyLM, ffn, small_config  # noqa: E402
 
@@ -340,7 +341,7 @@ def test_sigkill_and_resume_continues_the_same_loss_curve(tmp_path, use_deepspee
 def test_ep2_ranks_read_their_slots_from_an_ep4_checkpoint(tmp_path):
     """What each rank of an ep-2 run gets from DeepSpeed's loader (files of its global slots, ids
     renamed global -> local) becomes, through our load hook, exactly its half of the layer."""
-    from trilemma_moe.core.checkpoint import from_slot_keys
+    from trilemma_moe.integrations.deepspeed_keys import from_slot_keys
     e = _engine(0, num_groups=4)
     _train(e, _batches(4))
     src, dst = str(tmp_path / "ep1"), str(tmp_path / "ep4")

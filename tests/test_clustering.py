@@ -71,7 +71,7 @@ def test_cosine_zero_rows():
 
 
 def test_cosine_chunked_float32_input(monkeypatch):
-    import trilemma_moe.core.clustering as C
+    import trilemma_moe.core.similarity as C
     monkeypatch.setattr(C, "_CHUNK_ELEMS", 64)  # force many column chunks
     x = torch.randn(5, 301, generator=_gen(4))
     torch.testing.assert_close(C.cosine_similarity_matrix(x), _ref_cosine(x), rtol=0, atol=1e-12)

@@ -174,11 +174,11 @@ def test_sort_by_group_and_gathers():
     assert torch.equal(flat[order], torch.sort(flat, stable=True).values)
     assert torch.equal(inverse[order], torch.arange(T * g1))
     x = torch.randn(T, 3, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda x: fused._GatherRows.apply(x, token_of_row, inverse, g1), (x,))
+    torch.autograd.gradcheck(lambda x: fused.GatherRows.apply(x, token_of_row, inverse, g1), (x,))
     rows = torch.randn(T * g1, 3, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda y: fused._SumGatherRows.apply(y, inverse, token_of_row, g1), (rows,))
+    torch.autograd.gradcheck(lambda y: fused.SumGatherRows.apply(y, inverse, token_of_row, g1), (rows,))
     ref = rows.detach()[inverse].view(T, g1, 3).sum(1)
-    torch.testing.assert_close(fused._SumGatherRows.apply(rows, inverse, token_of_row, g1), ref)
+    torch.testing.assert_close(fused.SumGatherRows.apply(rows, inverse, token_of_row, g1), ref)
 
 
 def test_gmm_rows_weight_parts_and_output_range_match_one_product():

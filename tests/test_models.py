@@ -204,6 +204,7 @@ def test_gpt_init_is_deterministic_and_leaves_global_rng():
 # --- ours / static (the clustered layer) -----------------------------------------------------
 def test_ours_and_static_in_gpt():
     pytest.importorskip("trilemma_moe.core.layer")
+    from trilemma_moe.core.layer import clustered_layers
     from trilemma_moe.models import OursFFN
 
     cfg = TrilemmaMoEConfig(num_experts=4, num_groups=2, rank=4, burn_in=2, recluster_interval=2,
@@ -214,7 +215,7 @@ def test_ours_and_static_in_gpt():
         assert len(layers) == 2 and all(isinstance(m, OursFFN) for m in layers)
         assert layers[0].layer.config.dynamic_regroup is (kind == "ours")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for m in layers:
+        for m in clustered_layers(model):
             m.attach_optimizer(opt)
         full = model.param_counts()
         idx = torch.randint(0, 50, (4, 12))

@@ -187,15 +187,17 @@ class TrilemmaMoEConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def replace(self, **overrides: Any) -> "TrilemmaMoEConfig":
+        """A copy with ``overrides`` (``dataclasses.replace``, so ``__post_init__`` validates it
+        again); an unknown key raises naming it, as in :meth:`from_dict`."""
+        _check_known(overrides)
+        return dataclasses.replace(self, **overrides)
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> "TrilemmaMoEConfig":
         merged = dict(values or {})
         merged.update(overrides)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ValueError(f"unknown trilemma_moe config key(s): {', '.join(unknown)}; "
-                             f"known keys: {', '.join(sorted(known))}")
+        _check_known(merged)
         return cls(**merged)
 
     @classmethod
@@ -268,6 +270,14 @@ def _section(config: Mapping[str, Any], source: Optional[Union[str, os.PathLike]
         got = "null" if section is None else f"{type(section).__name__} {section!r}"
         raise ValueError(f"{where}section {DEEPSPEED_SECTION!r} must be a mapping of knobs, got {got}")
     return section
+
+
+def _check_known(keys: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(TrilemmaMoEConfig)}
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"unknown trilemma_moe config key(s): {', '.join(unknown)}; "
+                         f"known keys: {', '.join(sorted(known))}")
 
 
 def _normalise_key(key: str) -> str:

@@ -18,7 +18,7 @@ import atexit
 import os
 import shutil
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 

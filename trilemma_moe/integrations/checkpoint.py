@@ -8,7 +8,7 @@ never the one resumed from). ``load_checkpoint(engine, dir, tag=None, **kwargs)`
 (:func:`resolve_tag`: not empty, text, naming an existing folder) before ``engine.load_checkpoint``.
 
 Expert tensors are written by DeepSpeed one file per *global* slot (see
-``trilemma_moe/core/checkpoint.py``), so the model part of a checkpoint does not depend on the
+``deepspeed_keys.py``), so the model part of a checkpoint does not depend on the
 expert-parallel size it was saved with: ``engine.load_checkpoint(dir, load_module_only=True)``
 at another ep size reads the slots each rank owns, and :func:`consolidate` assembles the
 ep-size-1 state dict (``trilemma-moe reshard``). Optimizer state (ZeRO partitions, per-rank
@@ -24,7 +24,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from ..core.checkpoint import SLOT_PREFIX, atomic_save, atomic_write_text, safe_load
+from ..core.checkpoint import atomic_save, atomic_write_text, safe_load
+from .deepspeed_keys import SLOT_PREFIX
 
 _EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 

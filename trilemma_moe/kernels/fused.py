@@ -68,7 +68,7 @@ def ops_for(device: torch.device, dtype: torch.dtype = torch.float32) -> ModuleT
 
 
 # --- sort-based dispatch --------------------------------------------------------------------------
-class _GatherRows(torch.autograd.Function):
+class GatherRows(torch.autograd.Function):
     """``out = src[index]`` where every source row is read exactly ``fan`` times and
     ``inverse.view(-1, fan)`` lists, for each source row, the output rows that read it; the
     backward is then a gather plus a sum (no atomics)."""
@@ -86,7 +86,7 @@ class _GatherRows(torch.autograd.Function):
         return g.view(-1, ctx.fan, *g.shape[1:]).sum(1), None, None, None
 
 
-class _SumGatherRows(torch.autograd.Function):
+class SumGatherRows(torch.autograd.Function):
     """``out[t] = sum_{j < fan} src[inverse[t * fan + j]]``; backward ``grad[index]`` (a gather)."""
 
     @staticmethod
@@ -302,7 +302,7 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
     order, inverse, off, token_of_row = sort_by_group(group_idx, G)
     # the chosen experts' positions inside their group, in row order
     jloc = (slot_idx.reshape(P, k) % K).index_select(0, order)
-    w = _GatherRows.apply(weights.reshape(P, k), order, inverse, 1)
+    w = GatherRows.apply(weights.reshape(P, k), order, inverse, 1)
     def res(p):   # a factor as the forward sees it: its INT4 values at residual_bits=4
         return _FakeQuant.apply(ops, p) if slots.residual_bits == 4 else p
     fa, fb, bias = slots.fa, slots.fb, slots.bias
@@ -311,4 +311,4 @@ def fused_expert_forward(slots, x: torch.Tensor, group_idx: torch.Tensor, slot_i
                             jloc, w, slots.base["w1"], slots.base["w2"], res(fa["w1"]), res(fb["w1"]), bias.get("b1"),
                             res(fa["w2"]), res(fb["w2"]), bias.get("b2"), *gate)
     # one group per token: y is already in token order; else sum each token's g1 rows
-    return y if g1 == 1 else _SumGatherRows.apply(y, inverse, token_of_row, g1)
+    return y if g1 == 1 else SumGatherRows.apply(y, inverse, token_of_row, g1)

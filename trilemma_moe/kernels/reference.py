@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core import quant
+from . import int4
 
 ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
@@ -107,16 +107,16 @@ def gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, off: torch.Tensor, dtype: Optio
 
 
 def dequant_int4(qt: dict, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Values of slot-stacked packed INT4 factors (``core/quant.py``'s ``quantize`` of an
+    """Values of slot-stacked packed INT4 factors (``int4.quantize`` of an
     ``(E, rows, r)`` tensor) as ``dtype``: what serving from the stored form computes with."""
-    return quant.dequantize(qt, rows, dtype)
+    return int4.dequantize(qt, rows, dtype)
 
 
 def fake_quant(w: torch.Tensor) -> torch.Tensor:
     """INT4 quantize-dequantize of slot-stacked factors ``(E, rows, r)``: the values the packed
-    form decodes to (one scale and zero point per (slot, rank column); ``core/quant.py``)."""
+    form decodes to (one scale and zero point per (slot, rank column); ``int4.py``)."""
     with torch.no_grad():
-        return quant.fake_quant(w)
+        return int4.fake_quant(w)
 
 
 def q_width(K: int, r: int) -> int:

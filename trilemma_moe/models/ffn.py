@@ -19,6 +19,7 @@ Kinds (``build_ffn``):
 from __future__ import annotations
 
 import math
+import sys
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -180,7 +181,7 @@ class SwitchTop2FFN(nn.Module):
 
     def _experts_grouped(self, x2: Tensor, top_i: Tensor, gates: Tensor):
         """Sort-based dispatch (gathers both ways) and one grouped GEMM per matrix."""
-        from ..kernels.fused import _GatherRows, _SumGatherRows
+        from ..kernels.fused import GatherRows, SumGatherRows
         N, k, E = x2.shape[0], self.k, self.num_experts
         flat_e = top_i.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
@@ -191,11 +192,11 @@ class SwitchTop2FFN(nn.Module):
         cdt = torch.get_autocast_dtype(x2.device.type) if torch.is_autocast_enabled(x2.device.type) else x2.dtype
         e_sorted = flat_e.index_select(0, order)
         with torch.autocast(x2.device.type, enabled=False):
-            xs = _GatherRows.apply(x2.to(cdt), order // k, inv, k)
+            xs = GatherRows.apply(x2.to(cdt), order // k, inv, k)
             h = torch._grouped_mm(xs, self.w1.to(cdt), offs=offs) + self.b1.to(cdt).index_select(0, e_sorted)
             ys = torch._grouped_mm(self.act(h), self.w2.to(cdt), offs=offs) + self.b2.to(cdt).index_select(0, e_sorted)
-            g_sorted = _GatherRows.apply(gates.reshape(-1, 1).to(cdt), order, inv, 1)
-            y = _SumGatherRows.apply(ys * g_sorted, inv, order // k, k)
+            g_sorted = GatherRows.apply(gates.reshape(-1, 1).to(cdt), order, inv, 1)
+            y = SumGatherRows.apply(ys * g_sorted, inv, order // k, k)
         return y, counts
 
     def stats(self) -> Dict[str, float]:
@@ -265,8 +266,14 @@ class DeepSpeedMoEFFN(nn.Module):
 
 # ------------------------------------------------------------------------------------------
 class OursFFN(nn.Module):
-    """Our layer (``trilemma_moe.TrilemmaMoE``, a ``deepspeed.moe.layer.MoE`` when DeepSpeed is
-    installed, so ``deepspeed.initialize`` treats it as an MoE layer) behind the FFN interface.
+    """Our layer behind the FFN interface: ``self.layer`` is the DeepSpeed-MoE-shaped shell and
+    ``self.layer.moe`` the :class:`~trilemma_moe.core.layer.ClusteredMoE` (find those with
+    ``trilemma_moe.core.layer.clustered_layers(model)`` and call them directly).
+
+    When DeepSpeed is already imported (a DeepSpeed run imports it before building the model) the
+    shell is ``trilemma_moe.TrilemmaMoE``, a ``deepspeed.moe.layer.MoE``, so ``deepspeed.initialize``
+    treats it as an MoE layer; otherwise the same layer without that base class
+    (``integrations.deepspeed_layer.DeepSpeedStyleMoE``), and DeepSpeed is not imported at all.
 
     ``static=True`` sets ``dynamic_regroup=False``: the layer clusters once after burn-in and
     never again (the paper's static-clustering baseline).
@@ -278,36 +285,27 @@ class OursFFN(nn.Module):
                  activation: str = "gelu", gated: bool = False, static: bool = False,
                  layer_index: int = 0):
         super().__init__()
-        from ..integrations.deepspeed import TrilemmaMoE
+        if "deepspeed" in sys.modules:
+            from ..integrations.deepspeed import TrilemmaMoE as shell
+        else:
+            from ..integrations.deepspeed_layer import DeepSpeedStyleMoE as shell
 
         if static and config.dynamic_regroup:
-            config = TrilemmaMoEConfig.from_dict(config.to_dict(), dynamic_regroup=False)
+            config = config.replace(dynamic_regroup=False)
         self.config = config
         self.static = static
-        self.layer = TrilemmaMoE(d_model, ffn_hidden_size=d_ff, config=config, activation=activation,
-                                 gated=gated, layer_index=layer_index)
+        self.layer = shell(d_model, ffn_hidden_size=d_ff, config=config, activation=activation,
+                           gated=gated, layer_index=layer_index)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         y, l_aux, _ = self.layer(x)
         return y, l_aux
 
     def stats(self) -> Dict[str, float]:
-        return self.layer.stats()
-
-    def recluster(self, force: bool = False):
-        return self.layer.recluster(force=force)
-
-    def attach_optimizer(self, optimizer) -> None:
-        self.layer.attach_optimizer(optimizer)
-
-    def memory_report(self) -> Dict[str, int]:
-        return self.layer.memory_report()
-
-    def offload_stats(self) -> Dict[str, float]:
-        return self.layer.offload_stats()
+        return self.layer.moe.stats()
 
     def expert_parameter_count(self) -> int:
-        return int(self.layer.expert_parameter_count())
+        return int(self.layer.moe.expert_parameter_count())
 
     def stored_expert_parameter_count(self) -> int:
         """Elements of every expert tensor held (full experts during burn-in, bases + factors
@@ -341,7 +339,7 @@ def build_ffn(kind: str, d_model: int, d_ff: int, moe_config: Optional[TrilemmaM
                                aux_loss_coef=cfg.aux_loss_coef, seed=_layer_seed(seed, layer_index))
     if kind in ("ours", "static"):
         if cfg.seed != seed:
-            cfg = TrilemmaMoEConfig.from_dict(cfg.to_dict(), seed=seed)
+            cfg = cfg.replace(seed=seed)
         return OursFFN(d_model, d_ff, cfg, activation=activation, static=(kind == "static"),
                        layer_index=layer_index)
     raise ValueError(f"unknown ffn kind {kind!r}: ffn must be one of {', '.join(FFN_KINDS)}")
