@@ -3,7 +3,12 @@
 - ``SyntheticTopicCorpus``: a generated corpus with topic structure (default, no download).
 - ``load_wikitext(dir)``: word-level WikiText-2/-103 (``wiki.{train,valid,test}.tokens``).
 - ``BatchSampler``: random contiguous windows of ``seq_len + 1`` tokens for training.
-- ``eval_batches``: non-overlapping windows over a stream for evaluation.
+- ``eval_batches``: non-overlapping windows over a stream for evaluation (``num_eval_batches``:
+  how many batches).
+
+WikiText is not shipped: download the word-level release (``wikitext-2-v1.zip`` of Merity et al.,
+2016, with ``wiki.train.tokens``, ``wiki.valid.tokens``, ``wiki.test.tokens``), unzip it and pass
+the directory to ``--data``.
 """
 from __future__ import annotations
 
@@ -234,3 +239,9 @@ def eval_batches(data: Tensor, seq_len: int, batch_size: int,
         win = data[starts[:, None] + offsets[None, :]]
         yield win[:, :-1], win[:, 1:]
         produced += 1
+
+
+def num_eval_batches(data: Tensor, seq_len: int, batch_size: int, max_batches: Optional[int] = None) -> int:
+    """How many batches :func:`eval_batches` yields."""
+    n = -(-((data.numel() - 1) // seq_len) // batch_size)
+    return n if max_batches is None else min(n, max_batches)

@@ -1,0 +1,203 @@
+"""The main job's command line: flags, the CPU defaults, where the method's knobs come from, input
+errors, and ``main``.
+
+Every knob of the method comes from ``--config YAML`` (or the ``"trilemma_moe"`` section of the
+``--deepspeed_config`` JSON); the structure flags (``--num-experts`` ...) override it. Without a
+config file the CPU defaults below apply (smaller burn-in / regroup interval than the paper's so a
+default run clusters and regroups within its steps); they are printed at start.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from ..config import TrilemmaMoEConfig
+from ..data import SyntheticTopicCorpus, TokenCorpus, load_wikitext
+from ..models import FFN_KINDS
+
+# Defaults of the no-argument CPU run.  Structure knobs that the
+# user neither passes as flags nor sets in --config fall back to these.
+CPU_MOE_DEFAULTS = dict(num_experts=16, num_groups=4, rank=8, top_k=2, burn_in=200,
+                        recluster_interval=100)
+DEFAULT_STEPS = 800  # no-argument run (ours): about 1.5 min wall on 2 CPU cores (docs/BENCHMARKS.md)
+
+# flag (argparse dest) -> TrilemmaMoEConfig field it overrides
+FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank": "rank",
+                 "top_k": "top_k", "burn_in": "burn_in",
+                 "recluster_interval": "recluster_interval", "residual_bits": "residual_bits",
+                 "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
+                 "offload_dir": "offload_dir", "ep_size": "ep_size"}
+
+DATA_HELP = ("a WikiText-2/-103 directory holding wiki.train.tokens, wiki.valid.tokens and "
+             "wiki.test.tokens (the word-level release; download it, see README); default: the "
+             "built-in synthetic topic corpus")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` once: not where the help text already names the default, and not
+    for flags without a value (``None``, ``store_true``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = CPU_MOE_DEFAULTS
+    p = argparse.ArgumentParser(
+        prog="trilemma-moe train",
+        description="Train a small GPT whose FFNs are dense / switch / deepspeed / ours / static.",
+        formatter_class=HelpFormatter)
+    p.add_argument("--data", default=None, help=DATA_HELP)
+    p.add_argument("--ffn", choices=FFN_KINDS, default="ours", help="FFN kind of the MoE blocks")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
+    p.add_argument("--config", default=None,
+                   help="YAML of TrilemmaMoEConfig knobs (default: the CPU defaults of the structure flags)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON: train under deepspeed.initialize; its 'trilemma_moe' section "
+                        "configures the method, its gradient_accumulation_steps and gradient_clipping "
+                        "(DeepSpeed's defaults: 1 and 0, no clipping) the optimizer step")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
+                   help="set by the deepspeed launcher")
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=128, help="hidden size")
+    g.add_argument("--d-ff", type=int, default=512, help="FFN (and each expert's) inner size")
+    g.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    g.add_argument("--heads", type=int, default=4, help="attention heads")
+    g.add_argument("--seq-len", type=int, default=64, help="tokens per training window")
+    g.add_argument("--moe-every", type=int, default=1, help="MoE FFN in every n-th block")
+    g = p.add_argument_group("MoE structure (override --config; CPU defaults otherwise)")
+    g.add_argument("--num-experts", type=int, default=None, help=f"E (default: {d['num_experts']})")
+    g.add_argument("--num-groups", type=int, default=None, help=f"G (default: {d['num_groups']})")
+    g.add_argument("--rank", type=int, default=None, help=f"r (default: {d['rank']})")
+    g.add_argument("--top-k", type=int, default=None, help=f"k (default: {d['top_k']})")
+    g.add_argument("--burn-in", type=int, default=None,
+                   help=f"T0 optimizer steps before the first clustering (default: {d['burn_in']})")
+    g.add_argument("--recluster-interval", type=int, default=None,
+                   help=f"T: steps between regroup checks (default: {d['recluster_interval']})")
+    g.add_argument("--ep-size", type=int, default=None,
+                   help="expert parallelism: ranks each layer's groups are spread over (needs "
+                        "--deepspeed_config and a launcher with a multiple of this many ranks; default 1)")
+    g = p.add_argument_group("precision and memory (override --config)")
+    g.add_argument("--residual-bits", type=int, default=None, choices=(4, 16),
+                   help="residual factor bits (default 16)")
+    g.add_argument("--offload-idle-steps", type=int, default=None,
+                   help="S_idle: offload groups idle this many evaluation steps (default: off)")
+    g.add_argument("--prefetch-lookahead", type=int, default=None, help="L: prefetch lookahead (default 2)")
+    g.add_argument("--offload-dir", default=None,
+                   help="NVMe directory for offloaded groups (aio; default: CPU memory)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="windows per micro-batch and rank (DeepSpeed: train_micro_batch_size_per_gpu decides)")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr (cosine)")
+    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of steps)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the synthetic corpus, the data order, the model's init and every MoE "
+                        "layer (expert init, k-means++): in the main job it replaces TrilemmaMoEConfig.seed")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-every", type=int, default=250, help="validate every n steps (0: only at the end)")
+    g.add_argument("--eval-batches", type=int, default=0, help="cap on validation batches (0: whole split)")
+    g.add_argument("--max-train-tokens", type=int, default=None,
+                   help="use only the first n training tokens (quick runs on real data; default: all)")
+    g.add_argument("--logdir", default=None, help="TensorBoard event files go here (default: none)")
+    g.add_argument("--summary-json", default=None, help="write the final metrics as JSON here (default: none)")
+    g.add_argument("--device", default="cpu",
+                   help="cpu or cuda (without --deepspeed_config; under DeepSpeed the engine decides)")
+    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the training forward (without --deepspeed_config; DeepSpeed "
+                        "takes its \"bf16\" section)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars (training and evaluation)")
+    g.add_argument("--comm-log", default=None,
+                   help="expert parallelism: write every rank's per-layer byte counters (JSON) here")
+    g.add_argument("--record-routing", default=None,
+                   help="save the routing of the last 20 steps (torch file) for `trilemma-moe profile-comm`")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save-dir", default=None,
+                   help="checkpoint directory (DeepSpeed: engine.save_checkpoint layout; otherwise "
+                        "latest.pt; default: no checkpoints)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    g.add_argument("--loss-log", default=None, help="append one JSON line per step (step, loss) to this file")
+    return p
+
+
+# ------------------------------------------------------------------------------------------
+def moe_config(args: argparse.Namespace) -> TrilemmaMoEConfig:
+    """The method's knobs: the config file (DeepSpeed's section or YAML) or the CPU defaults,
+    with the structure flags on top."""
+    overrides = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items()
+                 if getattr(args, flag) is not None}
+    if args.deepspeed_config:
+        return TrilemmaMoEConfig.from_deepspeed_config(args.deepspeed_config, **overrides)
+    if args.config:
+        return TrilemmaMoEConfig.from_yaml(args.config, **overrides)
+    merged: Dict[str, Any] = dict(CPU_MOE_DEFAULTS)
+    merged.update(overrides)
+    return TrilemmaMoEConfig.from_dict(merged)
+
+
+def load_data(args: argparse.Namespace) -> TokenCorpus:
+    if args.data is None:
+        corpus = SyntheticTopicCorpus(seed=args.seed)
+        if args.max_train_tokens is not None:
+            corpus.train = corpus.train[:args.max_train_tokens]
+        return corpus
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data!r}: no such directory (expected a WikiText "
+                                f"directory with wiki.train.tokens, wiki.valid.tokens, "
+                                f"wiki.test.tokens; leave --data out for the synthetic corpus)")
+    return load_wikitext(args.data, max_train_tokens=args.max_train_tokens)
+
+
+@contextlib.contextmanager
+def input_errors(flag: Optional[str], value: Any = None):
+    """A bad file or directory given with ``flag`` (or a bad knob): one line on stderr and exit
+    status 2, as argparse does for a bad flag, instead of a traceback. Only the phases that read
+    the user's inputs are wrapped: an error in training itself keeps its traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as exc:
+        msg = str(exc)
+        if flag is not None and flag not in msg:
+            msg = f"{flag}: {msg}" if str(value) in msg else f"{flag} {value}: {msg}"
+        print(f"trilemma_moe.train: error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse ``argv`` (default ``sys.argv[1:]``), train, print the summary table and return the
+    summary dict (also written to ``--summary-json``)."""
+    from .loop import run
+
+    args = build_parser().parse_args(argv)
+    if args.steps < 1:
+        raise SystemExit("--steps must be >= 1")
+    if args.save_every < 0:
+        raise SystemExit("--save-every must be >= 0")
+    if (args.save_every or args.resume) and not args.save_dir:
+        raise SystemExit("--save-every and --resume need --save-dir")
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        config_flag = "--deepspeed_config" if args.deepspeed_config else "--config" if args.config else None
+        with input_errors(config_flag, args.deepspeed_config or args.config):  # None: knobs from flags only
+            cfg = moe_config(args)
+        with input_errors("--data", args.data):
+            corpus = load_data(args)
+        if cfg.ep_size > 1 and not args.deepspeed_config:
+            raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
+        return run(args, cfg, corpus)
+    finally:
+        torch.set_num_threads(previous_threads)  # main() is also called in-process (tests, notebooks)

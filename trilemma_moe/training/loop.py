@@ -1,0 +1,226 @@
+"""The training loop shared by every backend: build the model, draw the batches, schedule the
+learning rate, step, evaluate, checkpoint, report (``report.py``). What differs between plain
+torch and DeepSpeed lives in the backends (``backend.py``, ``deepspeed_backend.py``)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+from ..config import TrilemmaMoEConfig
+from ..core.layer import clustered_layers
+from ..data import BatchSampler, TokenCorpus, eval_batches, num_eval_batches
+from ..models import GPT
+from . import report
+from .args import input_errors
+from .backend import Backend, TorchBackend, param_groups
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine down to ``min_ratio*peak``.
+    ``step`` counts from 0."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    frac = min(1.0, (step - warmup) / span)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _progress(**kwargs):
+    """A tqdm bar, or None when tqdm is missing."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(dynamic_ncols=True, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int,
+             max_batches: Optional[int] = None, progress: bool = False,
+             desc: str = "valid") -> Dict[str, float]:
+    """Mean loss and perplexity over ``data`` (non-overlapping windows, at most ``max_batches``
+    batches; 0 or None: all). ``progress``: a tqdm bar over the batches."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    bar = _progress(total=num_eval_batches(data, seq_len, batch_size, max_batches or None), desc=desc,
+                    leave=False) if progress else None
+    try:
+        device = next(model.parameters()).device
+        for x, y in eval_batches(data, seq_len, batch_size, max_batches=max_batches or None):
+            _, loss, _ = model(x.to(device), y.to(device))
+            total_loss += float(loss) * y.numel()
+            total_tokens += y.numel()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    mean = total_loss / max(1, total_tokens)
+    return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0)), "valid_tokens": total_tokens}
+
+
+class RankShare:
+    """Rows ``[rank*B, (rank+1)*B)`` of every global batch."""
+
+    def __init__(self, sampler: BatchSampler, rank: int, batch_size: int):
+        self.sampler, self.lo, self.hi = sampler, rank * batch_size, (rank + 1) * batch_size
+
+    @property
+    def generator(self) -> torch.Generator:   # checkpoints save and restore the data position
+        return self.sampler.generator
+
+    def __next__(self):
+        x, y = next(self.sampler)
+        return x[self.lo:self.hi], y[self.lo:self.hi]
+
+
+def global_mean(value: torch.Tensor, world: int) -> float:
+    """The loss of the global batch (mean over ranks of equal-sized shares) for reporting."""
+    v = value.detach().float().reshape(1).cpu().clone()
+    if world > 1:
+        torch.distributed.all_reduce(v)
+        v /= world
+    return float(v)
+
+
+def build_model(args, corpus: TokenCorpus, cfg: TrilemmaMoEConfig) -> GPT:
+    torch.manual_seed(args.seed)
+    return GPT(corpus.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+               seq_len=args.seq_len, d_ff=args.d_ff, ffn_kind=args.ffn, moe_config=cfg,
+               seed=args.seed, moe_every=args.moe_every)
+
+
+def make_backend(args, cfg: TrilemmaMoEConfig) -> Backend:
+    if args.deepspeed_config is not None:
+        from .deepspeed_backend import DeepSpeedBackend
+        return DeepSpeedBackend(args.deepspeed_config, cfg, args.lr, args.batch_size)
+    return TorchBackend(cfg, args.device, args.dtype, args.lr, args.batch_size)
+
+
+def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
+    backend = make_backend(args, cfg)
+    backend.prepare()
+    model = build_model(args, corpus, cfg)
+    backend.setup(model, param_groups(model, args.weight_decay))
+    ga, batch = backend.grad_accum, backend.micro_batch_size
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    # One global batch of batch x world windows per micro-step, rank r takes its share: the same
+    # data as a one-process run with --batch-size batch x world (identical at world 1).
+    sampler = RankShare(BatchSampler(corpus.train, args.seq_len, batch * world, seed=args.seed + 1), rank, batch)
+    is_main = rank == 0
+    show_progress = is_main and not args.no_progress
+    logger = report.Logger(args.logdir if is_main else None)
+    start_step = 0
+    if args.resume:
+        with input_errors("--resume", args.save_dir):
+            client = backend.load(args.save_dir)
+            sampler.generator.set_state(client["sampler_state"])
+            start_step = int(client["step"])
+        if is_main:
+            print(f"resumed from {args.save_dir} at step {start_step}")
+
+    pc_start = model.param_counts()
+    if is_main:
+        print("\n".join(report.start_lines(args, cfg, corpus, pc_start, backend, warmup)))
+    bar = _progress(total=args.steps, desc=f"train[{args.ffn}]") if show_progress else None
+
+    def say(msg: str) -> None:
+        if not is_main:
+            return
+        if bar is not None:
+            bar.write(msg)
+        else:
+            print(msg)
+
+    def validate(desc: str) -> Dict[str, float]:
+        return evaluate(model, corpus.valid, args.seq_len, batch, args.eval_batches,
+                        progress=show_progress, desc=desc)
+
+    model.train()
+    rec = report.Record()
+    num_layers = len(clustered_layers(model))
+    events = report.ClusteringEvents(report.moe_stats(report.layer_stats(model)), num_layers, cfg.delta)
+    routing_logs = report.start_routing_log(model) if args.record_routing else None
+    if bar is not None and start_step:
+        bar.update(start_step)
+    loss_log = open(args.loss_log, "a") if args.loss_log and is_main else None
+    for step in range(start_step, args.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, args.steps, args.lr, warmup, args.min_lr_ratio)
+        backend.set_lr(lr)
+        step_loss, step_aux, tokens = 0.0, 0.0, 0
+        for _ in range(ga):
+            x, y = next(sampler)
+            loss, l_aux = backend.forward_backward(x, y)
+            step_loss += global_mean(loss, world) / ga
+            step_aux += global_mean(l_aux, world) / ga
+            tokens += y.numel()
+        grad_norm = backend.optimizer_step()
+        seconds = time.perf_counter() - t0
+
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"training loss became {step_loss} at step {step + 1}")
+        if loss_log is not None:
+            loss_log.write(json.dumps({"step": step + 1, "loss": step_loss}) + "\n")
+            loss_log.flush()
+        if args.save_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
+            backend.save(args.save_dir, step + 1, {"step": step + 1, "sampler_state": sampler.generator.get_state()})
+        stats = report.layer_stats(model)
+        st = report.moe_stats(stats)
+        rec.add(step_loss, seconds, tokens, st["load_cv"])
+        for line in events.lines(step + 1, st, stats, lambda: model.param_counts()["expert"]):
+            say(line)
+        logger.scalars(step + 1, {"loss": step_loss, "l_aux": step_aux, "lr": lr,
+                                  "grad_norm": grad_norm, **{k: v for k, v in st.items()
+                                                             if not isinstance(v, bool)}}, "train")
+        for i, cs in enumerate(report.comm_stats(model)):   # expert parallelism: rank 0's byte counters
+            logger.scalars(step + 1, cs, f"comm/layer{i}")
+        if routing_logs is not None:
+            for log in routing_logs:
+                del log[:-20 * ga]
+        if bar is not None:
+            bar.set_postfix(report.bar_postfix(rec.ema_loss, st, num_layers), refresh=False)
+            bar.update(1)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            last_eval = validate(f"valid[step {step + 1}]")
+            logger.scalars(step + 1, last_eval, "valid")
+            rec.history.append({"step": step + 1, "train_loss": rec.ema_loss, **last_eval})
+            say(f"[step {step + 1}] train loss {rec.ema_loss:.4f} | valid loss {last_eval['valid_loss']:.4f} "
+                f"ppl {last_eval['valid_ppl']:.2f} | load cv {st['load_cv']:.3f}")
+    if bar is not None:
+        bar.close()
+    if loss_log is not None:
+        loss_log.close()
+
+    last_eval = validate("valid (whole split)" if not args.eval_batches else "valid")
+    logger.scalars(args.steps, last_eval, "valid")
+    rec.history.append({"step": args.steps, "train_loss": rec.ema_loss, **last_eval})
+    st = report.moe_stats(report.layer_stats(model))
+    summary = report.summary(args, cfg, corpus, rec, last_eval, st, pc_start, model.param_counts(), batch,
+                             deepspeed=args.deepspeed_config is not None)
+    summary.update(report.memory_and_offload(model, cfg))
+    comm = report.comm_stats(model)
+    if comm:
+        summary["comm"] = comm
+        summary["ep_size"] = cfg.ep_size
+        if args.comm_log:
+            report.write_comm_log(args.comm_log, comm, rank, world)
+    if args.record_routing and is_main:
+        report.save_routing(args.record_routing, model, cfg, args.d_model)
+    logger.scalars(args.steps, {"tokens_per_s": summary["tokens_per_s"]}, "final")
+    logger.close()
+
+    if is_main:
+        print(report.table(summary, num_layers))
+        if args.summary_json:
+            report.write_summary_json(args.summary_json, summary)
+            print(f"summary written to {args.summary_json}")
+    return summary
