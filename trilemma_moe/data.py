@@ -178,7 +178,8 @@ def load_wikitext(directory: str, max_train_tokens: Optional[int] = None) -> Tok
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"{path} not found: --data must point to a WikiText directory holding "
-                f"{', '.join(WIKITEXT_FILES)} (e.g. wikitext-2 unpacked), or leave --data out "
+                f"{', '.join(WIKITEXT_FILES)} (the word-level release, e.g. wikitext-2-v1.zip "
+                f"unpacked; the -raw release's .raw files are not read), or leave --data out "
                 f"to use the synthetic corpus")
     train_words = _read_split(directory, WIKITEXT_FILES[0])
     counts = Counter(train_words)
