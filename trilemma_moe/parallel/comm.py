@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .topology import ExpertParallelTopology, check_placement, check_same_config
+from .topology import ExpertParallelTopology, check_same_config
 
 FORWARD_STAGES = ("counts", "tokens_out", "routing_out", "tokens_back")
 
@@ -51,10 +51,7 @@ class ExpertParallelComm:
 
     def __init__(self, topology: ExpertParallelTopology, config, layer_index: int = 0,
                  check_config: bool = True, extra: Optional[dict] = None):
-        check_placement(config.num_groups, topology.ep_size)
-        if config.ep_size != topology.ep_size:
-            raise ValueError(f"ep_size: config.ep_size is {config.ep_size} but the expert-parallel group has "
-                             f"{topology.ep_size} ranks")
+        # config.ep_size against this group's size: the layer checks it (where both meet)
         self.topo = topology
         self.size, self.rank = topology.ep_size, topology.ep_rank
         self.group = topology.ep_group

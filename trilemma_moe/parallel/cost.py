@@ -16,6 +16,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .topology import check_divides_world, check_placement
+
 
 def predicted_bytes(group_idx: torch.Tensor, expert_idx: torch.Tensor, num_groups: int, num_experts: int,
                     ep_size: int, rank: int, d: int, k: int, elem: int = 4,
@@ -60,10 +62,8 @@ def simulate(group_idx: torch.Tensor, expert_idx: torch.Tensor, num_groups: int,
     world = nodes * gpus_per_node
     if world < 1 or world > 1024:
         raise ValueError(f"nodes x gpus_per_node must be in [1, 1024], got {world}")
-    if world % ep_size != 0:
-        raise ValueError(f"ep_size ({ep_size}) must divide the number of GPUs ({world})")
-    if num_groups % ep_size != 0:
-        raise ValueError(f"num_groups ({num_groups}) must be divisible by ep_size ({ep_size})")
+    check_divides_world(ep_size, world, "the number of GPUs")
+    check_placement(num_groups, ep_size)
     if num_experts % ep_size != 0:
         raise ValueError(f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})")
     g1, k = group_idx.shape[1], expert_idx.shape[-1]

@@ -27,6 +27,11 @@ def check_placement(num_groups: int, ep_size: int) -> None:
                          f"each expert-parallel rank owns num_groups/ep_size whole groups")
 
 
+def check_divides_world(ep_size: int, world: int, what: str = "the world size") -> None:
+    if ep_size < 1 or world % ep_size != 0:
+        raise ValueError(f"ep_size ({ep_size}) must divide {what} ({world})")
+
+
 def owned_groups(num_groups: int, ep_size: int, ep_rank: int) -> range:
     """Global groups held by expert-parallel rank ``ep_rank``."""
     check_placement(num_groups, ep_size)
@@ -68,8 +73,7 @@ class ExpertParallelTopology:
         """Groups laid out as DeepSpeed does, with plain torch.distributed. Every rank must call
         this (``new_group`` is collective); call once and share the result between layers."""
         world = dist.get_world_size()
-        if ep_size < 1 or world % ep_size != 0:
-            raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world})")
+        check_divides_world(ep_size, world)
         me = dist.get_rank()
         ep_group = edp_group = None
         for i in range(world // ep_size):
@@ -92,9 +96,7 @@ class ExpertParallelTopology:
         if not dist.is_initialized():
             raise RuntimeError("ep_size > 1 needs torch.distributed initialised before the layer is built: "
                                "call deepspeed.init_distributed() first (the launcher sets RANK/WORLD_SIZE)")
-        world = dist.get_world_size()
-        if ep_size < 1 or world % ep_size != 0:
-            raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world})")
+        check_divides_world(ep_size, dist.get_world_size())
         name = f"ep_size_{ep_size}"
         if name not in groups._get_expert_parallel_group_dict():
             groups._create_expert_and_data_parallel(
