@@ -343,12 +343,3 @@ def build_ffn(kind: str, d_model: int, d_ff: int, moe_config: Optional[TrilemmaM
         return OursFFN(d_model, d_ff, cfg, activation=activation, static=(kind == "static"),
                        layer_index=layer_index)
     raise ValueError(f"unknown ffn kind {kind!r}: ffn must be one of {', '.join(FFN_KINDS)}")
-
-
-def __getattr__(name):
-    # Deprecated alias (until train.py imports it from its new home); lazy so that importing this
-    # module does not import DeepSpeed.
-    if name == "_ensure_single_process_dist":
-        from ..integrations.deepspeed import ensure_process_group
-        return ensure_process_group
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
