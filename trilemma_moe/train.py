@@ -310,6 +310,9 @@ def _run(args) -> Dict[str, Any]:
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    from .parallel.comm import named_comm_failure, set_collective_timeout
+    if world > 1:   # DeepSpeed's own collectives (gradient reduction) wait comm_timeout_s too, not 30 min
+        set_collective_timeout(cfg.comm_timeout_s)
     if use_ds:
         args.batch_size = engine.train_micro_batch_size_per_gpu()  # the DeepSpeed config decides
     # One global batch of batch_size x world windows per micro-step, rank r takes its share: the same
@@ -387,16 +390,21 @@ def _run(args) -> Dict[str, Any]:
             x, y = next(sampler)
             if use_ds:
                 x, y = x.to(engine.device), y.to(engine.device)
-                _, loss, l_aux = engine(x, y)
-                engine.backward(loss + l_aux)
-                engine.step()
+                with named_comm_failure(f"step {step + 1}: forward", cfg.comm_timeout_s):
+                    _, loss, l_aux = engine(x, y)
+                with named_comm_failure(f"step {step + 1}: backward (DeepSpeed gradient reduction)",
+                                        cfg.comm_timeout_s):
+                    engine.backward(loss + l_aux)
+                with named_comm_failure(f"step {step + 1}: optimizer step", cfg.comm_timeout_s):
+                    engine.step()
             else:
                 x, y = x.to(args.device), y.to(args.device)
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
                     _, loss, l_aux = model(x, y)
                 ((loss + l_aux) / ga).backward()
-            step_loss += _global_mean(loss, world) / ga
-            step_aux += _global_mean(l_aux, world) / ga
+            with named_comm_failure(f"step {step + 1}: loss all-reduce", cfg.comm_timeout_s):
+                step_loss += _global_mean(loss, world) / ga
+                step_aux += _global_mean(l_aux, world) / ga
             tokens_seen += y.numel()
         grad_norm = float("nan")
         if not use_ds:
