@@ -219,3 +219,25 @@ def test_lost_host_stops_with_one_clear_error_and_resumes(hosts, tmp_path, one_p
     curve = json.loads(out.read_text())["loss_curve"]
     assert len(curve) == STEPS - saved
     assert max(abs(a - b) for a, b in zip(curve, one_process_curve[saved:])) < 1e-4, (saved, curve)
+
+
+def test_silent_peer_in_a_deepspeed_collective_is_a_named_error(hosts, tmp_path):
+    """DeepSpeed's gradient reduction runs on groups made by new_group (torch's 30-minute default
+    whatever the default group has): trilemma_moe.train gives every group comm_timeout_s and names
+    the stage. Here the peer goes silent in exactly that collective (deterministic, unlike a cut at
+    a random moment of a training step)."""
+    script = os.path.join(ROOT, "tests", "scripts", "netns_silent_peer.py")
+    port = free_port()
+    procs = []
+    for i in range(2):
+        env = hosts.env(i, dict(ENV, MASTER_ADDR=hosts.address(0), MASTER_PORT=str(port), RANK=str(i),
+                                LOCAL_RANK="0", WORLD_SIZE="2"))
+        procs.append(subprocess.Popen(hosts.cmd(i, [sys.executable, script, "3", str(tmp_path / "out.json")]),
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["error"] is not None and got["error"].startswith("trilemma_moe: rank 0 (stage 'step 1: backward "
+                                                                "(DeepSpeed gradient reduction)')"), got
+    assert "comm_timeout_s=3" in got["error"]
+    assert 2.5 < got["waited_s"] < 3 + 5, got
