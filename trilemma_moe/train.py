@@ -424,7 +424,8 @@ def _run(args) -> Dict[str, Any]:
             loss_log.write(json.dumps({"step": step + 1, "loss": step_loss}) + "\n")
             loss_log.flush()
         if args.save_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
-            _save_training_checkpoint(args, model, optimizer, engine, sampler, step + 1)
+            with named_comm_failure(f"step {step + 1}: checkpoint save", cfg.comm_timeout_s):
+                _save_training_checkpoint(args, model, optimizer, engine, sampler, step + 1)
         loss_window = (loss_window + [step_loss])[-20:]
         ema_loss = step_loss if ema_loss is None else 0.95 * ema_loss + 0.05 * step_loss
         st = _moe_stats(model)
