@@ -67,6 +67,10 @@ class NetnsHosts:
         _ip("netns", "add", name)
         self._made.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
+        # IPv4 only: no IPv6 router solicitations or MLD reports among the measured packets
+        subprocess.run(["ip", "netns", "exec", name, "sh", "-c",
+                        "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
+                        "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"], capture_output=True)
 
     def _build(self) -> None:
         for ns in self.namespaces:
@@ -125,16 +129,25 @@ class NetnsHosts:
         is told, TCP connections just stop delivering."""
         _ip("-n", self.namespaces[i], "link", "set", self.ifname(i), "up" if up else "down")
 
-    def shape(self, i: int, rate: Optional[str] = "1gbit", delay: Optional[str] = "0.2ms",
-              limit: int = 100000) -> None:
-        """netem on host i's egress: ``delay`` one way and a ``rate`` limit (tc qdisc)."""
-        args = ["tc", "-n", self.namespaces[i], "qdisc", "replace", "dev", self.ifname(i), "root", "netem",
-                "limit", str(limit)]
+    def shape(self, i: int, rate: Optional[str] = "1gbit", delay: Optional[str] = None,
+              burst: str = "256kb", latency: str = "50ms") -> str:
+        """Limit host i's egress: ``rate`` with tbf (a token bucket), plus a one-way ``delay`` with
+        netem where the kernel has it (``sch_netem``; this machine kind's kernel does not: tbf and
+        htb are built in, netem is not). Returns the qdisc set up, as ``tc qdisc show`` prints it."""
+        ns, dev = self.namespaces[i], self.ifname(i)
         if delay:
-            args += ["delay", delay]
-        if rate:
-            args += ["rate", rate]
-        subprocess.run(args, check=True, capture_output=True, text=True)
+            args = ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "netem", "delay", delay]
+            if rate:
+                args += ["rate", rate]
+            r = subprocess.run(args, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"tc netem (delay {delay}) is not available here: {r.stderr.strip()} "
+                                   f"(this kernel has no sch_netem; limit the rate alone with delay=None)")
+        elif rate:
+            subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
+                            "burst", burst, "latency", latency], check=True, capture_output=True, text=True)
+        return subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True, text=True,
+                              check=True).stdout.strip()
 
     def pids(self, i: int) -> List[int]:
         r = _ip("netns", "pids", self.namespaces[i], check=False)

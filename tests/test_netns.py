@@ -8,10 +8,11 @@ veth link, tests/netns_hosts.py; gloo binds each host's veth through GLOO_SOCKET
   inter-node bytes for the recorded routing match the link;
 * the main job (small GPT, ZeRO-2, ep_size 2), one `deepspeed --no_ssh --node_rank N` launcher per
   host (launch/multinode_hostfile.sh, hostfile of the hosts' addresses): the loss curve of the
-  one-process run on the same global batches;
-* a host loses its link mid-run: both ranks stop within comm_timeout_s with one error naming the
-  stage (no hang, no further steps), and a restart of both hosts from the last checkpoint
-  continues the one-process loss curve.
+  one-process run on the same global batches; host 1 loses its link mid-run: both ranks stop
+  within comm_timeout_s with one error naming the stage (no hang, no further steps), and a
+  restart of both hosts from the last checkpoint continues the one-process curve to the end;
+* a peer silent inside DeepSpeed's gradient-reduction group: the named error after comm_timeout_s;
+* benchmarks/link_bench.py at toy sizes on a rate-limited link (smoke).
 
 Skip (with the reason) where network namespaces cannot be made (not root, no iproute2).
 """
@@ -102,7 +103,7 @@ def _wait_all(procs, timeout):
 
 def test_layer_bytes_match_what_crossed_the_link(hosts, tmp_path):
     procs = []
-    port = 29000 + os.getpid() % 1000
+    port = free_port()
     for i in range(2):
         env = hosts.env(i, dict(ENV, MASTER_ADDR=hosts.address(0), MASTER_PORT=str(port), RANK=str(i), WORLD_SIZE="2"))
         procs.append(subprocess.Popen(hosts.cmd(i, [sys.executable, A2A, str(tmp_path)]), env=env,
@@ -123,9 +124,9 @@ def test_layer_bytes_match_what_crossed_the_link(hosts, tmp_path):
             # the link's counter = TCP payload + one Ethernet+IP+TCP header per packet it carried (the
             # veth carries segmentation-offload super-packets: fewer headers than 1500-byte frames)
             assert abs(link["tx_bytes"] - (payload + HEADER * link["tx_packets"])) <= 2 * HEADER, (window, r)
-            # what crossed = what the other host received
         other = ranks[1 - r["rank"]]
-        assert r["train"]["link"]["tx_bytes"] == other["train"]["link"]["rx_bytes"]
+        # (each host reads its counters after the same barrier; a late ACK may fall on either side)
+        assert abs(r["train"]["link"]["tx_bytes"] - other["train"]["link"]["rx_bytes"]) <= 4 * HEADER
     # the layer's own stage counters: tokens out are (d + k) values per remote pair, slot ids k int32
     d, k = ranks[0]["d"], ranks[0]["top_k"]
     for r in ranks:
@@ -157,26 +158,10 @@ def test_layer_bytes_match_what_crossed_the_link(hosts, tmp_path):
     assert prof["flat_inter_bytes"] / 32 == pytest.approx(flat, rel=0.02)
 
 
-def test_main_job_across_hosts_matches_one_process(hosts, tmp_path, one_process_curve):
-    out = tmp_path / "two.json"
-    args = [*TRAIN, "--summary-json", str(out), "--comm-log", str(tmp_path / "comm.json")]
-    before = [hosts.link_stats(i) for i in range(2)]
-    procs = _launch(hosts, tmp_path, args, free_port(), "run")
-    codes = _wait_all(procs, 300)
-    logs = [(tmp_path / f"run_host{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], "\n".join(x[-3000:] for x in logs)
-    got = json.loads(out.read_text())
-    assert got["ep_size"] == 2 and len(got["loss_curve"]) == STEPS
-    assert max(abs(a - b) for a, b in zip(got["loss_curve"], one_process_curve)) < 1e-4
-    # the two ranks really talked over the link, and sent at least what their counters say
-    comm = json.loads((tmp_path / "comm.json").read_text())
-    for i in range(2):
-        layer = comm["ranks"][i]["layers"][0]
-        sent = hosts.link_stats(i)["tx_bytes"] - before[i]["tx_bytes"]
-        assert layer["bytes_tokens_out"] > 0 and sent > layer["bytes_dispatch_total"]
-
-
-def test_lost_host_stops_with_one_clear_error_and_resumes(hosts, tmp_path, one_process_curve):
+def test_main_job_across_hosts_loses_a_host_and_resumes(hosts, tmp_path, one_process_curve):
+    """The main job, one launcher per host: its loss curve is the one-process curve; host 1 loses its
+    link mid-run and both ranks stop with one named error within comm_timeout_s; both hosts restart
+    from the last checkpoint and continue the one-process curve to the end."""
     ck = tmp_path / "ck"
     losses = tmp_path / "loss.jsonl"
     args = [*TRAIN, "--save-dir", str(ck), "--save-every", "4", "--loss-log", str(losses)]
@@ -203,22 +188,32 @@ def test_lost_host_stops_with_one_clear_error_and_resumes(hosts, tmp_path, one_p
         errors = [line for line in log.splitlines() if "RuntimeError: trilemma_moe" in line]
         assert errors, log[-4000:]
         assert "stage '" in errors[-1] and f"comm_timeout_s={COMM_TIMEOUT_S}" in errors[-1], errors
-    steps_done = len(losses.read_text().splitlines())
-    assert steps_done < STEPS                   # nothing went on after the cut
+    before_cut = [json.loads(line)["loss"] for line in losses.read_text().splitlines()]
+    assert len(before_cut) < STEPS              # nothing went on after the cut
+    # up to the cut: ranks on two hosts (ep_size 2 across the link) give the one-process curve
+    assert max(abs(a - b) for a, b in zip(before_cut, one_process_curve)) < 1e-4, before_cut
     saved = int((ck / "latest").read_text().strip().removeprefix("step"))
-    assert 4 <= saved <= steps_done and saved % 4 == 0
+    assert 4 <= saved <= len(before_cut) and saved % 4 == 0
 
     # the link comes back, both hosts restart from the last checkpoint
     hosts.set_link(1, up=True)
     out = tmp_path / "resumed.json"
-    procs = _launch(hosts, tmp_path, [*args, "--resume", "--summary-json", str(out)], free_port(), "resume")
+    link_before = [hosts.link_stats(i) for i in range(2)]
+    procs = _launch(hosts, tmp_path, [*args, "--resume", "--summary-json", str(out), "--comm-log",
+                                      str(tmp_path / "comm.json")], free_port(), "resume")
     codes = _wait_all(procs, 300)
     logs = [(tmp_path / f"resume_host{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], "\n".join(x[-3000:] for x in logs)
     assert f"resumed from {ck} at step {saved}" in logs[0]
-    curve = json.loads(out.read_text())["loss_curve"]
-    assert len(curve) == STEPS - saved
-    assert max(abs(a - b) for a, b in zip(curve, one_process_curve[saved:])) < 1e-4, (saved, curve)
+    got = json.loads(out.read_text())
+    assert got["ep_size"] == 2 and len(got["loss_curve"]) == STEPS - saved
+    assert max(abs(a - b) for a, b in zip(got["loss_curve"], one_process_curve[saved:])) < 1e-4, (saved, got)
+    # the ranks really talked over the link, and sent at least what their counters say
+    comm = json.loads((tmp_path / "comm.json").read_text())
+    for i in range(2):
+        layer = comm["ranks"][i]["layers"][0]
+        sent = hosts.link_stats(i)["tx_bytes"] - link_before[i]["tx_bytes"]
+        assert layer["bytes_tokens_out"] > 0 and sent > layer["bytes_dispatch_total"]
 
 
 def test_silent_peer_in_a_deepspeed_collective_is_a_named_error(hosts, tmp_path):
@@ -232,12 +227,29 @@ def test_silent_peer_in_a_deepspeed_collective_is_a_named_error(hosts, tmp_path)
     for i in range(2):
         env = hosts.env(i, dict(ENV, MASTER_ADDR=hosts.address(0), MASTER_PORT=str(port), RANK=str(i),
                                 LOCAL_RANK="0", WORLD_SIZE="2"))
-        procs.append(subprocess.Popen(hosts.cmd(i, [sys.executable, script, "3", str(tmp_path / "out.json")]),
+        procs.append(subprocess.Popen(hosts.cmd(i, [sys.executable, script, "2", str(tmp_path / "out.json")]),
                                       env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     got = json.loads((tmp_path / "out.json").read_text())
     assert got["error"] is not None and got["error"].startswith("trilemma_moe: rank 0 (stage 'step 1: backward "
                                                                 "(DeepSpeed gradient reduction)')"), got
-    assert "comm_timeout_s=3" in got["error"]
-    assert 2.5 < got["waited_s"] < 3 + 5, got
+    assert "comm_timeout_s=2" in got["error"]
+    assert 1.5 < got["waited_s"] < 2 + 5, got
+
+
+def test_link_bench_smoke(tmp_path):
+    """benchmarks/link_bench.py at toy sizes on a 1 Gbit/s tbf-limited link: it runs, both layers are
+    timed, and the stage-1 byte ratio on the link agrees with the cost model's (the issue's 5%)."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "link_bench.py"), "--rate", "1gbit",
+                        "--d", "64", "--d-ff", "32", "--experts", "8", "--groups", "4", "--rank", "4",
+                        "--tokens", "256", "--steps", "2", "--json", str(out)],
+                       env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert all("tbf" in q and "rate 1Gbit" in q for q in s["qdiscs"]) and len(s["qdiscs"]) == 2
+    assert s["bytes_counted_by_layer"] == s["bytes_predicted"]          # the layer's counters = the cost model
+    assert s["agreement"] < 0.05, s                                      # predicted vs link stage-1 ratio
+    assert s["fenced_calls"] == {"ours_records": 12, "ds_records": 8, "flat_records": 2}
+    assert s["step_s"]["ours"] > 0 and s["step_s"]["deepspeed"] > 0 and s["a2a_s"]["deepspeed"] > 0

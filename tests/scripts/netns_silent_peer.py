@@ -31,7 +31,7 @@ def main():
     dist.all_reduce(t, group=group)
     assert float(t[0]) == dist.get_world_size()
     if dist.get_rank() != 0:
-        time.sleep(timeout + 3)
+        time.sleep(timeout + 2)
         return
     t0 = time.monotonic()
     result = {"error": None}
