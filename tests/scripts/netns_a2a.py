@@ -10,6 +10,9 @@ its own data. Two windows, each between barriers, read from the link's counters
 (/sys/class/net/<veth>/statistics, this host's namespace) and from the kernel's per-socket TCP
 counters (``ss -ti``: payload bytes and segments of every connection to another host):
 
+Several ranks per host: ranks 2h, 2h+1 on host h (consecutive, as DeepSpeed places them), so
+`profile-comm`'s intra-node bytes (lo) and inter-node bytes (the veth) are both measured.
+
 * ``fwd``: N forwards without autograd (the dispatch and return all-to-alls + the l_aux
   all-reduce); what `trilemma-moe profile-comm` predicts for one forward;
 * ``train``: N forward+backward passes in training mode (the gradient all-to-alls and the
@@ -40,12 +43,16 @@ SS_FIELDS = ("bytes_sent", "bytes_received", "segs_out", "segs_in", "data_segs_o
 
 
 def link_counters(ifname: str) -> dict:
-    base = f"/sys/class/net/{ifname}/statistics/"
-    return {k: int(open(base + k).read()) for k in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")}
+    out = {}
+    for dev, tag in ((ifname, ""), ("lo", "lo_")):
+        base = f"/sys/class/net/{dev}/statistics/"
+        out.update({tag + k: int(open(base + k).read()) for k in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets")})
+    return out
 
 
 def tcp_counters(local_addr: str) -> dict:
-    """Per established connection of this host's address: the kernel's payload bytes and segments."""
+    """Per established connection of this host's address (every rank on the host: ``ss`` sees the
+    namespace's sockets): the kernel's payload bytes and segments."""
     out = subprocess.run(["ss", "-tinH", "state", "established"], capture_output=True, text=True, check=True).stdout
     conns, key = {}, None
     for line in out.splitlines():
@@ -64,18 +71,25 @@ def tcp_counters(local_addr: str) -> dict:
 
 
 def snapshot(ifname, addr):
+    """Counters read between two barriers: no rank sends layer traffic while any rank reads."""
     dist.barrier()
-    return link_counters(ifname), tcp_counters(addr), time.perf_counter()
+    got = link_counters(ifname), tcp_counters(addr), time.perf_counter()
+    dist.barrier()
+    return got
 
 
 def delta(a, b, ifname, addr):
+    """Link counters (veth: between hosts; lo: between ranks of this host) and TCP payload split by
+    peer: ``tcp_inter`` to other hosts, ``tcp_intra`` to ranks of this host (gloo binds the veth's
+    address, so those connections are addr -> addr and the kernel carries them on lo)."""
     (l0, t0, s0), (l1, t1, s1) = a, b
-    tcp = dict.fromkeys(SS_FIELDS, 0)
+    tcp = {"tcp_inter": dict.fromkeys(SS_FIELDS, 0), "tcp_intra": dict.fromkeys(SS_FIELDS, 0)}
     for k, v in t1.items():
         before = t0.get(k, dict.fromkeys(SS_FIELDS, 0))
+        side = "tcp_intra" if k.split()[1].rsplit(":", 1)[0] == addr else "tcp_inter"
         for f in SS_FIELDS:
-            tcp[f] += v[f] - before[f]
-    return {"link": {k: l1[k] - l0[k] for k in l0}, "tcp": tcp, "seconds": s1 - s0}
+            tcp[side][f] += v[f] - before[f]
+    return {"link": {k: l1[k] - l0[k] for k in l0}, **tcp, "seconds": s1 - s0}
 
 
 def main():
@@ -125,7 +139,7 @@ def main():
     b = snapshot(ifname, addr)
     result["train"] = dict(delta(a, b, ifname, addr), layer=layer.comm_stats())
 
-    # the cost of a window's own fence: one barrier and nothing else
+    # the cost of a window's own fences: two barriers and nothing else
     a = snapshot(ifname, addr)
     b = snapshot(ifname, addr)
     result["fences"] = delta(a, b, ifname, addr)
