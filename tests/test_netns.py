@@ -16,8 +16,10 @@ veth link, tests/netns_hosts.py; gloo binds each host's veth through GLOO_SOCKET
 
 Skip (with the reason) where network namespaces cannot be made (not root, no iproute2).
 """
+import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -190,7 +192,7 @@ def test_main_job_across_hosts_loses_a_host_and_resumes(hosts, tmp_path, one_pro
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run ended before the cut"
             time.sleep(0.02)
         hosts.set_link(1, up=False)             # host 1 falls off the network; nobody is told
-        cut = time.monotonic()
+        cut, cut_wall = time.monotonic(), datetime.datetime.now()
         codes = _wait_all(procs, 120)
         elapsed = time.monotonic() - cut
     finally:
@@ -206,6 +208,14 @@ def test_main_job_across_hosts_loses_a_host_and_resumes(hosts, tmp_path, one_pro
         errors = [line for line in log.splitlines() if "RuntimeError: trilemma_moe" in line]
         assert errors, log[-4000:]
         assert "stage '" in errors[-1] and f"comm_timeout_s={COMM_TIMEOUT_S}" in errors[-1], errors
+        # the launcher logs (with a timestamp) when its rank failed: comm_timeout_s after the cut, plus
+        # the exception's way out (a few seconds on a loaded 2-core machine)
+        stamp = re.search(r"^\[(\S+ \S+)\] \[INFO\] \[launch.py:\d+:sigkill_handler\] Killing subprocess", log, re.M)
+        assert stamp, log[-3000:]
+        stopped = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        assert (stopped - cut_wall).total_seconds() < COMM_TIMEOUT_S + 10, (stopped, cut_wall)
+        with open(tmp_path / "stopped_after_cut_s.txt", "a") as f:    # for the record
+            f.write(f"{(stopped - cut_wall).total_seconds():.2f} {errors[-1][:200]}\n")
     before_cut = [json.loads(line)["loss"] for line in losses.read_text().splitlines()]
     assert len(before_cut) < STEPS              # nothing went on after the cut
     # up to the cut: ranks on two hosts (ep_size 2 across the link) give the one-process curve
