@@ -22,6 +22,7 @@ would have sent for the same routing.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from datetime import timedelta
@@ -220,6 +221,40 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return None, ctx.comm._all_reduce(grad, ctx.comm.topo.world_group, "aux_grad")
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Every process group of this rank (the default one and those made since, DeepSpeed's
+    data-parallel clone of the world included) waits at most ``seconds`` per collective. Groups
+    made by ``new_group`` get torch's 30-minute default whatever the default group has, so a
+    gradient all-reduce whose peer lost its link would otherwise hang for half an hour."""
+    from torch.distributed import distributed_c10d as c10d
+    timeout = timedelta(seconds=float(seconds))
+    for pg in list(c10d._world.pg_map):
+        if not c10d._rank_not_in_group(pg):
+            c10d._set_pg_timeout(timeout, pg)
+
+
+COMM_FAILURE_MARKERS = ("timed out", "Timed out", "Connection closed", "Connection reset", "Broken pipe",
+                        "Connection refused", "gloo")
+
+
+@contextlib.contextmanager
+def named_comm_failure(stage: str, timeout_s: float):
+    """A collective of a stage outside our layers (DeepSpeed's gradient reduction, the loss
+    all-reduce, a checkpoint's barriers) that fails or times out raises one error naming the
+    stage, as the layers' own collectives do; errors of the layers pass unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:
+        msg = str(exc)
+        if msg.startswith("trilemma_moe") or not any(m in msg for m in COMM_FAILURE_MARKERS):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise RuntimeError(
+            f"trilemma_moe: rank {rank} (stage '{stage}') failed or got no answer within comm_timeout_s="
+            f"{timeout_s:g} s: another rank stopped answering (crashed, hung, lost its link, or is not "
+            f"running the same step); see its log. Cause: {msg.splitlines()[0] if msg else exc!r}") from exc
 
 
 def average_gradients(module: torch.nn.Module, topology: ExpertParallelTopology) -> None:

@@ -40,7 +40,7 @@ class Backend(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
 
-    def forward_backward(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward_backward(self, x: Tensor, y: Tensor, step: int = 0) -> Tuple[Tensor, Tensor]:
         """One micro-batch: forward, backward of ``loss + l_aux``; returns ``(loss, l_aux)``."""
 
     def optimizer_step(self) -> float:
@@ -102,7 +102,7 @@ class TorchBackend:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def forward_backward(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward_backward(self, x: Tensor, y: Tensor, step: int = 0) -> Tuple[Tensor, Tensor]:
         x, y = x.to(self._device), y.to(self._device)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self._bf16):
             _, loss, l_aux = self.model(x, y)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TrilemmaMoEConfig
+from ..parallel.comm import named_comm_failure
 from .args import input_errors
 from .backend import adamw
 
@@ -87,13 +88,18 @@ class DeepSpeedBackend:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
 
-    def forward_backward(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward_backward(self, x: Tensor, y: Tensor, step: int = 0) -> Tuple[Tensor, Tensor]:
         """One micro-batch; ``engine.step()`` after every backward, as DeepSpeed asks (it applies
-        the optimizer at the accumulation boundary, clipping included)."""
+        the optimizer at the accumulation boundary, clipping included). A collective of DeepSpeed's
+        that fails (a lost host) is one error naming the step and stage."""
         x, y = x.to(self.engine.device), y.to(self.engine.device)
-        _, loss, l_aux = self.engine(x, y)
-        self.engine.backward(loss + l_aux)
-        self.engine.step()
+        timeout = self.cfg.comm_timeout_s
+        with named_comm_failure(f"step {step}: forward", timeout):
+            _, loss, l_aux = self.engine(x, y)
+        with named_comm_failure(f"step {step}: backward (DeepSpeed gradient reduction)", timeout):
+            self.engine.backward(loss + l_aux)
+        with named_comm_failure(f"step {step}: optimizer step", timeout):
+            self.engine.step()
         return loss, l_aux
 
     def optimizer_step(self) -> float:

@@ -15,6 +15,7 @@ from ..core.layer import clustered_layers
 from ..data import BatchSampler, TokenCorpus, eval_batches, num_eval_batches
 from ..models import GPT
 from . import report
+from ..parallel.comm import named_comm_failure, set_collective_timeout
 from .args import input_errors
 from .backend import Backend, TorchBackend, param_groups
 
@@ -112,6 +113,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:   # DeepSpeed's own collectives (gradient reduction) wait comm_timeout_s too, not 30 min
+        set_collective_timeout(cfg.comm_timeout_s)
     # One global batch of batch x world windows per micro-step, rank r takes its share: the same
     # data as a one-process run with --batch-size batch x world (identical at world 1).
     sampler = RankShare(BatchSampler(corpus.train, args.seq_len, batch * world, seed=args.seed + 1), rank, batch)
@@ -159,9 +162,10 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
         step_loss, step_aux, tokens = 0.0, 0.0, 0
         for _ in range(ga):
             x, y = next(sampler)
-            loss, l_aux = backend.forward_backward(x, y)
-            step_loss += global_mean(loss, world) / ga
-            step_aux += global_mean(l_aux, world) / ga
+            loss, l_aux = backend.forward_backward(x, y, step + 1)
+            with named_comm_failure(f"step {step + 1}: loss all-reduce", cfg.comm_timeout_s):
+                step_loss += global_mean(loss, world) / ga
+                step_aux += global_mean(l_aux, world) / ga
             tokens += y.numel()
         grad_norm = backend.optimizer_step()
         seconds = time.perf_counter() - t0
@@ -172,7 +176,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
             loss_log.write(json.dumps({"step": step + 1, "loss": step_loss}) + "\n")
             loss_log.flush()
         if args.save_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
-            backend.save(args.save_dir, step + 1, {"step": step + 1, "sampler_state": sampler.generator.get_state()})
+            with named_comm_failure(f"step {step + 1}: checkpoint save", cfg.comm_timeout_s):
+                backend.save(args.save_dir, step + 1, {"step": step + 1, "sampler_state": sampler.generator.get_state()})
         stats = report.layer_stats(model)
         st = report.moe_stats(stats)
         rec.add(step_loss, seconds, tokens, st["load_cv"])
