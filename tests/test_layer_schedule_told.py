@@ -99,3 +99,18 @@ def test_attach_optimizer_none_removes_the_hook():
     m.attach_optimizer(None)
     opt.step()
     assert m.step == 1
+
+
+def test_attached_layers_take_the_engines_accumulation_not_the_configs():
+    """A config saying gas 1 under an optimizer stepping every 2 forwards: the attached layer
+    counts optimizer steps, not forwards, from the first one on."""
+    m = layer(gradient_accumulation_steps=1, burn_in=2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    m.attach_optimizer(opt)
+    for step in range(3):
+        for x in batches(2, seed=10 + step):
+            micro_step(m, x, 2)
+        assert m.step == step and (m.compressed == (step == 2))
+        opt.step()
+        opt.zero_grad()
+    assert m.step == 3

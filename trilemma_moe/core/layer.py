@@ -151,6 +151,11 @@ class ClusteredMoE(nn.Module):
             self._step_hook = None
         if optimizer is not None:
             self._step_hook = optimizer.register_step_post_hook(lambda *_: self.on_optimizer_step(True))
+            self.follow_optimizer_steps()
+
+    def follow_optimizer_steps(self) -> None:
+        """Steps end where :meth:`on_optimizer_step` says, from now on (no counting of forwards)."""
+        self.schedule.expect_told()
 
     def set_param_io(self, io: ParamIO) -> None:
         self.io = io

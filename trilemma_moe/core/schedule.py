@@ -78,6 +78,16 @@ class StepSchedule:
         if not self.told:
             self["micro_step"] = self["micro_step"] + 1
 
+    def expect_told(self) -> None:
+        """From now on ``optimizer_step`` says where steps end (called when an optimizer or engine
+        is attached, so not even the first step is counted from forwards: the config's
+        ``gradient_accumulation_steps`` may differ from the engine's)."""
+        if self.told:
+            return
+        self.told = True
+        m = self["micro_step"]
+        self._start = None if m % self.gas == 0 else (m - m % self.gas, None)
+
     def optimizer_step(self, applied: bool = True) -> None:
         """An optimizer step ended; ``applied=False``: the engine skipped it (fp16 overflow, a
         non-finite gradient norm). From the first call on the layer follows these calls and

@@ -190,6 +190,7 @@ def attach_engine(engine) -> int:
             # as well would count each step twice)
             inner = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", None)
             layer.set_param_io(TorchParamIO(inner if isinstance(inner, torch.optim.Optimizer) else None))
+        layer.follow_optimizer_steps()   # the engine's steps, whatever our config's accumulation says
     return len(layers)
 
 
