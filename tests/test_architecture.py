@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trilemma_moe"
 # bottom to top: a package may import only from those before it
 LAYERS = ["config", "kernels", "core", "parallel", "integrations", "models", "data", "training", "train", "cli"]
 EXEMPT_FROM_SIZE = {"kernels/triton_moe.py"}   # the Triton kernels: one file per the kernels' shared tiles
-MAX_LINES = 420
+MAX_LINES = 400
 
 
 def _package_of(path: Path) -> str:

@@ -1,6 +1,5 @@
 """TrilemmaMoE as a DeepSpeed MoE drop-in: constructor, tags, errors, and training under
 ``deepspeed.initialize`` at ZeRO 0/1/2 across regroups that move experts (one process, gloo)."""
-import os
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from trilemma_moe.config import TrilemmaMoEConfig
-from trilemma_moe.core import quant
 from trilemma_moe.core.layer import ClusteredMoE
 from trilemma_moe.core.offload import CPUTier, GroupStore, OffloadIntegrityError, pack_group, unpack_group
 

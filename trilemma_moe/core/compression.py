@@ -68,3 +68,12 @@ def compression_ratio(experts_per_group: int, d_in: int, d_out: int, rank: int) 
     """Eq. 8: ``K d_in d_out / (d_in d_out + K r (d_in + d_out))`` (biases ignored)."""
     k = experts_per_group
     return k * d_in * d_out / (d_in * d_out + k * rank * (d_in + d_out))
+
+
+def held_compression_ratio(experts) -> float:
+    """Full expert weights (slots x matrices) over the compressed tensors an ``ExpertSlots``
+    holds (bases + factors; biases excluded as in Eq. 8)."""
+    full = sum(experts.num_experts * di * do for di, do in experts.spec.matrices.values())
+    comp = sum(experts.base[n].numel() + experts.fa[n].numel() + experts.fb[n].numel()
+               for n in experts.spec.matrices)
+    return full / comp

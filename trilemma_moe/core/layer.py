@@ -8,13 +8,8 @@ This module orchestrates; each mechanism of the paper has its own room:
 * online clustering and the regroup (3.1, 3.5): ``clustering.py`` and ``regroup.py``;
 * precision and idle-group offload (3.4): ``quant.py``, ``serving.py``, ``offload.py``,
   ``prefetch.py``;
-* the training schedule (burn-in, regroup interval, router freeze, step boundaries, skipped
-  steps): ``schedule.py``.
-
-Training protocol (paper 3.5): full experts for ``burn_in`` optimizer steps, then the first
-clustering and decomposition; from then on a regroup every ``recluster_interval`` steps
-(skipped when the intra-group similarity gain is below ``delta``). Regroups run at the start of
-the first forward of an optimizer step, so gradient accumulation never straddles one.
+* the training protocol (3.5: burn-in, regroup interval, router freeze; where optimizer steps
+  end, skipped steps): ``schedule.py``. Regroups run at the first forward of an optimizer step.
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ import torch.nn as nn
 from ..config import TrilemmaMoEConfig
 from ..kernels import fused
 from . import clustering, regroup, serving
-from .compression import compression_ratio
+from .compression import compression_ratio, held_compression_ratio
 from .dispatch import DispatchPlan, ExpertParallelDispatcher, LocalDispatcher, owner_compute
 from .experts import ExpertSlots, ExpertSpec
 from .interfaces import ExpertParallelExchange, LocalSync, ParamIO, ReplicaSync
@@ -227,16 +222,9 @@ class ClusteredMoE(nn.Module):
         return {} if self.ep is None else self.ep.comm_stats()
 
     def measured_compression_ratio(self) -> float:
-        """Full expert weights (E * matrices) over the compressed ones in use (bases + factors).
-
-        Counts the tensors actually held, biases excluded as in Eq. 8; 1.0 before the first clustering.
-        """
-        if not self.compressed:
-            return 1.0
-        ex = self.experts
-        full = sum(ex.num_experts * di * do for di, do in self.spec.matrices.values())  # slots held here
-        comp = sum(ex.base[n].numel() + ex.fa[n].numel() + ex.fb[n].numel() for n in self.spec.matrices)
-        return full / comp
+        """Full expert weights over the compressed ones held (bases + factors, biases excluded as
+        in Eq. 8); 1.0 before the first clustering."""
+        return held_compression_ratio(self.experts) if self.compressed else 1.0
 
     def formula_compression_ratio(self) -> float:
         """Eq. 8 for the first matrix (the paper's single-matrix figure)."""
@@ -255,16 +243,7 @@ class ClusteredMoE(nn.Module):
         return serving.offload_stats(self._store)
 
     def memory_report(self) -> Dict[str, int]:
-        """Bytes per component, from the tensors held (and, for the stored residuals, from the
-        packed tensors built now from the current masters).
-
-        ``bases``, ``residual_masters`` (the optimizer's factors), ``biases``, ``router``,
-        ``burn_in_full`` (full experts' storage still held): held now. ``residual_stored``: the
-        residuals as stored (offload files, inference store): INT4 ``residual_packed`` +
-        ``residual_scales`` (scales and zero points) at ``residual_bits=4``, else the factors as
-        held. ``stored_experts`` = bases + residual_stored + biases. ``store_resident`` /
-        ``store_offloaded``: the offload store's groups in memory / on the offload tier.
-        """
+        """Bytes per component held now and as stored (``serving.memory_report`` lists them)."""
         return serving.memory_report(self)
 
     # --- forward: route -> dispatch -> compute -> combine ---------------------------------------

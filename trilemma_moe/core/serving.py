@@ -66,7 +66,16 @@ def offload_stats(store: Optional[GroupStore]) -> Dict[str, float]:
 
 @torch.no_grad()
 def memory_report(layer) -> Dict[str, int]:
-    """See ``ClusteredMoE.memory_report``."""
+    """Bytes per component, from the tensors held (and, for the stored residuals, from the
+    packed tensors built now from the current masters).
+
+    ``bases``, ``residual_masters`` (the optimizer's factors), ``biases``, ``router``,
+    ``burn_in_full`` (full experts' storage still held): held now. ``residual_stored``: the
+    residuals as stored (offload files, inference store): INT4 ``residual_packed`` +
+    ``residual_scales`` (scales and zero points) at ``residual_bits=4``, else the factors as
+    held. ``stored_experts`` = bases + residual_stored + biases. ``store_resident`` /
+    ``store_offloaded``: the offload store's groups in memory / on the offload tier.
+    """
     def nb(ts):
         return sum(t.numel() * t.element_size() for t in ts)
     ex = layer.experts

@@ -182,7 +182,7 @@ class SwitchTop2FFN(nn.Module):
     def _experts_grouped(self, x2: Tensor, top_i: Tensor, gates: Tensor):
         """Sort-based dispatch (gathers both ways) and one grouped GEMM per matrix."""
         from ..kernels.fused import GatherRows, SumGatherRows
-        N, k, E = x2.shape[0], self.k, self.num_experts
+        k, E = self.k, self.num_experts
         flat_e = top_i.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
         inv = torch.empty_like(order)
