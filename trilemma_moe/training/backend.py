@@ -41,7 +41,8 @@ class Backend(Protocol):
     def set_lr(self, lr: float) -> None: ...
 
     def forward_backward(self, x: Tensor, y: Tensor, step: int = 0) -> Tuple[Tensor, Tensor]:
-        """One micro-batch: forward, backward of ``loss + l_aux``; returns ``(loss, l_aux)``."""
+        """One micro-batch: forward, backward of ``loss + l_aux``; returns ``(loss, l_aux)``.
+        ``step`` (1-based) names the step in a failed collective's error."""
 
     def optimizer_step(self) -> float:
         """After the last micro-batch of a step: apply it; returns the gradient norm (NaN when
