@@ -20,6 +20,15 @@ DEEPSPEED_SECTION = "trilemma_moe"
 _COMBINE = ("product",)
 
 
+def check_placement(num_groups: int, ep_size: int) -> None:
+    """Each expert-parallel rank owns num_groups / ep_size whole groups."""
+    if ep_size < 1:
+        raise ValueError(f"ep_size must be >= 1, got {ep_size}")
+    if num_groups % ep_size != 0:
+        raise ValueError(f"num_groups ({num_groups}) must be divisible by ep_size ({ep_size}): "
+                         f"each expert-parallel rank owns num_groups/ep_size whole groups")
+
+
 @dataclass
 class TrilemmaMoEConfig:
     # --- structure -------------------------------------------------------------------------
@@ -118,9 +127,7 @@ class TrilemmaMoEConfig:
 
     def _check_ep(self) -> None:
         self._check_int("ep_size", 1)
-        if self.num_groups % self.ep_size != 0:
-            raise ValueError(f"num_groups ({self.num_groups}) must be divisible by ep_size ({self.ep_size}): "
-                             f"each expert-parallel rank owns num_groups/ep_size whole groups")
+        check_placement(self.num_groups, self.ep_size)
         if self.capacity_factor is not None:
             self._check_range("capacity_factor", 0.0, float("inf"), low_open=True)
         self._check_int("min_capacity", 0)

@@ -68,6 +68,7 @@ def observe(layer, x: torch.Tensor, hits: torch.Tensor, slot_counts: torch.Tenso
 @dataclass
 class Decision:
     gain: float
+    slot_of_expert: torch.Tensor  # [E] slot of each expert now
     old_assign: torch.Tensor     # [E] group of each expert now
     new_assign: torch.Tensor     # [E] group of each expert after (labels not yet matched)
     seconds: float               # wall time of inputs + decision
@@ -131,7 +132,7 @@ def decide(layer, eff, t_start: float) -> Decision:
     gain, new_assign = float(decision[0]), decision[1:].round().long()
     if math.isnan(gain):
         refuse_nonfinite(None, f"layer {layer.layer_index}: the expert weights", new_assign.nonzero().squeeze(1))
-    return Decision(gain, old_assign, new_assign, time.perf_counter() - t_start)
+    return Decision(gain, slot_of_expert, old_assign, new_assign, time.perf_counter() - t_start)
 
 
 def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
@@ -142,8 +143,7 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
     dev = layer.expert_of_slot.device
     Gl = ex.G                                    # groups held here (G without expert parallelism)
     local = slice(ex.group_offset * K, (ex.group_offset + Gl) * K)   # their global slots
-    slot_of_expert = layer.slot_of_expert()
-    old_assign = d.old_assign
+    slot_of_expert, old_assign = d.slot_of_expert, d.old_assign
     new_assign = clustering.match_group_labels(old_assign, d.new_assign, G)
     new_expert_of_slot = place(old_assign, new_assign, slot_of_expert.cpu(), G, K).to(dev)
     new_to_old = slot_of_expert[new_expert_of_slot]          # old slot of the expert now in each slot

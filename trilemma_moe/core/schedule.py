@@ -68,8 +68,8 @@ class StepSchedule:
         return self["micro_step"] % self.gas == 0
 
     def forward_starts(self) -> None:
-        """A training forward begins (after any regroup due at its step's start)."""
-        self.sync_skipped_steps()
+        """A training forward begins (after ``sync_skipped_steps`` and any regroup due at its
+        step's start)."""
         if self.at_step_start():
             self._start = (self["micro_step"], self._snapshot())
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ..core.layer import ClusteredMoE, clustered_layers
 from ..core.state_io import TorchParamIO
+from ..parallel.comm import comm_device
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -68,7 +69,7 @@ class DeepSpeedParamIO(TorchParamIO):
         have = mapping is None or (mapping.optim_fragment is not None and key in mapping.optim_fragment)
         flag = torch.tensor([1.0 if have else 0.0])
         if dist.is_initialized():
-            flag = flag.to(_comm_device(None, p.device))
+            flag = flag.to(comm_device(None, p.device))
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item() == 0.0:
             return None
@@ -93,14 +94,6 @@ class DeepSpeedParamIO(TorchParamIO):
         pass
 
 
-def _comm_device(group, fallback: torch.device) -> torch.device:
-    """NCCL moves only CUDA tensors; gloo takes CPU ones."""
-    import torch.distributed as dist
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return fallback
-
-
 class DataParallelSync:
     """Keeps replicas of a layer in step: centroids are averaged over the data-parallel group
     before clustering and rank 0's regroup decision is broadcast (all ranks call at the same step)."""
@@ -115,7 +108,7 @@ class DataParallelSync:
     def average_(self, tensor: torch.Tensor) -> None:
         if self._active():
             import torch.distributed as dist
-            work = tensor.to(_comm_device(self.group, tensor.device))
+            work = tensor.to(comm_device(self.group, tensor.device))
             dist.all_reduce(work, group=self.group)
             tensor.copy_(work / dist.get_world_size(self.group))
 
@@ -123,7 +116,7 @@ class DataParallelSync:
         if self._active():
             import torch.distributed as dist
             src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-            work = tensor.to(_comm_device(self.group, tensor.device))
+            work = tensor.to(comm_device(self.group, tensor.device))
             dist.broadcast(work, src=src, group=self.group)
             return work.to(tensor.device)
         return tensor

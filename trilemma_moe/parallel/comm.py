@@ -36,7 +36,8 @@ from .topology import ExpertParallelTopology, check_same_config
 FORWARD_STAGES = ("counts", "tokens_out", "routing_out", "tokens_back")
 
 
-def _comm_device(group, fallback: torch.device) -> torch.device:
+def comm_device(group, fallback: torch.device) -> torch.device:
+    """Where a collective's tensors must live: NCCL moves only CUDA tensors, gloo takes CPU ones."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return fallback
@@ -65,7 +66,7 @@ class ExpertParallelComm:
         if check_config:
             values = dict(config.to_dict(), layer_index=layer_index, **(extra or {}))
             check_same_config(values, topology.world_group, what=f"trilemma_moe config of layer {layer_index}",
-                              device=_comm_device(topology.world_group, torch.device("cpu")))
+                              device=comm_device(topology.world_group, torch.device("cpu")))
 
     # --- waiting with a deadline ------------------------------------------------------------
     def _wait(self, work, stage: str) -> None:
@@ -84,7 +85,7 @@ class ExpertParallelComm:
 
     # --- all-to-all ------------------------------------------------------------------------
     def exchange_counts(self, send_counts: List[int]) -> List[int]:
-        dev = _comm_device(self.group, torch.device("cpu"))
+        dev = comm_device(self.group, torch.device("cpu"))
         send = torch.tensor(send_counts, dtype=torch.int64, device=dev)
         recv = torch.empty_like(send)
         self._wait(dist.all_to_all_single(recv, send, group=self.group, async_op=True), "counts")
@@ -93,7 +94,7 @@ class ExpertParallelComm:
 
     def _a2a(self, x: torch.Tensor, send_counts: List[int], recv_counts: List[int], stage: str) -> torch.Tensor:
         dev = x.device
-        work_x = x.contiguous().to(_comm_device(self.group, dev))
+        work_x = x.contiguous().to(comm_device(self.group, dev))
         out = work_x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
         w = dist.all_to_all_single(out, work_x, output_split_sizes=recv_counts, input_split_sizes=send_counts,
                                    group=self.group, async_op=True)
@@ -124,7 +125,7 @@ class ExpertParallelComm:
         return _AllReduceSum.apply(self, t)
 
     def _all_reduce(self, t: torch.Tensor, group, stage: str) -> torch.Tensor:
-        work = t.detach().clone().to(_comm_device(group, t.device))
+        work = t.detach().clone().to(comm_device(group, t.device))
         self._wait(dist.all_reduce(work, group=group, async_op=True), stage)
         self._count(stage, work.numel() * work.element_size())
         return work.to(t.device)
@@ -138,7 +139,7 @@ class ExpertParallelComm:
         """Centroids are already identical everywhere (statistics are reduced every step)."""
 
     def from_first(self, tensor: torch.Tensor) -> torch.Tensor:
-        work = tensor.clone().to(_comm_device(self.topo.world_group, tensor.device))
+        work = tensor.clone().to(comm_device(self.topo.world_group, tensor.device))
         self._wait(dist.broadcast(work, src=self.topo.coordinator, group=self.topo.world_group, async_op=True),
                    "regroup_decision")
         if dist.get_rank() == self.topo.coordinator:
@@ -151,7 +152,7 @@ class ExpertParallelComm:
         elsewhere. Only the coordinator's expert-parallel group takes part."""
         if not self.topo.holds_coordinator:
             return None
-        work = local.contiguous().to(_comm_device(self.group, local.device))
+        work = local.contiguous().to(comm_device(self.group, local.device))
         me = dist.get_rank()
         parts = [torch.empty_like(work) for _ in range(self.size)] if me == self.topo.coordinator else None
         self._wait(dist.gather(work, gather_list=parts, dst=self.topo.coordinator, group=self.group, async_op=True),

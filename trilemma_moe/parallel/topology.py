@@ -18,13 +18,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-
-def check_placement(num_groups: int, ep_size: int) -> None:
-    if ep_size < 1:
-        raise ValueError(f"ep_size must be >= 1, got {ep_size}")
-    if num_groups % ep_size != 0:
-        raise ValueError(f"num_groups ({num_groups}) must be divisible by ep_size ({ep_size}): "
-                         f"each expert-parallel rank owns num_groups/ep_size whole groups")
+from ..config import check_placement  # noqa: F401  (one check: the config runs it too; re-exported)
 
 
 def check_divides_world(ep_size: int, world: int, what: str = "the world size") -> None:
