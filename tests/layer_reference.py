@@ -87,6 +87,16 @@ def _ref_routes(layer, x, temperature):
     return routes
 
 
+def _ref_flat_routes(layer, x, temperature):
+    """Per token {slot: p}: one softmax of x @ expert_vec.T / t over all E slots, its top-k."""
+    v = layer.router.expert_vec.detach().double()
+    routes = []
+    for t in range(x.shape[0]):
+        p = _softmax([float(v[s] @ x[t]) / temperature for s in range(layer.num_experts)])
+        routes.append({s: p[s] for s in sorted(range(layer.num_experts), key=lambda s: -p[s])[:layer.config.top_k]})
+    return routes
+
+
 def _ref_forward(layer, hidden, temperature, used=None):
     """Explicit per-token, per-expert float64 computation. Returns (y, exp_counts by expert id)."""
     gated = layer.spec.gated
@@ -96,7 +106,7 @@ def _ref_forward(layer, hidden, temperature, used=None):
     keep = [True] * x.shape[0] if used is None else [bool(u) for u in used.reshape(-1).tolist()]
     y = torch.zeros_like(x)
     slot_counts = [0] * layer.num_experts
-    routes = _ref_routes(layer, x, temperature)
+    routes = (_ref_flat_routes if layer.config.routing == "flat" else _ref_routes)(layer, x, temperature)
     for t in range(x.shape[0]):
         if not keep[t]:
             continue

@@ -10,7 +10,7 @@ import sys
 from typing import Dict, Optional, Sequence, Tuple
 
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "train": ("trilemma_moe.train", "train the small GPT (dense / switch / deepspeed / ours / static)"),
+    "train": ("trilemma_moe.train", "train the small GPT (dense / switch / deepspeed / ours and its variants)"),
     "profile-comm": ("trilemma_moe.parallel.profile_comm",
                      "all-to-all bytes of flat top-k vs our group placement on a simulated cluster"),
     "reshard": ("trilemma_moe.integrations.checkpoint",

@@ -18,6 +18,8 @@ from typing import Any, Mapping, Optional, Union
 DEEPSPEED_SECTION = "trilemma_moe"
 
 _COMBINE = ("product",)
+_GROUPINGS = ("similarity", "random")
+_ROUTINGS = ("hierarchical", "flat")
 
 
 def check_placement(num_groups: int, ep_size: int) -> None:
@@ -46,6 +48,10 @@ class TrilemmaMoEConfig:
     recluster_interval: Optional[int] = None  # T; None -> 100 when E <= 256, else 200 (Eq. 11)
     burn_in: int = 200             # T0: steps with full experts before the first clustering
     dynamic_regroup: bool = True   # False = cluster once after burn-in, never again (static baseline)
+    # --- ablations (paper Table 3); the defaults are the method -------------------------------
+    grouping: str = "similarity"   # "random": a fixed random balanced grouping instead of clustering (w/o online clustering)
+    low_rank: bool = True          # False: experts stay full after clustering (w/o low-rank compression)
+    routing: str = "hierarchical"  # "flat": top-k over all E experts, no group stage (w/o hierarchical routing)
     sim_cache_lifetime: int = 500  # m: S_param cache lifetime in steps (ours; paper gives no value)
     sim_cache_eps: float = 0.02    # epsilon: recompute S_param rows whose relative weight change > eps (ours)
     kmeans_iters: int = 30         # Lloyd-style refinement rounds after k-means++ seeding (ours)
@@ -124,6 +130,21 @@ class TrilemmaMoEConfig:
         self._check_int("recluster_interval", 1)
         self._check_memory_knobs()
         self._check_ep()
+        self._check_ablations()
+
+    def _check_ablations(self) -> None:
+        if self.grouping not in _GROUPINGS:
+            raise ValueError(f"grouping must be one of {_GROUPINGS}, got {self.grouping!r}")
+        if self.routing not in _ROUTINGS:
+            raise ValueError(f"routing must be one of {_ROUTINGS}, got {self.routing!r}")
+        if not isinstance(self.low_rank, bool):
+            raise ValueError(f"low_rank must be True or False, got {self.low_rank!r}")
+        if self.grouping == "random" and self.dynamic_regroup:
+            raise ValueError("grouping='random' is a fixed grouping drawn once after burn-in: set "
+                             "dynamic_regroup=False with it (regroups need the similarity clustering)")
+        if self.routing == "flat" and self.ep_size > 1:
+            raise ValueError(f"routing='flat' (the ablation without the group stage) runs in one process; "
+                             f"ep_size is {self.ep_size}: a token's k experts may then sit on k ranks")
 
     def _check_ep(self) -> None:
         self._check_int("ep_size", 1)

@@ -28,6 +28,7 @@ from .interfaces import ExpertParallelExchange, LocalSync, ParamIO, ReplicaSync
 from .metrics import coefficient_of_variation
 from .routing import HierarchicalRouter, Routing, aux_losses, slot_hits
 from .schedule import StepSchedule
+from . import state_io
 from .state_io import TorchParamIO
 
 __all__ = ["ClusteredMoE", "LocalSync", "clustered_layers"]
@@ -99,6 +100,7 @@ class ClusteredMoE(nn.Module):
         self._last_counts = torch.zeros(E)
         self.last_regroup: Dict[str, float] = {}    # gain, reconstruction error, moved experts (checkpointed)
         self.regroup_times: Dict[str, float] = {}
+        self.regroup_seconds = 0.0   # wall time of every clustering and regroup check so far (not checkpointed)
         self.routing_log: Optional[list] = None   # a list: training forwards append (group_idx, expert ids) (profile-comm)
         # Fused expert path (sort-based dispatch, grouped GEMMs, Triton kernels): None picks it for
         # CUDA tensors when Triton is available; True/False force it (True on the CPU runs the same
@@ -165,11 +167,23 @@ class ClusteredMoE(nn.Module):
         the first clustering) and the router while it is frozen after a regroup. Gradient
         reducers skip exactly these; every other trainable parameter has a gradient."""
         idle = self.experts.matrices(not self.compressed)
-        return idle + (list(self.router.parameters()) if self._router_frozen else [])
+        if self._router_frozen:
+            return idle + list(self.router.parameters())
+        return idle + ([self.router.group_proto] if self.flat_routing else [])
+
+    @property
+    def clustered(self) -> bool:
+        """The first clustering has run (experts sit in groups by similarity, or at random)."""
+        return bool(self.schedule["compressed"])
 
     @property
     def compressed(self) -> bool:
-        return bool(self.schedule["compressed"])
+        """Experts are computed from bases + factors: clustered, unless ``low_rank=False``."""
+        return self.clustered and self.config.low_rank
+
+    @property
+    def flat_routing(self) -> bool:
+        return self.config.routing == "flat"
 
     @torch.no_grad()
     def recluster(self, force: bool = False) -> bool:
@@ -208,6 +222,7 @@ class ClusteredMoE(nn.Module):
             "reclusters": self._c("reclusters"),
             "skipped_reclusters": self._c("skipped"),
             "compressed": self.compressed,
+            "clustered": self.clustered,
             "step": self.step,
             "temperature": self.config.temperature(self.step),
             "compression_ratio": self.measured_compression_ratio(),
@@ -276,7 +291,7 @@ class ClusteredMoE(nn.Module):
         # An empty batch (or an all-False used_token) takes the same path with zero rows: the
         # autograd graph, hence which parameters get a gradient and in which order, depends on the
         # phase only, never on the data (data-parallel reducers such as ZeRO-2's buckets rely on it).
-        fused_router = self.ep is None and self.fused_router
+        fused_router = self.ep is None and self.fused_router and not self.flat_routing
         if fused_router:
             routing, l_aux, hits, slot_counts = self.route_with_losses(x)
         else:
@@ -314,7 +329,7 @@ class ClusteredMoE(nn.Module):
         return y.reshape(shape), l_aux, exp_counts
 
     def _use_fused(self, x: torch.Tensor, learning: bool = True) -> bool:
-        if not self.compressed:
+        if not self.compressed or self.flat_routing:
             return False
         if not learning and self.config.offload_idle_steps is not None:
             return False  # groups come and go: inference reads the offload store's per-group views
@@ -332,7 +347,7 @@ class ClusteredMoE(nn.Module):
         return dict(temperature=self.config.temperature(self.step), frozen=frozen)
 
     def route(self, x: torch.Tensor) -> Routing:
-        return self.router(x, **self._router_state())
+        return self.router(x, flat=self.flat_routing, **self._router_state())
 
     def route_with_losses(self, x: torch.Tensor):
         """One process: ``route(x)`` and ``aux_losses`` of it in one autograd node. Returns
@@ -360,25 +375,7 @@ class ClusteredMoE(nn.Module):
         self.schedule.reloaded()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        counters = state_dict.get(prefix + "counters")
-        if counters is not None:
-            incoming = bool(int(counters[self._COUNTERS.index("compressed")]))
-            if incoming and not self.compressed:
-                # A compressed checkpoint no longer holds the burn-in experts: release ours too.
-                for p in self.experts.full.values():
-                    self.io.release(p)
-            elif not incoming and self.compressed:
-                raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
-                                   f"layer that has already been compressed; load it into a fresh layer")
-            if incoming:
-                # A checkpoint written under ZeRO still carries the burn-in experts (DeepSpeed keeps their
-                # storage); a layer that released them takes them as released. (state_dict is
-                # load_state_dict's own copy.)
-                for name, p in self.experts.full.items():
-                    key = f"{prefix}experts.full.{name}"
-                    t = state_dict.get(key)
-                    if p.numel() == 0 and torch.is_tensor(t) and t.numel() > 0:
-                        state_dict[key] = t.new_empty(0)
+        state_io.adopt_checkpoint_phase(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.schedule.reloaded()
         self._store_key = None  # new weights: the stored form is rebuilt at the next inference forward

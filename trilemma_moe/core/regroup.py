@@ -85,12 +85,14 @@ def recluster(layer, force: bool = False) -> bool:
     d = decide(layer, eff, t_start)
     sched = layer.schedule
     sched["last_recluster_step"] = layer.step
-    if was_compressed and not force and d.gain < layer.config.delta:
+    if layer.clustered and not force and d.gain < layer.config.delta:
         sched["skipped"] = sched["skipped"] + 1
         layer.last_regroup["last_gain"] = float(d.gain)
         layer.regroup_times = {"regroup_cluster_s": d.seconds, "regroup_migrate_s": 0.0}
+        layer.regroup_seconds += time.perf_counter() - t_start
         return False
     apply(layer, eff, d, was_compressed)
+    layer.regroup_seconds += time.perf_counter() - t_start
     return True
 
 
@@ -105,6 +107,11 @@ def decide(layer, eff, t_start: float) -> Decision:
     # identical on every rank now (averaged, or reduced every step under expert parallelism),
     # so every rank refuses together
     refuse_nonfinite(layer.centroids, f"layer {layer.layer_index}: the activation centroids", torch.arange(E))
+    if cfg.grouping == "random":   # the ablation without online clustering: a fixed random balanced grouping
+        gen = torch.Generator().manual_seed(cfg.seed + 7919 * layer.layer_index)
+        new_assign = torch.empty(E, dtype=torch.long)
+        new_assign[torch.randperm(E, generator=gen)] = torch.arange(E) // K
+        return Decision(0.0, slot_of_expert, old_assign, new_assign, time.perf_counter() - t_start)
     if ep is None:
         flat = torch.cat([w[slot_of_expert].reshape(E, -1) for w in eff.values()], dim=1)
     else:  # rank 0 coordinates: it alone needs every expert's weights (S_param)
@@ -169,7 +176,10 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
         keep_l, keep_slots_l = keep[ex.group_offset:ex.group_offset + Gl], keep_slots[local]
     redo = (~keep_l).nonzero().squeeze(1)   # only these groups are decomposed (SVD is the cost)
     rel_errors, gated = [], 0
-    for name, w in eff.items():
+    if not cfg.low_rank:   # the ablation without compression: full experts move with their slots
+        for p in ex.full.values():
+            io.permute_rows(p, rows, take=take)
+    for name, w in (eff.items() if cfg.low_rank else ()):
         base_v = io.read(ex.base[name]).to(w.dtype).clone()
         a_v = io.read(ex.fa[name]).to(w.dtype).view(Gl, K, *ex.fa[name].shape[1:]).clone()
         b_v = io.read(ex.fb[name]).to(w.dtype).view(Gl, K, *ex.fb[name].shape[1:]).clone()
@@ -192,7 +202,7 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
     if ep is not None:
         ep.note_migration(int((new_to_old[local] // (Gl * K) != ep.rank).sum()))
     layer.router.regroup(new_to_old, overlap, io)
-    if not was_compressed:
+    if not was_compressed and cfg.low_rank:
         for p in ex.full.values():
             io.release(p)
     layer.expert_of_slot.copy_(new_expert_of_slot)

@@ -47,7 +47,10 @@ class HierarchicalRouter(nn.Module):
         self.expert_vec = nn.Parameter(
             (torch.rand(num_groups * experts_per_group, hidden_size, generator=generator) * 2 - 1) * bound)
 
-    def forward(self, x: torch.Tensor, temperature: float = 1.0, frozen: bool = False) -> Routing:
+    def forward(self, x: torch.Tensor, temperature: float = 1.0, frozen: bool = False,
+                flat: bool = False) -> Routing:
+        """``flat=True``: the ablation without the group stage (``flat_topk``); the group
+        prototypes are not used and get no gradient."""
         u, v = self.group_proto, self.expert_vec
         if frozen:  # one step without router gradients after a regroup (paper 3.5 (i))
             u, v = u.detach(), v.detach()
@@ -56,9 +59,12 @@ class HierarchicalRouter(nn.Module):
         dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
         xc = x.to(dt)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run them in bf16
-            logits = xc @ torch.cat([u, v]).to(dt).t()        # both stages in one product
+            w = v if flat else torch.cat([u, v])               # both stages in one product
+            logits = xc @ w.to(dt).t()
             if temperature != 1.0:
                 logits = logits / temperature
+        if flat:
+            return flat_topk(logits, G, self.top_k)
         group_logits, expert_logits = logits.split([G, G * K], dim=1)
         return hierarchical_topk(group_logits, expert_logits.view(-1, G, K), self.group_top_k, self.top_k)
 
@@ -102,6 +108,24 @@ def hierarchical_topk(group_logits: torch.Tensor, expert_logits: torch.Tensor, g
     slot_idx = pos.add(group_idx.unsqueeze(-1), alpha=K)                        # group * K + pos
     weights = top_pg.unsqueeze(-1) * top_pi
     return Routing(group_idx, slot_idx, weights, group_probs, expert_probs, group_logits, expert_logits)
+
+
+def flat_topk(expert_logits: torch.Tensor, num_groups: int, top_k: int) -> Routing:
+    """Top-k over all E experts by one softmax (paper Table 3, "w/o hierarchical routing").
+
+    Each chosen expert is its own (token, group) pair holding one slot, so dispatch, statistics
+    and the balance losses read it as g1 = k pairs of one expert (two choices may share a group).
+    Combine weights are the flat probabilities, un-renormalised like ``p_g * p_i``. The group view
+    is exact: ``group_logits`` are the log-sum-exp of each group's expert logits, so
+    ``group_probs * expert_probs`` is the flat softmax."""
+    T, E = expert_logits.shape
+    K = E // num_groups
+    probs = F.softmax(expert_logits, dim=-1)
+    top_p, slot = probs.topk(top_k, dim=-1)                          # (T, k)
+    el = expert_logits.view(T, num_groups, K)
+    group_logits = torch.logsumexp(el, dim=-1)
+    return Routing(torch.div(slot, K, rounding_mode="floor"), slot.unsqueeze(-1), top_p.unsqueeze(-1),
+                   F.softmax(group_logits, dim=-1), F.softmax(el, dim=-1), group_logits, el)
 
 
 class FusedRouterLoss(torch.autograd.Function):

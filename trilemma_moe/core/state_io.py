@@ -99,3 +99,29 @@ class TorchParamIO:
 
 def _take_local(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return t[rows]
+
+
+def adopt_checkpoint_phase(layer, state_dict, prefix: str) -> None:
+    """Before ``layer`` (a ClusteredMoE) loads ``state_dict``: take the checkpoint's phase. A
+    clustered checkpoint (compressed, unless ``low_rank=False``) no longer holds the burn-in
+    experts, so the layer releases its own; a burn-in checkpoint cannot go into a clustered layer."""
+    counters = state_dict.get(prefix + "counters")
+    if counters is None:
+        return
+    incoming = bool(int(counters[layer._COUNTERS.index("compressed")]))
+    compresses = layer.config.low_rank   # low_rank=False keeps the full experts after clustering
+    if incoming and not layer.clustered and compresses:
+        for p in layer.experts.full.values():
+            layer.io.release(p)
+    elif not incoming and layer.clustered:
+        raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
+                           f"layer that has already been clustered; load it into a fresh layer")
+    if incoming and compresses:
+        # A checkpoint written under ZeRO still carries the burn-in experts (DeepSpeed keeps their
+        # storage); a layer that released them takes them as released. (state_dict is
+        # load_state_dict's own copy.)
+        for name, p in layer.experts.full.items():
+            key = f"{prefix}experts.full.{name}"
+            t = state_dict.get(key)
+            if p.numel() == 0 and torch.is_tensor(t) and t.numel() > 0:
+                state_dict[key] = t.new_empty(0)

@@ -1,7 +1,7 @@
 """Small GPT with a pluggable FFN: dense, switch top-2, deepspeed-moe, ours (clustered)."""
-from .ffn import (FFN_KINDS, DeepSpeedMoEFFN, DenseFFN, OursFFN, SwitchTop2FFN, build_ffn,
+from .ffn import (FFN_KINDS, OURS_VARIANTS, DeepSpeedMoEFFN, DenseFFN, OursFFN, SwitchTop2FFN, build_ffn,
                   load_cv)
 from .gpt import GPT
 
-__all__ = ["FFN_KINDS", "DenseFFN", "SwitchTop2FFN", "DeepSpeedMoEFFN", "OursFFN", "build_ffn",
+__all__ = ["FFN_KINDS", "OURS_VARIANTS", "DenseFFN", "SwitchTop2FFN", "DeepSpeedMoEFFN", "OursFFN", "build_ffn",
            "load_cv", "GPT"]

@@ -15,6 +15,11 @@ Kinds (``build_ffn``):
 ``deepspeed``  ``deepspeed.moe.layer.MoE`` (ep_size 1, top-k gating, no token dropping).
 ``ours``       the clustered layer ``trilemma_moe.core.layer.ClusteredMoE`` (dynamic regroup).
 ``static``     the same layer, clustered once after burn-in (``dynamic_regroup=False``).
+``int4``       ours with INT4 residual factors (``residual_bits=4``).
+The ablations of the paper's Table 3 (``OURS_VARIANTS`` lists each one's config knobs):
+``random-groups``  a fixed random balanced grouping, never regrouped (w/o online clustering);
+``full-experts``   full experts, clustered and hierarchically routed (w/o low-rank compression);
+``flat-routing``   top-k over all compressed experts, no group stage (w/o hierarchical routing).
 """
 from __future__ import annotations
 
@@ -29,7 +34,16 @@ from ..config import TrilemmaMoEConfig
 from ..core.experts import activation_fn as _activation
 from ..core.metrics import coefficient_of_variation as load_cv, mean_over_rows
 
-FFN_KINDS = ("ours", "static", "switch", "dense", "deepspeed")
+# Our layer's variants: the TrilemmaMoEConfig knobs each sets on top of the run's config.
+OURS_VARIANTS = {
+    "ours": {},
+    "static": {"dynamic_regroup": False},
+    "int4": {"residual_bits": 4},
+    "random-groups": {"grouping": "random", "dynamic_regroup": False},
+    "full-experts": {"low_rank": False},
+    "flat-routing": {"routing": "flat"},
+}
+FFN_KINDS = (*OURS_VARIANTS, "switch", "dense", "deepspeed")
 _DS_EXTRA_MSG = "DeepSpeed is required for ffn='deepspeed': pip install 'trilemma_moe[deepspeed]'"
 
 
@@ -102,6 +116,10 @@ class SwitchTop2FFN(nn.Module):
         self.b2 = nn.Parameter(torch.empty(E, d_model))
         self.reset_parameters()
         self.register_buffer("last_counts", torch.zeros(E, dtype=torch.long), persistent=False)
+        # a list: training forwards append (T, 1) stand-in groups (Switch has none: the first
+        # choice) and the (T, 1, k) chosen experts, the clustered layer's log layout, so that
+        # `trilemma-moe profile-comm` and `reproduce` replay its flat top-k all-to-all
+        self.routing_log: Optional[list] = None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -145,6 +163,8 @@ class SwitchTop2FFN(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         N, k, E = x2.shape[0], self.k, self.num_experts
         probs, top_i, gates, logits = self.route(x2)
+        if self.routing_log is not None and self.training:
+            self.routing_log.append((top_i[:, :1].detach().cpu(), top_i.detach().cpu().unsqueeze(1)))
         if self.impl == "grouped" or (self.impl == "auto" and x2.is_cuda and hasattr(torch, "_grouped_mm")):
             y, counts = self._experts_grouped(x2, top_i, gates)
             return y.reshape(shape), self._aux(counts, probs, logits, N)
@@ -275,14 +295,15 @@ class OursFFN(nn.Module):
     treats it as an MoE layer; otherwise the same layer without that base class
     (``integrations.deepspeed_layer.DeepSpeedStyleMoE``), and DeepSpeed is not imported at all.
 
-    ``static=True`` sets ``dynamic_regroup=False``: the layer clusters once after burn-in and
-    never again (the paper's static-clustering baseline).
+    ``variant`` (a key of ``OURS_VARIANTS``) sets that variant's knobs on ``config``; ``static``
+    (``dynamic_regroup=False``) clusters once after burn-in and never again (the paper's
+    static-clustering baseline).
     """
 
     is_moe = True
 
     def __init__(self, d_model: int, d_ff: int, config: TrilemmaMoEConfig,
-                 activation: str = "gelu", gated: bool = False, static: bool = False,
+                 activation: str = "gelu", gated: bool = False, variant: str = "ours",
                  layer_index: int = 0):
         super().__init__()
         if "deepspeed" in sys.modules:
@@ -290,10 +311,13 @@ class OursFFN(nn.Module):
         else:
             from ..integrations.deepspeed_layer import DeepSpeedStyleMoE as shell
 
-        if static and config.dynamic_regroup:
-            config = config.replace(dynamic_regroup=False)
+        if variant not in OURS_VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(OURS_VARIANTS)}, got {variant!r}")
+        knobs = {k: v for k, v in OURS_VARIANTS[variant].items() if getattr(config, k) != v}
+        if knobs:
+            config = config.replace(**knobs)
         self.config = config
-        self.static = static
+        self.variant = variant
         self.layer = shell(d_model, ffn_hidden_size=d_ff, config=config, activation=activation,
                            gated=gated, layer_index=layer_index)
 
@@ -337,9 +361,9 @@ def build_ffn(kind: str, d_model: int, d_ff: int, moe_config: Optional[TrilemmaM
     if kind == "deepspeed":
         return DeepSpeedMoEFFN(d_model, d_ff, cfg.num_experts, k=cfg.top_k,
                                aux_loss_coef=cfg.aux_loss_coef, seed=_layer_seed(seed, layer_index))
-    if kind in ("ours", "static"):
+    if kind in OURS_VARIANTS:
         if cfg.seed != seed:
             cfg = cfg.replace(seed=seed)
-        return OursFFN(d_model, d_ff, cfg, activation=activation, static=(kind == "static"),
+        return OursFFN(d_model, d_ff, cfg, activation=activation, variant=kind,
                        layer_index=layer_index)
     raise ValueError(f"unknown ffn kind {kind!r}: ffn must be one of {', '.join(FFN_KINDS)}")

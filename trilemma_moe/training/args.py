@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = CPU_MOE_DEFAULTS
     p = argparse.ArgumentParser(
         prog="trilemma-moe train",
-        description="Train a small GPT whose FFNs are dense / switch / deepspeed / ours / static.",
+        description="Train a small GPT whose FFNs are dense / switch / deepspeed / ours and its variants.",
         formatter_class=HelpFormatter)
     p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--ffn", choices=FFN_KINDS, default="ours", help="FFN kind of the MoE blocks")
@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=int, default=250, help="validate every n steps (0: only at the end)")
     g.add_argument("--eval-batches", type=int, default=0, help="cap on validation batches (0: whole split)")
+    g.add_argument("--final-eval-batches", type=int, default=None,
+                   help="cap on batches of the final validation (and --test) evaluation (0: whole split; "
+                        "default: --eval-batches)")
+    g.add_argument("--test", action="store_true", help="also evaluate the test split at the end (test_ppl)")
+    g.add_argument("--measure-memory", action="store_true",
+                   help="measure peak training memory (CUDA: allocator peak; CPU: profiler memory timeline "
+                        "of the last step): peak_memory_bytes in the summary")
+    g.add_argument("--trace-every", type=int, default=0,
+                   help="record per-expert token counts every n steps (load_history; default: steps/100)")
     g.add_argument("--max-train-tokens", type=int, default=None,
                    help="use only the first n training tokens (quick runs on real data; default: all)")
     g.add_argument("--logdir", default=None, help="TensorBoard event files go here (default: none)")

@@ -15,6 +15,7 @@ from ..core.layer import clustered_layers
 from ..data import BatchSampler, TokenCorpus, eval_batches, num_eval_batches
 from ..models import GPT
 from . import report
+from .measure import PeakMemory, RunTrace
 from ..parallel.comm import named_comm_failure, set_collective_timeout
 from .args import input_errors
 from .backend import Backend, TorchBackend, param_groups
@@ -152,6 +153,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
     num_layers = len(clustered_layers(model))
     events = report.ClusteringEvents(report.moe_stats(report.layer_stats(model)), num_layers, cfg.delta)
     routing_logs = report.start_routing_log(model) if args.record_routing else None
+    trace = RunTrace(model, every=args.trace_every or max(1, args.steps // 100))
+    probe = PeakMemory(backend.device)
     if bar is not None and start_step:
         bar.update(start_step)
     loss_log = open(args.loss_log, "a") if args.loss_log and is_main else None
@@ -160,15 +163,18 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
         lr = lr_at(step, args.steps, args.lr, warmup, args.min_lr_ratio)
         backend.set_lr(lr)
         step_loss, step_aux, tokens = 0.0, 0.0, 0
-        for _ in range(ga):
-            x, y = next(sampler)
-            loss, l_aux = backend.forward_backward(x, y, step + 1)
-            with named_comm_failure(f"step {step + 1}: loss all-reduce", cfg.comm_timeout_s):
-                step_loss += global_mean(loss, world) / ga
-                step_aux += global_mean(l_aux, world) / ga
-            tokens += y.numel()
-        grad_norm = backend.optimizer_step()
-        seconds = time.perf_counter() - t0
+        profiled = args.measure_memory and step + 1 == args.steps
+        with probe.step(profiled):
+            for _ in range(ga):
+                x, y = next(sampler)
+                loss, l_aux = backend.forward_backward(x, y, step + 1)
+                with named_comm_failure(f"step {step + 1}: loss all-reduce", cfg.comm_timeout_s):
+                    step_loss += global_mean(loss, world) / ga
+                    step_aux += global_mean(l_aux, world) / ga
+                tokens += y.numel()
+            grad_norm = backend.optimizer_step()
+        # the profiler slows the step it watches: its predecessor's time stands in for it
+        seconds = rec.step_times[-1] if profiled and rec.step_times else time.perf_counter() - t0
 
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss became {step_loss} at step {step + 1}")
@@ -181,6 +187,7 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
         stats = report.layer_stats(model)
         st = report.moe_stats(stats)
         rec.add(step_loss, seconds, tokens, st["load_cv"])
+        trace.after_step(step + 1)
         for line in events.lines(step + 1, st, stats, lambda: model.param_counts()["expert"]):
             say(line)
         logger.scalars(step + 1, {"loss": step_loss, "l_aux": step_aux, "lr": lr,
@@ -205,13 +212,21 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
     if loss_log is not None:
         loss_log.close()
 
-    last_eval = validate("valid (whole split)" if not args.eval_batches else "valid")
+    final_cap = args.eval_batches if args.final_eval_batches is None else args.final_eval_batches
+    last_eval = evaluate(model, corpus.valid, args.seq_len, batch, final_cap,
+                         progress=show_progress, desc="valid" if final_cap else "valid (whole split)")
     logger.scalars(args.steps, last_eval, "valid")
     rec.history.append({"step": args.steps, "train_loss": rec.ema_loss, **last_eval})
     st = report.moe_stats(report.layer_stats(model))
     summary = report.summary(args, cfg, corpus, rec, last_eval, st, pc_start, model.param_counts(), batch,
                              deepspeed=args.deepspeed_config is not None)
     summary.update(report.memory_and_offload(model, cfg))
+    summary.update(trace.summary())
+    summary.update(probe.result())
+    if args.test:
+        test = evaluate(model, corpus.test, args.seq_len, batch, final_cap,
+                        progress=show_progress, desc="test")
+        summary.update(test_loss=test["valid_loss"], test_ppl=test["valid_ppl"], test_tokens=test["valid_tokens"])
     comm = report.comm_stats(model)
     if comm:
         summary["comm"] = comm

@@ -20,8 +20,7 @@ import torch
 
 from ..config import TrilemmaMoEConfig
 from ..core.layer import clustered_layers
-
-CLUSTERED_KINDS = ("ours", "static")
+from ..models import OURS_VARIANTS
 
 
 class Logger:
@@ -69,7 +68,7 @@ def moe_stats(stats: List[Dict[str, Any]]) -> Dict[str, Any]:
     clustered = [s for s in stats if "compressed" in s]
     out["compressed"] = all(bool(s["compressed"]) for s in stats) if clustered else False
     if clustered:
-        out["first_clusterings"] = sum(1 for s in clustered if s["compressed"])
+        out["first_clusterings"] = sum(1 for s in clustered if s.get("clustered", s["compressed"]))
         out["regroups_applied"] = out["reclusters"] - out["first_clusterings"]
     return out
 
@@ -154,7 +153,7 @@ class Record:
 def start_lines(args, cfg: TrilemmaMoEConfig, corpus, param_counts: Dict[str, int], backend,
                 warmup: int) -> List[str]:
     pc = param_counts
-    clustered = args.ffn in CLUSTERED_KINDS
+    clustered = args.ffn in OURS_VARIANTS
     lines = [corpus.describe(),
              f"model: d_model={args.d_model} d_ff={args.d_ff} layers={args.layers} heads={args.heads} "
              f"seq_len={args.seq_len} ffn={args.ffn} | params {pc['total']:,} (experts {pc['expert']:,})"
@@ -162,7 +161,8 @@ def start_lines(args, cfg: TrilemmaMoEConfig, corpus, param_counts: Dict[str, in
     if clustered:
         lines.append(f"moe: E={cfg.num_experts} G={cfg.num_groups} r={cfg.rank} k={cfg.top_k} "
                      f"burn_in={cfg.burn_in} recluster_interval={cfg.recluster_interval} "
-                     f"dynamic_regroup={cfg.dynamic_regroup and args.ffn != 'static'}")
+                     f"dynamic_regroup={cfg.dynamic_regroup and 'dynamic_regroup' not in OURS_VARIANTS[args.ffn]}"
+                     + "".join(f" {k}={v}" for k, v in OURS_VARIANTS[args.ffn].items() if k != "dynamic_regroup"))
         if args.steps <= cfg.burn_in:
             lines.append(f"note: the run ends at step {args.steps}, before the burn-in ({cfg.burn_in} steps) "
                          f"does: no clustering, no compression (compression ratio stays 1); use --steps "
@@ -278,10 +278,15 @@ def write_comm_log(path: str, comm: List[Dict[str, float]], rank: int, world: in
             json.dump({"ranks": [{"rank": r, "layers": c} for r, c in enumerate(everyone)]}, f, indent=1)
 
 
+def _routing_layers(model) -> list:
+    """The layers whose routing can be recorded: the clustered layers, else Switch baselines."""
+    return clustered_layers(model) or [m for m in model.moe_layers() if hasattr(m, "routing_log")]
+
+
 def start_routing_log(model) -> List[list]:
-    """Training forwards of every clustered layer append their routing to these lists."""
+    """Training forwards of every clustered (or Switch) layer append their routing to these lists."""
     logs = []
-    for layer in clustered_layers(model):
+    for layer in _routing_layers(model):
         layer.routing_log = []
         logs.append(layer.routing_log)
     return logs
@@ -289,7 +294,7 @@ def start_routing_log(model) -> List[list]:
 
 def save_routing(path: str, model, cfg: TrilemmaMoEConfig, d_model: int) -> None:
     layers = []
-    for m in clustered_layers(model):
+    for m in _routing_layers(model):
         if m.routing_log:
             layers.append({"group_idx": torch.cat([g for g, _ in m.routing_log]),
                            "expert_idx": torch.cat([e for _, e in m.routing_log])})

@@ -1,0 +1,105 @@
+"""Measurements a run can take beside its loss, for the paper's tables (``trilemma-moe reproduce``):
+
+- :class:`PeakMemory`: peak training memory, measured. On CUDA the caching allocator's peak over
+  the whole run (``torch.cuda.max_memory_allocated``); on the CPU, where torch keeps no allocator
+  statistics, the peak of the profiler's memory timeline over one whole optimizer step
+  (parameters, gradients, optimizer state, activations and temporaries: every tensor torch
+  allocated, nothing estimated).
+- :class:`RunTrace`: per-expert token counts every ``every`` steps, the group of every expert
+  at the start and after each clustering (group membership over time), and the wall time the
+  clustered layers spent in clustering and regroup checks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..core.layer import clustered_layers
+
+
+class PeakMemory:
+    """``with probe.step(active):`` around one training step; ``result()`` after the run."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.bytes: Optional[int] = None
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    @contextlib.contextmanager
+    def step(self, active: bool):
+        if not active or self.cuda:
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            yield
+        self.bytes = _timeline_peak(prof)
+
+    def result(self) -> Dict[str, Any]:
+        if self.cuda:
+            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)),
+                    "peak_memory_method": "torch.cuda.max_memory_allocated over the run"}
+        if self.bytes is None:
+            return {}
+        return {"peak_memory_bytes": int(self.bytes),
+                "peak_memory_method": "torch.profiler memory timeline of the last optimizer step (CPU)"}
+
+
+def _timeline_peak(prof) -> int:
+    """The largest total of live tensor bytes (all categories) in the profiler's CPU timeline."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # export_memory_timeline is marked deprecated for CUDA users
+        path = os.path.join(tmp, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    return int(max((sum(s) for s in sizes), default=0))
+
+
+def expert_counts(model) -> List[List[int]]:
+    """Tokens per expert id in the last training forward, per MoE layer."""
+    layers = clustered_layers(model)
+    if layers:
+        return [m._last_counts.tolist() for m in layers]
+    return [m.last_counts.tolist() for m in model.moe_layers() if hasattr(m, "last_counts")]
+
+
+class RunTrace:
+    """Load and group membership over time, regroup wall time (see the module doc)."""
+
+    def __init__(self, model, every: int = 10):
+        self.model, self.every = model, every
+        self.load: List[Dict[str, Any]] = []
+        self.groups: List[Dict[str, Any]] = []
+        self._seen = [-1] * len(clustered_layers(model))
+        self.record_groups(0)
+
+    def record_groups(self, step: int) -> None:
+        for i, m in enumerate(clustered_layers(self.model)):
+            n = m.schedule["reclusters"]
+            if n != self._seen[i]:
+                self._seen[i] = n
+                self.groups.append({"step": step, "layer": i, "clustered": m.clustered,
+                                    "group_of_expert": m.group_assignment().tolist()})
+
+    def after_step(self, step: int) -> None:
+        self.record_groups(step)
+        if step % self.every == 0:
+            self.load.append({"step": step, "counts": expert_counts(self.model)})
+
+    def summary(self) -> Dict[str, Any]:
+        layers = clustered_layers(self.model)
+        out: Dict[str, Any] = {"load_history": self.load}
+        if layers:
+            out["group_history"] = self.groups
+            out["regroup_time_s"] = sum(m.regroup_seconds for m in layers)
+        return out
