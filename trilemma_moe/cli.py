@@ -13,6 +13,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("trilemma_moe.train", "train the small GPT (dense / switch / deepspeed / ours and its variants)"),
     "profile-comm": ("trilemma_moe.parallel.profile_comm",
                      "all-to-all bytes of flat top-k vs our group placement on a simulated cluster"),
+    "reproduce": ("trilemma_moe.reproduce", "the paper's tables at a scale this machine runs: docs/RESULTS.md"),
     "reshard": ("trilemma_moe.integrations.checkpoint",
                 "DeepSpeed checkpoint saved at any ep_size -> one ep_size-1 state dict"),
 }

@@ -116,9 +116,9 @@ class SwitchTop2FFN(nn.Module):
         self.b2 = nn.Parameter(torch.empty(E, d_model))
         self.reset_parameters()
         self.register_buffer("last_counts", torch.zeros(E, dtype=torch.long), persistent=False)
-        # a list: training forwards append (T, 1) stand-in groups (Switch has none: the first
-        # choice) and the (T, 1, k) chosen experts, the clustered layer's log layout, so that
-        # `trilemma-moe profile-comm` and `reproduce` replay its flat top-k all-to-all
+        # a list: training forwards append (T, 1) stand-in groups (zeros: Switch has none) and the
+        # (T, 1, k) chosen experts, the clustered layer's log layout, so that `reproduce` replays
+        # its flat top-k all-to-all with the same cost model
         self.routing_log: Optional[list] = None
 
     @torch.no_grad()
@@ -164,7 +164,7 @@ class SwitchTop2FFN(nn.Module):
         N, k, E = x2.shape[0], self.k, self.num_experts
         probs, top_i, gates, logits = self.route(x2)
         if self.routing_log is not None and self.training:
-            self.routing_log.append((top_i[:, :1].detach().cpu(), top_i.detach().cpu().unsqueeze(1)))
+            self.routing_log.append((torch.zeros_like(top_i[:, :1]).cpu(), top_i.detach().cpu().unsqueeze(1)))
         if self.impl == "grouped" or (self.impl == "auto" and x2.is_cuda and hasattr(torch, "_grouped_mm")):
             y, counts = self._experts_grouped(x2, top_i, gates)
             return y.reshape(shape), self._aux(counts, probs, logits, N)

@@ -101,7 +101,7 @@ class ClusteringEvents:
             extra += f" compression={st['compression_ratio']:.2f}x"
         first, regroups = st.get("first_clusterings", 0), st.get("regroups_applied", 0)
         if first != self.first:
-            out.append(f"[step {step}] first clustering + compression in {first - self.first} layer(s) "
+            out.append(f"[step {step}] first clustering{' + compression' if st.get('compressed') else ''} in {first - self.first} layer(s) "
                        f"({first} of {self.num_layers} clustered):{extra} | expert params now {expert_params():,}")
         if regroups != self.regroups:
             out.append(f"[step {step}] regroup applied in {regroups - self.regroups} layer(s) "
@@ -258,9 +258,12 @@ def table(s: Dict[str, Any], num_layers: int) -> str:
 
 
 def write_summary_json(path: str, s: Dict[str, Any]) -> None:
+    """Atomic: a run killed while writing leaves no half-written summary (``reproduce`` reruns it)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(s, f, indent=2)
+    os.replace(tmp, path)
 
 
 # --- expert parallelism, routing, offload ---------------------------------------------------

@@ -1,0 +1,84 @@
+"""From the runs' summary JSON files to the numbers of the tables: one record per run, then
+mean and sample standard deviation over seeds per (task, variant).
+
+All-to-all bytes come from each run's recorded routing (the last 20 training steps) replayed by
+the cost model of ``trilemma-moe profile-comm`` (``parallel.cost.simulate``) on one node of 8
+GPUs with expert parallelism 8, bf16 activations: ours sends each (token, chosen group) pair to
+the group's owner, Switch / flat top-k one copy per (token, chosen expert) to the expert's owner.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..parallel.cost import simulate
+from .runner import Run
+
+EP_SIZE, TOKENS_PER_GPU, ELEM_BYTES = 8, 4096, 2
+# metrics averaged over seeds (a missing one stays missing)
+METRICS = ("valid_ppl", "test_ppl", "dev_accuracy", "total_params", "expert_params", "tokens_per_s",
+           "peak_memory_bytes", "load_cv", "a2a_bytes_per_token", "regroup_share", "regroups_applied",
+           "train_time_s")
+
+
+def a2a_bytes_per_token(routing_path: str, flat: bool) -> Optional[float]:
+    """Forward dispatch + return bytes per token and MoE layer at ep_size 8 (mean over layers)."""
+    if not os.path.exists(routing_path):
+        return None
+    rec = torch.load(routing_path, weights_only=True)
+    E, G, d = int(rec["num_experts"]), int(rec["num_groups"]), int(rec["hidden_size"])
+    per_layer = []
+    for i, lay in enumerate(rec["layers"]):
+        sim = simulate(lay["group_idx"], lay["expert_idx"], G, E, nodes=1, gpus_per_node=EP_SIZE,
+                       ep_size=EP_SIZE, tokens_per_gpu=TOKENS_PER_GPU, d=d, elem=ELEM_BYTES, seed=i)
+        key = "flat" if flat else "ours"
+        per_layer.append((sim[f"{key}_intra_bytes"] + sim[f"{key}_inter_bytes"]) / sim["tokens"])
+    return sum(per_layer) / len(per_layer) if per_layer else None
+
+
+def record(run: Run) -> Dict[str, Any]:
+    with open(run.summary) as f:
+        s = json.load(f)
+    out: Dict[str, Any] = {"task": run.task, "variant": run.variant.name, "seed": run.seed,
+                           "summary": run.summary, "ffn": s["ffn"]}
+    for key in METRICS:
+        if key in s:
+            out[key] = s[key]
+    out["regroup_share"] = s.get("regroup_time_s", 0.0) / max(s["train_time_s"], 1e-9)
+    if run.task == "lm":
+        if s["ffn"] == "dense":
+            out["a2a_bytes_per_token"] = 0.0       # no experts, no all-to-all
+        elif s["ffn"] != "deepspeed":
+            out["a2a_bytes_per_token"] = a2a_bytes_per_token(run.routing, flat=s["ffn"] == "switch")
+    out["history"] = s.get("history", [])
+    out["load_history"] = s.get("load_history", [])
+    out["group_history"] = s.get("group_history", [])
+    out["num_groups"] = s["config"]["num_groups"]
+    return out
+
+
+def mean_std(values: List[float]) -> Dict[str, float]:
+    n = len(values)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return {"mean": m, "std": sd, "n": n}
+
+
+def aggregate(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """``{task: {variant: {metric: {mean, std, n}}}}``."""
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["task"], {}).setdefault(r["variant"], {"_runs": []})["_runs"].append(r)
+    for task in out.values():
+        for variant, agg in task.items():
+            runs = agg.pop("_runs")
+            for key in METRICS:
+                vals = [r[key] for r in runs if r.get(key) is not None]
+                if vals:
+                    agg[key] = mean_std([float(v) for v in vals])
+            agg["seeds"] = sorted(r["seed"] for r in runs)
+    return out

@@ -1,0 +1,117 @@
+"""What ``trilemma-moe reproduce`` runs: variants x seeds x tasks, per preset.
+
+A run is one ``python -m trilemma_moe.train`` command line; the flags below are its whole recipe
+(nothing else is read), and every result in ``docs/RESULTS.md`` names the JSON it came from.
+
+* ``cpu``: sized for a 2-core machine without a GPU (about 90 minutes with ``--jobs 2``):
+  d=128, 2 blocks, E=32 experts of d_ff=512, G=8 groups (the paper's E and G), r=8.
+* ``paper``: the paper's scale (d=768, 12 blocks, E=32, G=8, r=16, k=2, burn-in 1000, T=200) for
+  a GPU cluster (``--device cuda``): documented, not run on these machines.
+* ``smoke``: seconds per run, for the tests of the harness itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str            # key in the results (and the run's directory)
+    label: str           # row label in the tables
+    ffn: str             # --ffn
+    seeds: int = 1       # how many seeds (0, 1, ...) the preset runs
+    flags: Tuple[str, ...] = ()          # extra flags (e.g. the dense baseline's width)
+    needs: str = ""      # a module that must import (``deepspeed``), else the variant is skipped
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    tasks: Dict[str, Tuple[str, ...]]    # task -> its flags ("{data}" is --data-root)
+    variants: Tuple[Variant, ...]
+    description: str = ""
+    d_ff: int = 512
+    top_k: int = 2
+    run_here: bool = True                # False: documented for GPU clusters, refused on the CPU
+
+    def runs(self) -> List[Tuple[str, Variant, int]]:
+        return [(task, v, seed) for task in self.tasks for v in self.variants for seed in range(v.seeds)]
+
+
+def _variants(d_ff: int, k: int, seeds: int) -> Tuple[Variant, ...]:
+    """Every row of the paper's Tables 2-5 that this harness can build; ours, static and Switch
+    with ``seeds`` seeds (Table 5), the rest with one."""
+    return (
+        Variant("dense", f"Dense (d_ff={k * d_ff}: the active expert weights of top-{k})", "dense",
+                flags=("--d-ff", str(k * d_ff))),
+        Variant("switch", "Switch-Top2", "switch", seeds),
+        Variant("deepspeed", "DeepSpeed-MoE top-2", "deepspeed", needs="deepspeed"),
+        Variant("ours", "Ours (dynamic)", "ours", seeds),
+        Variant("static", "Ours, static clustering", "static", seeds),
+        Variant("int4", "Ours + INT4 residuals", "int4"),
+        Variant("random-groups", "w/o online clustering (random fixed groups)", "random-groups"),
+        Variant("full-experts", "w/o low-rank compression (full experts)", "full-experts"),
+        Variant("flat-routing", "w/o hierarchical routing (flat top-k)", "flat-routing"),
+    )
+
+
+_MOE_CPU = ("--num-experts", "32", "--num-groups", "8", "--rank", "8", "--top-k", "2")
+_MODEL_CPU = ("--d-model", "128", "--d-ff", "512", "--layers", "2", "--heads", "4")
+
+CPU = Preset(
+    name="cpu",
+    description="2 CPU cores: d=128, 2 blocks, E=32, G=8, r=8, k=2",
+    tasks={
+        # 320 steps of 8 x 64 tokens (164k tokens, 8 % of WikiText-2's train split: the 33k-word
+        # output layer is ~90 % of a step's work here); valid / test perplexity over their first
+        # 65,536 tokens (128 batches of 8 x 64)
+        "lm": ("--data", "{data}/wikitext-2", *_MODEL_CPU, *_MOE_CPU, "--seq-len", "64",
+               "--batch-size", "8", "--steps", "320", "--burn-in", "100", "--recluster-interval", "50",
+               "--eval-every", "40", "--eval-batches", "8", "--final-eval-batches", "128", "--test"),
+        "sst2": ("--task", "sst2", "--data", "{data}/sst2", *_MODEL_CPU, *_MOE_CPU,
+                 "--steps", "400", "--burn-in", "150", "--recluster-interval", "50", "--eval-every", "50"),
+    },
+    variants=_variants(512, 2, 3),
+)
+
+PAPER = Preset(
+    name="paper",
+    description="the paper's scale (GPU cluster): d=768, 12 blocks, E=32, G=8, r=16, k=2",
+    tasks={
+        "lm": ("--data", "{data}/wikitext-2", "--d-model", "768", "--d-ff", "3072", "--layers", "12",
+               "--heads", "12", "--seq-len", "512", "--batch-size", "16", "--steps", "50000",
+               "--num-experts", "32", "--num-groups", "8", "--rank", "16", "--top-k", "2",
+               "--burn-in", "1000", "--recluster-interval", "200", "--lr", "3e-4", "--eval-every", "2000",
+               "--eval-batches", "50", "--final-eval-batches", "0", "--test", "--device", "cuda",
+               "--dtype", "bf16"),
+        "sst2": ("--task", "sst2", "--data", "{data}/sst2", "--d-model", "768", "--d-ff", "3072",
+                 "--layers", "12", "--heads", "12", "--steps", "20000", "--num-experts", "32",
+                 "--num-groups", "8", "--rank", "16", "--top-k", "2", "--burn-in", "1000",
+                 "--recluster-interval", "200", "--lr", "1e-4", "--eval-every", "1000", "--device", "cuda",
+                 "--dtype", "bf16"),
+    },
+    variants=_variants(3072, 2, 3),
+    d_ff=3072,
+    run_here=False,
+)
+
+SMOKE = Preset(
+    name="smoke",
+    description="seconds per run, for the harness's own tests",
+    tasks={
+        "lm": ("--data", "{data}/wikitext-2", "--d-model", "16", "--d-ff", "32", "--layers", "1",
+               "--heads", "2", "--seq-len", "16", "--batch-size", "4", "--steps", "12",
+               "--num-experts", "16", "--num-groups", "8", "--rank", "2", "--top-k", "2", "--burn-in", "4",
+               "--recluster-interval", "4", "--eval-every", "6", "--eval-batches", "2", "--final-eval-batches",
+               "2", "--test", "--max-train-tokens", "20000"),
+        "sst2": ("--task", "sst2", "--data", "{data}/sst2", "--d-model", "16", "--d-ff", "32", "--layers",
+                 "1", "--heads", "2", "--steps", "12", "--batch-size", "8", "--num-experts", "16",
+                 "--num-groups", "8", "--rank", "2", "--top-k", "2", "--burn-in", "4", "--recluster-interval",
+                 "4", "--eval-every", "6"),
+    },
+    variants=_variants(32, 2, 2),
+    d_ff=32,
+)
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (CPU, PAPER, SMOKE)}
