@@ -1,0 +1,108 @@
+"""``trilemma-moe reproduce``: the plan of a preset, skip/resume, aggregation against a plain
+recomputation from the runs' JSON files, and the report's numbers traceable to them."""
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from trilemma_moe.reproduce import analyse, main
+from trilemma_moe.reproduce.presets import PRESETS
+from trilemma_moe.reproduce.runner import available, plan
+
+
+def _tiny_wikitext(root):
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    d = root / "wikitext-2"
+    d.mkdir(parents=True)
+    for name, lines in (("train", 600), ("valid", 60), ("test", 60)):
+        with open(d / f"wiki.{name}.tokens", "w") as f:
+            for _ in range(lines):
+                f.write(" ".join(rng.choice(words[:50] if rng.random() < 0.5 else words) for _ in range(40)) + "\n")
+    return root
+
+
+def test_cpu_preset_plans_every_variant_with_three_seeds_for_ours_static_switch():
+    runs = plan(PRESETS["cpu"], "/out", "/data")
+    per = {}
+    for r in runs:
+        per.setdefault((r.task, r.variant.name), []).append(r.seed)
+    for task in ("lm", "sst2"):
+        for v in ("ours", "static", "switch"):
+            assert per[(task, v)] == [0, 1, 2]
+        for v in ("dense", "int4", "random-groups", "full-experts", "flat-routing"):
+            assert per[(task, v)] == [0]
+        assert ((task, "deepspeed") in per) == available(PRESETS["cpu"].variants[2])
+    lm = next(r for r in runs if r.task == "lm" and r.variant.name == "ours")
+    assert "/data/wikitext-2" in lm.argv and "--test" in lm.argv and "--measure-memory" in lm.argv
+    dense = next(r for r in runs if r.variant.name == "dense")
+    assert dense.argv[dense.argv.index("--ffn") + 1:][:3] == ["dense", "--d-ff", "1024"]   # k * d_ff
+
+
+def test_mean_std_is_the_sample_statistics():
+    vals = [random.Random(s).uniform(0, 10) for s in range(5)]
+    m = analyse.mean_std(vals)
+    ref = torch.tensor(vals, dtype=torch.float64)
+    assert math.isclose(m["mean"], float(ref.mean()), rel_tol=1e-12)
+    assert math.isclose(m["std"], float(ref.std(unbiased=True)), rel_tol=1e-12)
+    assert math.isnan(analyse.mean_std([3.0])["std"])
+
+
+def test_switch_bytes_are_one_copy_per_remote_expert(tmp_path):
+    """All tokens choose experts {0, 1} (rank 0's at ep 8, E=16): a token from rank r != 0 sends
+    two rows of d bf16 values out and gets two back; 7 of 8 source ranks are remote."""
+    T, d = 4096, 16
+    experts = torch.tensor([[0, 1]]).expand(T, 2).unsqueeze(1)
+    torch.save({"num_experts": 16, "num_groups": 8, "top_k": 2, "group_top_k": 1, "hidden_size": d,
+                "layers": [{"group_idx": torch.zeros(T, 1, dtype=torch.long), "expert_idx": experts}]},
+               tmp_path / "r.pt")
+    got = analyse.a2a_bytes_per_token(str(tmp_path / "r.pt"), flat=True)
+    assert math.isclose(got, 7 / 8 * 2 * 2 * d * analyse.ELEM_BYTES, rel_tol=1e-12)
+
+
+@pytest.mark.timeout(600)
+def test_smoke_preset_runs_resumes_and_reports_traceable_numbers(tmp_path, capsys):
+    data = _tiny_wikitext(tmp_path / "data")
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    argv = ["--preset", "smoke", "--tasks", "lm", "--variants", "ours", "switch", "--data-root", str(data),
+            "--out", str(out), "--results", str(results), "--jobs", "2", "--no-progress"]
+    res = main(argv)
+    assert not res["failed"]
+    summaries = sorted(out.glob("runs/lm/*/seed*.json"))
+    summaries = [p for p in summaries if not p.name.endswith(".cmd.json")]
+    assert len(summaries) == 4
+    text = results.read_text()
+    # the report's valid PPL of ours is the mean of the two runs' JSON values, to its printed digits
+    vals = [json.load(open(out / "runs" / "lm" / "ours" / f"seed{s}.json"))["valid_ppl"] for s in (0, 1)]
+    row = next(line for line in text.splitlines() if line.startswith("| Ours (dynamic)"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[4].startswith(f"{sum(vals) / 2:,.1f} ± ")
+    for fig in ("ppl_vs_step", "expert_load", "group_membership", "params_vs_quality"):
+        assert (out / f"{fig}.png").stat().st_size > 5000 and f"({fig}.png)" in text.replace("out/", "")
+    # resume: nothing reruns; a changed or lost run reruns alone
+    mtimes = {p: p.stat().st_mtime_ns for p in summaries}
+    capsys.readouterr()
+    main(argv)
+    assert "4 of 4 runs already done" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    lost = out / "runs" / "lm" / "switch" / "seed1.json"
+    lost.unlink()
+    main(argv)
+    assert "3 of 4 runs already done" in capsys.readouterr().out
+    assert lost.exists()
+
+
+def test_missing_data_names_the_flag(tmp_path):
+    with pytest.raises(SystemExit, match="--data-root"):
+        main(["--preset", "smoke", "--tasks", "lm", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
+              "--results", str(tmp_path / "R.md"), "--no-progress"])
+
+
+def test_paper_preset_refuses_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the paper preset would run")
+    with pytest.raises(SystemExit, match="GPU cluster"):
+        main(["--preset", "paper", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
+              "--results", str(tmp_path / "R.md"), "--no-progress"])
