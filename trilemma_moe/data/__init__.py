@@ -10,6 +10,6 @@ from .lm import (EOS, UNK, WIKITEXT_FILES, BatchSampler, SyntheticTopicCorpus, T
 from .sst2 import (PAD, SST2_HELDOUT, RowSampler, SentenceDataset, load_sst2, read_labelled_tsv,
                    sentence_batches, stratified_holdout)
 
-__all__ = ["EOS", "UNK", "WIKITEXT_FILES", "BatchSampler", "SyntheticTopicCorpus", "TokenCorpus",
-           "eval_batches", "load_wikitext", "num_eval_batches", "PAD", "SST2_HELDOUT", "RowSampler",
-           "SentenceDataset", "load_sst2", "read_labelled_tsv", "sentence_batches", "stratified_holdout"]
+__all__ = ["EOS", "PAD", "SST2_HELDOUT", "UNK", "WIKITEXT_FILES", "BatchSampler", "RowSampler",
+           "SentenceDataset", "SyntheticTopicCorpus", "TokenCorpus", "eval_batches", "load_sst2",
+           "load_wikitext", "num_eval_batches", "read_labelled_tsv", "sentence_batches", "stratified_holdout"]

@@ -71,7 +71,7 @@ def stratified_holdout(labels: List[int], n: int = SST2_HELDOUT,
     y = np.asarray(labels)
     rng = np.random.Generator(np.random.PCG64(seed))
     classes = np.unique(y)
-    want = {int(c): int(round(n * float((y == c).sum()) / len(y))) for c in classes}
+    want = {int(c): round(n * float((y == c).sum()) / len(y)) for c in classes}
     want[int(classes[-1])] += n - sum(want.values())           # exactly n in all
     picked = [rng.permutation(np.flatnonzero(y == c))[:want[int(c)]] for c in classes]
     held = np.sort(np.concatenate(picked))

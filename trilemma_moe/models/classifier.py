@@ -35,7 +35,7 @@ class GPTClassifier(GPT):
             self.head = nn.Linear(d_model, num_classes)   # replaces the tied LM head
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None):
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.seq_len}")
         mask = idx != self.pad_id

@@ -12,8 +12,9 @@ import torch
 
 from ..config import TrilemmaMoEConfig
 from ..core.layer import clustered_layers
-from ..data import BatchSampler, TokenCorpus, eval_batches, num_eval_batches
-from ..models import GPT
+from ..data import (BatchSampler, RowSampler, SentenceDataset, TokenCorpus, eval_batches, num_eval_batches,
+                    sentence_batches)
+from ..models import GPT, GPTClassifier
 from . import report
 from ..parallel.comm import named_comm_failure, set_collective_timeout
 from .args import input_errors
@@ -66,6 +67,32 @@ def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int,
     return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0)), "valid_tokens": total_tokens}
 
 
+@torch.no_grad()
+def evaluate_classifier(model, data: SentenceDataset, batch_size: int, max_batches: Optional[int] = None,
+                        progress: bool = False, desc: str = "dev") -> Dict[str, float]:
+    """Accuracy and mean cross-entropy over the dev rows (at most ``max_batches`` batches; 0 or
+    None: all)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    total = -(-len(data.dev_y) // batch_size)
+    bar = _progress(total=min(total, max_batches or total), desc=desc, leave=False) if progress else None
+    try:
+        device = next(model.parameters()).device
+        for x, y in sentence_batches(data.dev_x, data.dev_y, batch_size, data.pad_id, max_batches or None):
+            logits, loss, _ = model(x.to(device), y.to(device))
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(dim=-1).cpu() == y).sum())
+            n += len(y)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return {"dev_loss": loss_sum / max(1, n), "dev_accuracy": correct / max(1, n), "dev_examples": n}
+
+
 class RankShare:
     """Rows ``[rank*B, (rank+1)*B)`` of every global batch."""
 
@@ -90,11 +117,20 @@ def global_mean(value: torch.Tensor, world: int) -> float:
     return float(v)
 
 
-def build_model(args, corpus: TokenCorpus, cfg: TrilemmaMoEConfig) -> GPT:
+def build_model(args, corpus: TokenCorpus | SentenceDataset, cfg: TrilemmaMoEConfig) -> GPT:
     torch.manual_seed(args.seed)
-    return GPT(corpus.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-               seq_len=args.seq_len, d_ff=args.d_ff, ffn_kind=args.ffn, moe_config=cfg,
-               seed=args.seed, moe_every=args.moe_every)
+    kwargs = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads, "seq_len": args.seq_len,
+              "d_ff": args.d_ff, "ffn_kind": args.ffn, "moe_config": cfg, "seed": args.seed,
+              "moe_every": args.moe_every}
+    if isinstance(corpus, SentenceDataset):
+        return GPTClassifier(corpus.vocab_size, num_classes=corpus.num_classes, pad_id=corpus.pad_id, **kwargs)
+    return GPT(corpus.vocab_size, **kwargs)
+
+
+def make_sampler(args, corpus: TokenCorpus | SentenceDataset, global_batch: int):
+    if isinstance(corpus, SentenceDataset):
+        return RowSampler(corpus.train_x, corpus.train_y, global_batch, seed=args.seed + 1, pad_id=corpus.pad_id)
+    return BatchSampler(corpus.train, args.seq_len, global_batch, seed=args.seed + 1)
 
 
 def make_backend(args, cfg: TrilemmaMoEConfig) -> Backend:
@@ -104,7 +140,8 @@ def make_backend(args, cfg: TrilemmaMoEConfig) -> Backend:
     return TorchBackend(cfg, args.device, args.dtype, args.lr, args.batch_size)
 
 
-def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
+def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
+        task_defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     backend = make_backend(args, cfg)
     backend.prepare()
     model = build_model(args, corpus, cfg)
@@ -117,7 +154,7 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
         set_collective_timeout(cfg.comm_timeout_s)
     # One global batch of batch x world windows per micro-step, rank r takes its share: the same
     # data as a one-process run with --batch-size batch x world (identical at world 1).
-    sampler = RankShare(BatchSampler(corpus.train, args.seq_len, batch * world, seed=args.seed + 1), rank, batch)
+    sampler = RankShare(make_sampler(args, corpus, batch * world), rank, batch)
     is_main = rank == 0
     show_progress = is_main and not args.no_progress
     logger = report.Logger(args.logdir if is_main else None)
@@ -132,7 +169,7 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
 
     pc_start = model.param_counts()
     if is_main:
-        print("\n".join(report.start_lines(args, cfg, corpus, pc_start, backend, warmup)))
+        print("\n".join(report.start_lines(args, cfg, corpus, pc_start, backend, warmup, task_defaults or {})))
     bar = _progress(total=args.steps, desc=f"train[{args.ffn}]") if show_progress else None
 
     def say(msg: str) -> None:
@@ -144,6 +181,9 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
             print(msg)
 
     def validate(desc: str) -> Dict[str, float]:
+        if isinstance(corpus, SentenceDataset):
+            return evaluate_classifier(model, corpus, batch, args.eval_batches, progress=show_progress,
+                                       desc=desc.replace("valid", "dev"))
         return evaluate(model, corpus.valid, args.seq_len, batch, args.eval_batches,
                         progress=show_progress, desc=desc)
 
@@ -166,7 +206,7 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
             with named_comm_failure(f"step {step + 1}: loss all-reduce", cfg.comm_timeout_s):
                 step_loss += global_mean(loss, world) / ga
                 step_aux += global_mean(l_aux, world) / ga
-            tokens += y.numel()
+            tokens += corpus.tokens_in(x)   # lm: every window position; sst2: the non-pad tokens
         grad_norm = backend.optimizer_step()
         seconds = time.perf_counter() - t0
 
@@ -198,8 +238,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
             last_eval = validate(f"valid[step {step + 1}]")
             logger.scalars(step + 1, last_eval, "valid")
             rec.history.append({"step": step + 1, "train_loss": rec.ema_loss, **last_eval})
-            say(f"[step {step + 1}] train loss {rec.ema_loss:.4f} | valid loss {last_eval['valid_loss']:.4f} "
-                f"ppl {last_eval['valid_ppl']:.2f} | load cv {st['load_cv']:.3f}")
+            say(f"[step {step + 1}] train loss {rec.ema_loss:.4f} | {report.eval_text(last_eval)} "
+                f"| load cv {st['load_cv']:.3f}")
     if bar is not None:
         bar.close()
     if loss_log is not None:
