@@ -40,29 +40,37 @@ def _progress(**kwargs):
     return tqdm(dynamic_ncols=True, **kwargs)
 
 
-@torch.no_grad()
-def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int,
-             max_batches: Optional[int] = None, progress: bool = False,
-             desc: str = "valid") -> Dict[str, float]:
-    """Mean loss and perplexity over ``data`` (non-overlapping windows, at most ``max_batches``
-    batches; 0 or None: all). ``progress``: a tqdm bar over the batches."""
+def _eval_passes(model, batches, total: int, progress: bool, desc: str):
+    """``model`` in eval mode over ``batches`` (a tqdm bar of ``total`` with ``progress``);
+    yields ``(output, loss, y)`` per batch, and restores the training mode at the end."""
     was_training = model.training
     model.eval()
-    total_loss, total_tokens = 0.0, 0
-    bar = _progress(total=num_eval_batches(data, seq_len, batch_size, max_batches or None), desc=desc,
-                    leave=False) if progress else None
+    bar = _progress(total=total, desc=desc, leave=False) if progress else None
     try:
         device = next(model.parameters()).device
-        for x, y in eval_batches(data, seq_len, batch_size, max_batches=max_batches or None):
-            _, loss, _ = model(x.to(device), y.to(device))
-            total_loss += float(loss) * y.numel()
-            total_tokens += y.numel()
+        for x, y in batches:
+            out, loss, _ = model(x.to(device), y.to(device))
+            yield out, loss, y
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int,
+             max_batches: Optional[int] = None, progress: bool = False,
+             desc: str = "valid") -> Dict[str, float]:
+    """Mean loss and perplexity over ``data`` (non-overlapping windows, at most ``max_batches``
+    batches; 0 or None: all). ``progress``: a tqdm bar over the batches."""
+    total_loss, total_tokens = 0.0, 0
+    batches = eval_batches(data, seq_len, batch_size, max_batches=max_batches or None)
+    total = num_eval_batches(data, seq_len, batch_size, max_batches or None)
+    for _, loss, y in _eval_passes(model, batches, total, progress, desc):
+        total_loss += float(loss) * y.numel()
+        total_tokens += y.numel()
     mean = total_loss / max(1, total_tokens)
     return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0)), "valid_tokens": total_tokens}
 
@@ -72,24 +80,13 @@ def evaluate_classifier(model, data: SentenceDataset, batch_size: int, max_batch
                         progress: bool = False, desc: str = "dev") -> Dict[str, float]:
     """Accuracy and mean cross-entropy over the dev rows (at most ``max_batches`` batches; 0 or
     None: all)."""
-    was_training = model.training
-    model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     total = -(-len(data.dev_y) // batch_size)
-    bar = _progress(total=min(total, max_batches or total), desc=desc, leave=False) if progress else None
-    try:
-        device = next(model.parameters()).device
-        for x, y in sentence_batches(data.dev_x, data.dev_y, batch_size, data.pad_id, max_batches or None):
-            logits, loss, _ = model(x.to(device), y.to(device))
-            loss_sum += float(loss) * len(y)
-            correct += int((logits.argmax(dim=-1).cpu() == y).sum())
-            n += len(y)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+    batches = sentence_batches(data.dev_x, data.dev_y, batch_size, data.pad_id, max_batches or None)
+    for logits, loss, y in _eval_passes(model, batches, min(total, max_batches or total), progress, desc):
+        loss_sum += float(loss) * len(y)
+        correct += int((logits.argmax(dim=-1).cpu() == y).sum())
+        n += len(y)
     return {"dev_loss": loss_sum / max(1, n), "dev_accuracy": correct / max(1, n), "dev_examples": n}
 
 
