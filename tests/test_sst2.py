@@ -8,8 +8,8 @@ import torch
 
 from trilemma_moe import train
 from trilemma_moe.config import TrilemmaMoEConfig
-from trilemma_moe.data import (SST2_HELDOUT, load_sst2, read_labelled_tsv,
-                               stratified_holdout)
+from trilemma_moe.data import SST2_HELDOUT, load_sst2, read_labelled_tsv
+from trilemma_moe.data.sst2 import stratified_holdout
 from trilemma_moe.models import FFN_KINDS, GPTClassifier
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -30,7 +30,7 @@ def _rows(n, frac_pos=0.6, seed=0):
 def test_heldout_slice_is_fixed_stratified_and_disjoint(tmp_path):
     rows = _rows(2000, frac_pos=0.6)
     _write_tsv(tmp_path / "train.tsv", rows)
-    d = load_sst2(str(tmp_path), seq_len=16)
+    d = load_sst2(str(tmp_path), seq_len=16, min_count=1)   # every phrase's number in the vocabulary
     assert len(d.dev_y) == SST2_HELDOUT and len(d.train_y) == 2000 - SST2_HELDOUT
     assert abs(int(d.dev_y.sum()) - 0.6 * SST2_HELDOUT) <= 1           # label balance of train
     _, labels = read_labelled_tsv(str(tmp_path / "train.tsv"))
@@ -39,10 +39,11 @@ def test_heldout_slice_is_fixed_stratified_and_disjoint(tmp_path):
     assert (held == stratified_holdout(labels)[1]).all()                # deterministic
     # the rows themselves: no held-out phrase among the training rows (phrase i has word i)
     train_words = {d.vocab[int(t)] for t in d.train_x[:, 1]}
-    dev_words = {rows[i][0].split()[1] for i in held.tolist()}
-    assert not (train_words & dev_words)
+    assert train_words == {str(i) for i in tr.tolist()}
+    assert (d.dev_x[:, 1] == 1).all()        # the held-out phrases' own numbers are unknown words
+    assert d.dev_y.tolist() == [rows[i][1] for i in held.tolist()]
     # --seed plays no part: a second load is the same split
-    again = load_sst2(str(tmp_path), seq_len=16)
+    again = load_sst2(str(tmp_path), seq_len=16, min_count=1)
     assert torch.equal(again.dev_x, d.dev_x) and torch.equal(again.train_y, d.train_y)
 
 
@@ -169,6 +170,11 @@ def test_sst2_run_learns_separable_data(tmp_path):
     assert s["tokens_per_s"] > 0 and s["config"]["lr"] == 3e-3
     written = json.loads(out.read_text())
     assert written["dev_accuracy"] == s["dev_accuracy"] and written["task"] == "sst2"
+
+
+def test_lm_summary_names_its_task():
+    s = train.main(["--steps", "2", "--eval-batches", "1", "--batch-size", "2"] + TINY)
+    assert s["task"] == "lm" and "valid_ppl" in s and "dev_accuracy" not in s
 
 
 def test_task_defaults_resolve_per_task():

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,14 +32,14 @@ HOLDOUT_SEED = 20251002        # fixed: the held-out slice never depends on --se
 SST2_HEADER = ("sentence", "label")
 
 
-def read_labelled_tsv(path: str) -> Tuple[List[str], List[int]]:
+def read_labelled_tsv(path: str) -> tuple[list[str], list[int]]:
     """Phrases and 0/1 labels of a GLUE-style TSV; every problem is a ``ValueError`` (or
     ``FileNotFoundError``) naming ``path``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --data must point to a GLUE SST-2 directory holding "
                                 f"train.tsv (and optionally dev.tsv) with a 'sentence<TAB>label' header")
-    sentences: List[str] = []
-    labels: List[int] = []
+    sentences: list[str] = []
+    labels: list[int] = []
     with open(path, encoding="utf-8") as f:
         try:
             header = f.readline()
@@ -64,8 +64,8 @@ def read_labelled_tsv(path: str) -> Tuple[List[str], List[int]]:
     return sentences, labels
 
 
-def stratified_holdout(labels: List[int], n: int = SST2_HELDOUT,
-                       seed: int = HOLDOUT_SEED) -> Tuple[np.ndarray, np.ndarray]:
+def stratified_holdout(labels: list[int], n: int = SST2_HELDOUT,
+                       seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """``(train_rows, heldout_rows)``, both sorted: ``n`` rows whose label counts are the train
     proportion rounded (each class within one row of it), drawn by a generator of ``seed``."""
     y = np.asarray(labels)
@@ -78,7 +78,7 @@ def stratified_holdout(labels: List[int], n: int = SST2_HELDOUT,
     return np.setdiff1d(np.arange(len(y)), held), held
 
 
-def tokenize(sentence: str) -> List[str]:
+def tokenize(sentence: str) -> list[str]:
     return sentence.lower().split()
 
 
@@ -90,10 +90,10 @@ class SentenceDataset:
     train_y: Tensor
     dev_x: Tensor
     dev_y: Tensor
-    vocab: List[str]
+    vocab: list[str]
     name: str = "sst2"
     dev_source: str = "dev.tsv"
-    stoi: Dict[str, int] = field(default_factory=dict, repr=False)
+    stoi: dict[str, int] = field(default_factory=dict, repr=False)
     pad_id: int = 0
     num_classes: int = 2
 
@@ -135,7 +135,7 @@ def load_sst2(directory: str, seq_len: int = 64, min_count: int = 2) -> Sentence
     vocab = [PAD, UNK] + [w for w, c in counts.most_common() if c >= min_count and w not in (PAD, UNK)]
     stoi = {w: i for i, w in enumerate(vocab)}
 
-    def encode(token_lists: List[List[str]]) -> Tensor:
+    def encode(token_lists: list[list[str]]) -> Tensor:
         out = torch.zeros(len(token_lists), seq_len, dtype=torch.long)
         for r, toks in enumerate(token_lists):
             ids = [stoi.get(w, 1) for w in toks[:seq_len]] or [1]   # an empty phrase: one <unk>
@@ -167,13 +167,13 @@ class RowSampler:
     def __iter__(self):
         return self
 
-    def __next__(self) -> Tuple[Tensor, Tensor]:
+    def __next__(self) -> tuple[Tensor, Tensor]:
         rows = torch.randint(0, len(self.y), (self.batch_size,), generator=self.generator)
         return _trim(self.x[rows], self.pad_id), self.y[rows]
 
 
 def sentence_batches(x: Tensor, y: Tensor, batch_size: int, pad_id: int = 0,
-                     max_batches: Optional[int] = None) -> Iterator[Tuple[Tensor, Tensor]]:
+                     max_batches: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Every row once, in order, ``batch_size`` a batch (at most ``max_batches``)."""
     for b, r0 in enumerate(range(0, len(y), batch_size)):
         if max_batches is not None and b >= max_batches:

@@ -13,8 +13,6 @@ tokens keep their positions).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,7 +32,7 @@ class GPTClassifier(GPT):
             torch.manual_seed(gpt_kwargs.get("seed", 0) + 1)
             self.head = nn.Linear(d_model, num_classes)   # replaces the tied LM head
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None):
+    def forward(self, idx: Tensor, targets: Tensor | None = None):
         T = idx.shape[1]
         if T > self.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.seq_len}")
