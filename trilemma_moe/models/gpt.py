@@ -13,6 +13,9 @@ from .ffn import build_ffn
 
 
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention; ``key_mask[B,T]`` (bool) instead attends bidirectionally to the keys
+    where it is True (the classifier's pads are masked out)."""
+
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         if d_model % n_heads != 0:
@@ -21,12 +24,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         hd = C // self.n_heads
         q, k, v = (t.view(B, T, self.n_heads, hd).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if key_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -38,10 +44,18 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.ffn = ffn
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        x = x + self.attn(self.ln1(x))
-        y, l_aux = self.ffn(self.ln2(x))
-        return x + y, l_aux
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """``mask[B,T]`` (bool, True = a token, False = padding): attention is bidirectional over
+        the tokens and the FFN sees the tokens alone (pads never reach a router, so they count in
+        no load statistic or auxiliary loss, and a pad's hidden state is only its residual)."""
+        x = x + self.attn(self.ln1(x), key_mask=mask)
+        if mask is None:
+            y, l_aux = self.ffn(self.ln2(x))
+            return x + y, l_aux
+        C = x.shape[-1]
+        keep = mask.reshape(-1).nonzero().squeeze(-1)
+        y, l_aux = self.ffn(self.ln2(x).reshape(-1, C).index_select(0, keep))
+        return x.reshape(-1, C).index_add(0, keep, y.to(x.dtype)).view_as(x), l_aux
 
 
 class GPT(nn.Module):

@@ -5,6 +5,10 @@ Every knob of the method comes from ``--config YAML`` (or the ``"trilemma_moe"``
 ``--deepspeed_config`` JSON); the structure flags (``--num-experts`` ...) override it. Without a
 config file the CPU defaults below apply (smaller burn-in / regroup interval than the paper's so a
 default run clusters and regroups within its steps); they are printed at start.
+
+``--task lm`` (default) trains the language model; ``--task sst2`` the same blocks as a sentence
+classifier on GLUE SST-2. The optimisation flags in ``TASK_DEFAULTS`` default per task: a flag the
+user leaves out takes its task's value (printed at start).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from ..config import TrilemmaMoEConfig
-from ..data import SyntheticTopicCorpus, TokenCorpus, load_wikitext
+from ..data import SentenceDataset, SyntheticTopicCorpus, TokenCorpus, load_sst2, load_wikitext
 from ..models import FFN_KINDS
 
 # Defaults of the no-argument CPU run.  Structure knobs that the
@@ -25,6 +29,12 @@ from ..models import FFN_KINDS
 CPU_MOE_DEFAULTS = dict(num_experts=16, num_groups=4, rank=8, top_k=2, burn_in=200,
                         recluster_interval=100)
 DEFAULT_STEPS = 800  # no-argument run (ours): about 1.5 min wall on 2 CPU cores (docs/BENCHMARKS.md)
+TASKS = ("lm", "sst2")
+# flag (argparse dest) -> its default per task; the flags themselves default to None
+TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "lm": {"steps": DEFAULT_STEPS, "lr": 3e-3, "batch_size": 16, "eval_every": 250},
+    "sst2": {"steps": 1500, "lr": 1e-3, "batch_size": 32, "eval_every": 250},  # ~5 min, 1 thread
+}
 
 # flag (argparse dest) -> TrilemmaMoEConfig field it overrides
 FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank": "rank",
@@ -33,9 +43,15 @@ FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank
                  "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
                  "offload_dir": "offload_dir", "ep_size": "ep_size"}
 
-DATA_HELP = ("a WikiText-2/-103 directory holding wiki.train.tokens, wiki.valid.tokens and "
+DATA_HELP = ("--task lm: a WikiText-2/-103 directory holding wiki.train.tokens, wiki.valid.tokens and "
              "wiki.test.tokens (the word-level release; download it, see README); default: the "
-             "built-in synthetic topic corpus")
+             "built-in synthetic topic corpus. --task sst2 (required): a GLUE SST-2 directory holding "
+             "train.tsv and optionally dev.tsv (else a fixed stratified 872-row slice of train is held out)")
+
+
+def _task_default(dest: str) -> str:
+    lm, sst2 = TASK_DEFAULTS["lm"][dest], TASK_DEFAULTS["sst2"][dest]
+    return f"(default: {lm:g}) (--task sst2: {sst2:g})"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -55,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trilemma-moe train",
         description="Train a small GPT whose FFNs are dense / switch / deepspeed / ours and its variants.",
         formatter_class=HelpFormatter)
+    p.add_argument("--task", choices=TASKS, default="lm",
+                   help="lm: next-token language model; sst2: sentence classification (GLUE SST-2)")
     p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--ffn", choices=FFN_KINDS, default="ours", help="FFN kind of the MoE blocks")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps {_task_default('steps')}")
     p.add_argument("--config", default=None,
                    help="YAML of TrilemmaMoEConfig knobs (default: the CPU defaults of the structure flags)")
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
@@ -71,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--d-ff", type=int, default=512, help="FFN (and each expert's) inner size")
     g.add_argument("--layers", type=int, default=2, help="transformer blocks")
     g.add_argument("--heads", type=int, default=4, help="attention heads")
-    g.add_argument("--seq-len", type=int, default=64, help="tokens per training window")
+    g.add_argument("--seq-len", type=int, default=64,
+                   help="tokens per training window (sst2: the longest phrase, longer ones are cut)")
     g.add_argument("--moe-every", type=int, default=1, help="MoE FFN in every n-th block")
     g = p.add_argument_group("MoE structure (override --config; CPU defaults otherwise)")
     g.add_argument("--num-experts", type=int, default=None, help=f"E (default: {d['num_experts']})")
@@ -94,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload-dir", default=None,
                    help="NVMe directory for offloaded groups (aio; default: CPU memory)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=16,
-                   help="windows per micro-batch and rank (DeepSpeed: train_micro_batch_size_per_gpu decides)")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="windows (sst2: phrases) per micro-batch and rank (DeepSpeed: "
+                        f"train_micro_batch_size_per_gpu decides) {_task_default('batch_size')}")
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate {_task_default('lr')}")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr (cosine)")
     g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of steps)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices")
@@ -104,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds the synthetic corpus, the data order, the model's init and every MoE "
                         "layer (expert init, k-means++): in the main job it replaces TrilemmaMoEConfig.seed")
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-every", type=int, default=250, help="validate every n steps (0: only at the end)")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help=f"validate every n steps (0: only at the end) {_task_default('eval_every')}")
     g.add_argument("--eval-batches", type=int, default=0, help="cap on validation batches (0: whole split)")
     g.add_argument("--final-eval-batches", type=int, default=None,
                    help="cap on batches of the final validation (and --test) evaluation (0: whole split; "
@@ -156,7 +177,22 @@ def moe_config(args: argparse.Namespace) -> TrilemmaMoEConfig:
     return TrilemmaMoEConfig.from_dict(merged)
 
 
-def load_data(args: argparse.Namespace) -> TokenCorpus:
+def resolve_task_defaults(args: argparse.Namespace) -> Dict[str, Any]:
+    """Fill the per-task flags the user left out; returns those filled (printed at start)."""
+    filled = {dest: value for dest, value in TASK_DEFAULTS[args.task].items() if getattr(args, dest) is None}
+    for dest, value in filled.items():
+        setattr(args, dest, value)
+    return filled
+
+
+def load_data(args: argparse.Namespace) -> TokenCorpus | SentenceDataset:
+    if args.task == "sst2":
+        if args.data is None:
+            raise ValueError("--task sst2 needs --data DIR, a GLUE SST-2 directory holding train.tsv")
+        if not os.path.isdir(args.data):
+            raise FileNotFoundError(f"--data {args.data!r}: no such directory (expected a GLUE SST-2 "
+                                    f"directory with train.tsv and optionally dev.tsv)")
+        return load_sst2(args.data, seq_len=args.seq_len)
     if args.data is None:
         corpus = SyntheticTopicCorpus(seed=args.seed)
         if args.max_train_tokens is not None:
@@ -190,6 +226,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from .loop import run
 
     args = build_parser().parse_args(argv)
+    task_defaults = resolve_task_defaults(args)
+    if args.task == "sst2":
+        if args.deepspeed_config:
+            raise SystemExit("--task sst2 runs without --deepspeed_config (plain torch backend only)")
+        if args.max_train_tokens is not None:
+            raise SystemExit("--max-train-tokens applies to --task lm only")
+        if args.test:
+            raise SystemExit("--test applies to --task lm only (GLUE's SST-2 test labels are not public)")
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
     if args.save_every < 0:
@@ -207,6 +251,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             corpus = load_data(args)
         if cfg.ep_size > 1 and not args.deepspeed_config:
             raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
-        return run(args, cfg, corpus)
+        return run(args, cfg, corpus, task_defaults)
     finally:
         torch.set_num_threads(previous_threads)  # main() is also called in-process (tests, notebooks)

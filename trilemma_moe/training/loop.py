@@ -12,8 +12,9 @@ import torch
 
 from ..config import TrilemmaMoEConfig
 from ..core.layer import clustered_layers
-from ..data import BatchSampler, TokenCorpus, eval_batches, num_eval_batches
-from ..models import GPT
+from ..data import (BatchSampler, RowSampler, SentenceDataset, TokenCorpus, eval_batches, num_eval_batches,
+                    sentence_batches)
+from ..models import GPT, GPTClassifier
 from . import report
 from .measure import PeakMemory, RunTrace
 from ..parallel.comm import named_comm_failure, set_collective_timeout
@@ -40,31 +41,54 @@ def _progress(**kwargs):
     return tqdm(dynamic_ncols=True, **kwargs)
 
 
-@torch.no_grad()
-def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int,
-             max_batches: Optional[int] = None, progress: bool = False,
-             desc: str = "valid") -> Dict[str, float]:
-    """Mean loss and perplexity over ``data`` (non-overlapping windows, at most ``max_batches``
-    batches; 0 or None: all). ``progress``: a tqdm bar over the batches."""
+def _eval_passes(model, batches, total: int, progress: bool, desc: str):
+    """``model`` in eval mode over ``batches`` (a tqdm bar of ``total`` with ``progress``);
+    yields ``(output, loss, y)`` per batch, and restores the training mode at the end."""
     was_training = model.training
     model.eval()
-    total_loss, total_tokens = 0.0, 0
-    bar = _progress(total=num_eval_batches(data, seq_len, batch_size, max_batches or None), desc=desc,
-                    leave=False) if progress else None
+    bar = _progress(total=total, desc=desc, leave=False) if progress else None
     try:
         device = next(model.parameters()).device
-        for x, y in eval_batches(data, seq_len, batch_size, max_batches=max_batches or None):
-            _, loss, _ = model(x.to(device), y.to(device))
-            total_loss += float(loss) * y.numel()
-            total_tokens += y.numel()
+        for x, y in batches:
+            out, loss, _ = model(x.to(device), y.to(device))
+            yield out, loss, y
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int,
+             max_batches: Optional[int] = None, progress: bool = False,
+             desc: str = "valid") -> Dict[str, float]:
+    """Mean loss and perplexity over ``data`` (non-overlapping windows, at most ``max_batches``
+    batches; 0 or None: all). ``progress``: a tqdm bar over the batches."""
+    total_loss, total_tokens = 0.0, 0
+    batches = eval_batches(data, seq_len, batch_size, max_batches=max_batches or None)
+    total = num_eval_batches(data, seq_len, batch_size, max_batches or None)
+    for _, loss, y in _eval_passes(model, batches, total, progress, desc):
+        total_loss += float(loss) * y.numel()
+        total_tokens += y.numel()
     mean = total_loss / max(1, total_tokens)
     return {"valid_loss": mean, "valid_ppl": math.exp(min(mean, 50.0)), "valid_tokens": total_tokens}
+
+
+@torch.no_grad()
+def evaluate_classifier(model, data: SentenceDataset, batch_size: int, max_batches: Optional[int] = None,
+                        progress: bool = False, desc: str = "dev") -> Dict[str, float]:
+    """Accuracy and mean cross-entropy over the dev rows (at most ``max_batches`` batches; 0 or
+    None: all)."""
+    loss_sum, correct, n = 0.0, 0, 0
+    total = -(-len(data.dev_y) // batch_size)
+    batches = sentence_batches(data.dev_x, data.dev_y, batch_size, data.pad_id, max_batches or None)
+    for logits, loss, y in _eval_passes(model, batches, min(total, max_batches or total), progress, desc):
+        loss_sum += float(loss) * len(y)
+        correct += int((logits.argmax(dim=-1).cpu() == y).sum())
+        n += len(y)
+    return {"dev_loss": loss_sum / max(1, n), "dev_accuracy": correct / max(1, n), "dev_examples": n}
 
 
 class RankShare:
@@ -91,11 +115,20 @@ def global_mean(value: torch.Tensor, world: int) -> float:
     return float(v)
 
 
-def build_model(args, corpus: TokenCorpus, cfg: TrilemmaMoEConfig) -> GPT:
+def build_model(args, corpus: TokenCorpus | SentenceDataset, cfg: TrilemmaMoEConfig) -> GPT:
     torch.manual_seed(args.seed)
-    return GPT(corpus.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-               seq_len=args.seq_len, d_ff=args.d_ff, ffn_kind=args.ffn, moe_config=cfg,
-               seed=args.seed, moe_every=args.moe_every)
+    kwargs = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads, "seq_len": args.seq_len,
+              "d_ff": args.d_ff, "ffn_kind": args.ffn, "moe_config": cfg, "seed": args.seed,
+              "moe_every": args.moe_every}
+    if isinstance(corpus, SentenceDataset):
+        return GPTClassifier(corpus.vocab_size, num_classes=corpus.num_classes, pad_id=corpus.pad_id, **kwargs)
+    return GPT(corpus.vocab_size, **kwargs)
+
+
+def make_sampler(args, corpus: TokenCorpus | SentenceDataset, global_batch: int):
+    if isinstance(corpus, SentenceDataset):
+        return RowSampler(corpus.train_x, corpus.train_y, global_batch, seed=args.seed + 1, pad_id=corpus.pad_id)
+    return BatchSampler(corpus.train, args.seq_len, global_batch, seed=args.seed + 1)
 
 
 def make_backend(args, cfg: TrilemmaMoEConfig) -> Backend:
@@ -105,7 +138,8 @@ def make_backend(args, cfg: TrilemmaMoEConfig) -> Backend:
     return TorchBackend(cfg, args.device, args.dtype, args.lr, args.batch_size)
 
 
-def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
+def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
+        task_defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     backend = make_backend(args, cfg)
     backend.prepare()
     model = build_model(args, corpus, cfg)
@@ -118,7 +152,7 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
         set_collective_timeout(cfg.comm_timeout_s)
     # One global batch of batch x world windows per micro-step, rank r takes its share: the same
     # data as a one-process run with --batch-size batch x world (identical at world 1).
-    sampler = RankShare(BatchSampler(corpus.train, args.seq_len, batch * world, seed=args.seed + 1), rank, batch)
+    sampler = RankShare(make_sampler(args, corpus, batch * world), rank, batch)
     is_main = rank == 0
     show_progress = is_main and not args.no_progress
     logger = report.Logger(args.logdir if is_main else None)
@@ -133,7 +167,7 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
 
     pc_start = model.param_counts()
     if is_main:
-        print("\n".join(report.start_lines(args, cfg, corpus, pc_start, backend, warmup)))
+        print("\n".join(report.start_lines(args, cfg, corpus, pc_start, backend, warmup, task_defaults or {})))
     bar = _progress(total=args.steps, desc=f"train[{args.ffn}]") if show_progress else None
 
     def say(msg: str) -> None:
@@ -144,9 +178,11 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
         else:
             print(msg)
 
-    def validate(desc: str) -> Dict[str, float]:
-        return evaluate(model, corpus.valid, args.seq_len, batch, args.eval_batches,
-                        progress=show_progress, desc=desc)
+    def validate(desc: str, cap: Optional[int] = args.eval_batches) -> Dict[str, float]:
+        if isinstance(corpus, SentenceDataset):
+            return evaluate_classifier(model, corpus, batch, cap, progress=show_progress,
+                                       desc=desc.replace("valid", "dev"))
+        return evaluate(model, corpus.valid, args.seq_len, batch, cap, progress=show_progress, desc=desc)
 
     model.train()
     rec = report.Record()
@@ -171,7 +207,7 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
                 with named_comm_failure(f"step {step + 1}: loss all-reduce", cfg.comm_timeout_s):
                     step_loss += global_mean(loss, world) / ga
                     step_aux += global_mean(l_aux, world) / ga
-                tokens += y.numel()
+                tokens += corpus.tokens_in(x)   # lm: every window position; sst2: the non-pad tokens
             grad_norm = backend.optimizer_step()
         # the profiler slows the step it watches: its predecessor's time stands in for it
         seconds = rec.step_times[-1] if profiled and rec.step_times else time.perf_counter() - t0
@@ -205,16 +241,15 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus) -> Dict[str, Any]:
             last_eval = validate(f"valid[step {step + 1}]")
             logger.scalars(step + 1, last_eval, "valid")
             rec.history.append({"step": step + 1, "train_loss": rec.ema_loss, **last_eval})
-            say(f"[step {step + 1}] train loss {rec.ema_loss:.4f} | valid loss {last_eval['valid_loss']:.4f} "
-                f"ppl {last_eval['valid_ppl']:.2f} | load cv {st['load_cv']:.3f}")
+            say(f"[step {step + 1}] train loss {rec.ema_loss:.4f} | {report.eval_text(last_eval)} "
+                f"| load cv {st['load_cv']:.3f}")
     if bar is not None:
         bar.close()
     if loss_log is not None:
         loss_log.close()
 
     final_cap = args.eval_batches if args.final_eval_batches is None else args.final_eval_batches
-    last_eval = evaluate(model, corpus.valid, args.seq_len, batch, final_cap,
-                         progress=show_progress, desc="valid" if final_cap else "valid (whole split)")
+    last_eval = validate("valid" if final_cap else "valid (whole split)", final_cap)
     logger.scalars(args.steps, last_eval, "valid")
     rec.history.append({"step": args.steps, "train_loss": rec.ema_loss, **last_eval})
     st = report.moe_stats(report.layer_stats(model))

@@ -151,10 +151,14 @@ class Record:
 
 # --- start lines, summary, table ------------------------------------------------------------
 def start_lines(args, cfg: TrilemmaMoEConfig, corpus, param_counts: Dict[str, int], backend,
-                warmup: int) -> List[str]:
+                warmup: int, task_defaults: Optional[Dict[str, Any]] = None) -> List[str]:
     pc = param_counts
     clustered = args.ffn in OURS_VARIANTS
-    lines = [corpus.describe(),
+    lines = [f"task: {args.task}" + (" (sentence classification: bidirectional attention, mean-pooled "
+                                      "non-pad tokens, pads kept out of the FFNs)" if args.task == "sst2" else "")
+             + (" | task defaults: " + " ".join(f"{k.replace('_', '-')}={v:g}" for k, v in task_defaults.items())
+                if task_defaults else ""),
+             corpus.describe(),
              f"model: d_model={args.d_model} d_ff={args.d_ff} layers={args.layers} heads={args.heads} "
              f"seq_len={args.seq_len} ffn={args.ffn} | params {pc['total']:,} (experts {pc['expert']:,})"
              + (" before compression: full experts until the first clustering" if clustered else "")]
@@ -173,7 +177,8 @@ def start_lines(args, cfg: TrilemmaMoEConfig, corpus, param_counts: Dict[str, in
     elif args.ffn != "dense":
         lines.append(f"moe: E={cfg.num_experts} k={cfg.top_k} aux_loss_coef={cfg.aux_loss_coef} "
                      f"z_loss_coef={cfg.z_loss_coef} (dropless)")
-    lines.append(f"train: steps={args.steps} batch={backend.micro_batch_size}x{args.seq_len} "
+    shape = "x" + str(args.seq_len) if args.task == "lm" else f" phrases (<= {args.seq_len} tokens)"
+    lines.append(f"train: steps={args.steps} batch={backend.micro_batch_size}{shape} "
                  f"ga={backend.grad_accum} lr={args.lr:g} warmup={warmup} grad_clip={backend.grad_clip} "
                  f"seed={args.seed} threads={torch.get_num_threads()}")
     return lines
@@ -184,18 +189,21 @@ def summary(args, cfg: TrilemmaMoEConfig, corpus, rec: Record, last_eval: Dict[s
             deepspeed: bool) -> Dict[str, Any]:
     steps = args.steps
     out: Dict[str, Any] = {
+        "task": args.task,
         "ffn": args.ffn,
         "steps": steps,
         "data": corpus.name,
         "final_train_loss": sum(rec.loss_window) / len(rec.loss_window),  # mean of the last 20 steps
         "last_step_train_loss": float(rec.last_loss),
-        "valid_loss": last_eval["valid_loss"],
-        "valid_ppl": last_eval["valid_ppl"],
+        # lm: validation perplexity; sst2: valid_loss is the dev cross-entropy (no perplexity)
+        **({"valid_loss": last_eval["valid_loss"], "valid_ppl": last_eval["valid_ppl"]} if "valid_ppl" in last_eval
+           else {"valid_loss": last_eval["dev_loss"], "dev_loss": last_eval["dev_loss"],
+                 "dev_accuracy": last_eval["dev_accuracy"], "dev_examples": last_eval["dev_examples"]}),
         "total_params": pc["total"],          # at the end: after compression when it ran
         "expert_params": pc["expert"],
         "total_params_start": pc_start["total"],   # at the start: full experts
         "expert_params_start": pc_start["expert"],
-        "tokens_per_s": rec.tokens_seen / max(rec.train_time, 1e-9),
+        "tokens_per_s": rec.tokens_seen / max(rec.train_time, 1e-9),   # sst2: non-pad tokens
         "train_time_s": rec.train_time,
         # the second half of the run: no compilation, autotuning or first clustering in it
         "tokens_per_s_second_half": (rec.tokens_seen / steps) * (steps - steps // 2)
@@ -230,11 +238,22 @@ def format_table(rows: Sequence[tuple]) -> str:
     return "\n".join(lines)
 
 
+def eval_text(ev: Dict[str, float]) -> str:
+    """One evaluation in a progress line."""
+    if "dev_accuracy" in ev:
+        return f"dev loss {ev['dev_loss']:.4f} acc {ev['dev_accuracy']:.4f}"
+    return f"valid loss {ev['valid_loss']:.4f} ppl {ev['valid_ppl']:.2f}"
+
+
 def table(s: Dict[str, Any], num_layers: int) -> str:
     clustered = "first_clusterings" in s
     rows: List[tuple] = [("ffn", s["ffn"]), ("data", s["data"]), ("steps", s["steps"]),
-                         ("train loss (last 20 steps)", s["final_train_loss"]),
-                         ("valid loss", s["valid_loss"]), ("valid ppl", s["valid_ppl"])]
+                         ("train loss (last 20 steps)", s["final_train_loss"])]
+    if "dev_accuracy" in s:
+        rows += [("dev loss", s["dev_loss"]), ("dev accuracy", s["dev_accuracy"]),
+                 ("dev examples", s["dev_examples"])]
+    else:
+        rows += [("valid loss", s["valid_loss"]), ("valid ppl", s["valid_ppl"])]
     if clustered:
         rows += [("total params at start", s["total_params_start"]),
                  ("total params at end" + (" (compressed)" if s["compressed"] else " (not compressed)"),
@@ -243,7 +262,7 @@ def table(s: Dict[str, Any], num_layers: int) -> str:
                  ("expert params at end", s["expert_params"])]
     else:
         rows += [("total params", s["total_params"]), ("expert params", s["expert_params"])]
-    rows += [("tokens/s", s["tokens_per_s"]), ("train time (s)", s["train_time_s"]),
+    rows += [("tokens/s" + (" (non-pad)" if "dev_accuracy" in s else ""), s["tokens_per_s"]), ("train time (s)", s["train_time_s"]),
              ("load CV (last 50 steps)", s["load_cv"])]
     if clustered:
         first = s["first_clusterings"]

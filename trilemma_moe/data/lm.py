@@ -1,4 +1,4 @@
-"""Token streams for the small-GPT experiments.
+"""Token streams for the small-GPT language-model task.
 
 - ``SyntheticTopicCorpus``: a generated corpus with topic structure (default, no download).
 - ``load_wikitext(dir)``: word-level WikiText-2/-103 (``wiki.{train,valid,test}.tokens``).
@@ -39,6 +39,10 @@ class TokenCorpus:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    def tokens_in(self, x: Tensor) -> int:
+        """Tokens of a batch of windows (what tokens/s counts)."""
+        return x.numel()
 
     def describe(self) -> str:
         return (f"{self.name}: vocab {self.vocab_size:,}, train {self.train.numel():,} / "

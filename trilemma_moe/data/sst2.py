@@ -1,0 +1,181 @@
+"""GLUE SST-2 (binary sentiment of movie-review phrases) for the classification task.
+
+``load_sst2(DIR)`` reads ``DIR/train.tsv`` (a ``sentence<TAB>label`` header, then one phrase and
+its 0/1 label a line, the GLUE release's format). ``DIR/dev.tsv``, when present, is the evaluation
+set; otherwise :func:`stratified_holdout` sets aside a fixed slice of ``SST2_HELDOUT`` (872, the
+size of GLUE's dev set) training rows, stratified by label and chosen by a fixed generator (not
+``--seed``), so every run and every FFN kind evaluates on the same rows. Held-out rows are never
+trained on, nor are training rows whose text equals a held-out phrase (GLUE's train split repeats
+a few hundred phrases).
+
+Tokens: lowercase whitespace words; the vocabulary is ``<pad>`` (id 0), ``<unk>`` (id 1), then
+the training rows' words seen at least ``min_count`` times, by descending count (ties in first-seen
+order). A phrase is cut to ``seq_len`` tokens and right-padded; batches are trimmed to their
+longest row.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .lm import UNK
+
+PAD = "<pad>"
+SST2_HELDOUT = 872             # GLUE SST-2's dev set size
+HOLDOUT_SEED = 20251002        # fixed: the held-out slice never depends on --seed
+SST2_HEADER = ("sentence", "label")
+
+
+def read_labelled_tsv(path: str) -> tuple[list[str], list[int]]:
+    """Phrases and 0/1 labels of a GLUE-style TSV; every problem is a ``ValueError`` (or
+    ``FileNotFoundError``) naming ``path``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --data must point to a GLUE SST-2 directory holding "
+                                f"train.tsv (and optionally dev.tsv) with a 'sentence<TAB>label' header")
+    sentences: list[str] = []
+    labels: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            header = f.readline()
+            if not header.strip():
+                raise ValueError(f"{path} is empty: expected a 'sentence<TAB>label' header and rows")
+            if tuple(c.strip().lower() for c in header.rstrip("\n").split("\t")) != SST2_HEADER:
+                raise ValueError(f"{path}: line 1 is {header.strip()[:60]!r}, expected the header "
+                                 f"'sentence<TAB>label' (GLUE SST-2 format)")
+            for lineno, line in enumerate(f, start=2):
+                if not line.strip():
+                    continue
+                text, sep, label = line.rstrip("\r\n").rpartition("\t")
+                if not sep or label.strip() not in ("0", "1"):
+                    raise ValueError(f"{path}: line {lineno}: label {label.strip()[:20]!r} is not 0 or 1 "
+                                     f"(expected 'sentence<TAB>label')")
+                sentences.append(text.strip())
+                labels.append(int(label))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
+    if not sentences:
+        raise ValueError(f"{path} is empty: a header but no rows")
+    return sentences, labels
+
+
+def stratified_holdout(labels: list[int], n: int = SST2_HELDOUT,
+                       seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows, heldout_rows)``, both sorted: ``n`` rows whose label counts are the train
+    proportion rounded (each class within one row of it), drawn by a generator of ``seed``."""
+    y = np.asarray(labels)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    classes = np.unique(y)
+    want = {int(c): round(n * float((y == c).sum()) / len(y)) for c in classes}
+    want[int(classes[-1])] += n - sum(want.values())           # exactly n in all
+    picked = [rng.permutation(np.flatnonzero(y == c))[:want[int(c)]] for c in classes]
+    held = np.sort(np.concatenate(picked))
+    return np.setdiff1d(np.arange(len(y)), held), held
+
+
+def tokenize(sentence: str) -> list[str]:
+    return sentence.lower().split()
+
+
+@dataclass
+class SentenceDataset:
+    """Padded token rows ``[N, seq_len]`` (``pad_id`` 0) and labels ``[N]`` for train and dev."""
+
+    train_x: Tensor
+    train_y: Tensor
+    dev_x: Tensor
+    dev_y: Tensor
+    vocab: list[str]
+    name: str = "sst2"
+    dev_source: str = "dev.tsv"
+    stoi: dict[str, int] = field(default_factory=dict, repr=False)
+    pad_id: int = 0
+    num_classes: int = 2
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def tokens_in(self, x: Tensor) -> int:
+        """Non-pad tokens of a batch (what tokens/s counts for this task)."""
+        return int((x != self.pad_id).sum())
+
+    def describe(self) -> str:
+        lens = (self.train_x != self.pad_id).sum(1).float()
+        return (f"{self.name}: vocab {self.vocab_size:,}, train {len(self.train_y):,} phrases "
+                f"({float(self.train_y.float().mean()):.1%} label 1, mean {float(lens.mean()):.1f} tokens) / "
+                f"dev {len(self.dev_y):,} phrases ({self.dev_source}), seq_len {self.train_x.shape[1]}")
+
+
+def load_sst2(directory: str, seq_len: int = 64, min_count: int = 2) -> SentenceDataset:
+    directory = os.fspath(directory)
+    train_path = os.path.join(directory, "train.tsv")
+    sentences, labels = read_labelled_tsv(train_path)
+    dev_path = os.path.join(directory, "dev.tsv")
+    if os.path.isfile(dev_path):
+        dev_s, dev_l = read_labelled_tsv(dev_path)
+        tr_s, tr_l, source = sentences, labels, "dev.tsv"
+    else:
+        if len(sentences) < 2 * SST2_HELDOUT:
+            raise ValueError(f"{train_path}: {len(sentences)} rows are too few to hold out {SST2_HELDOUT} "
+                             f"for evaluation (need {2 * SST2_HELDOUT}); add a dev.tsv")
+        train_rows, held = stratified_holdout(labels)
+        dev_s, dev_l = [sentences[i] for i in held], [labels[i] for i in held]
+        held_text = set(dev_s)
+        train_rows = [i for i in train_rows if sentences[i] not in held_text]
+        tr_s, tr_l = [sentences[i] for i in train_rows], [labels[i] for i in train_rows]
+        source = f"fixed stratified {SST2_HELDOUT}-row slice of train.tsv"
+    tr_tok = [tokenize(s) for s in tr_s]
+    counts = Counter(w for toks in tr_tok for w in toks)
+    vocab = [PAD, UNK] + [w for w, c in counts.most_common() if c >= min_count and w not in (PAD, UNK)]
+    stoi = {w: i for i, w in enumerate(vocab)}
+
+    def encode(token_lists: list[list[str]]) -> Tensor:
+        out = torch.zeros(len(token_lists), seq_len, dtype=torch.long)
+        for r, toks in enumerate(token_lists):
+            ids = [stoi.get(w, 1) for w in toks[:seq_len]] or [1]   # an empty phrase: one <unk>
+            out[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    return SentenceDataset(train_x=encode(tr_tok), train_y=torch.tensor(tr_l, dtype=torch.long),
+                           dev_x=encode([tokenize(s) for s in dev_s]), dev_y=torch.tensor(dev_l, dtype=torch.long),
+                           vocab=vocab, name=f"sst2({os.path.basename(os.path.normpath(directory))})",
+                           dev_source=source, stoi=stoi)
+
+
+def _trim(x: Tensor, pad_id: int) -> Tensor:
+    """Drop the trailing columns that are padding in every row."""
+    used = (x != pad_id).any(dim=0).nonzero()
+    return x[:, :int(used.max()) + 1] if used.numel() else x[:, :1]
+
+
+class RowSampler:
+    """Random rows (with replacement): ``next()`` returns ``(x[B,T'], y[B])``, ``T'`` the
+    batch's longest row. Driven by its own seeded ``torch.Generator`` so runs repeat."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, seed: int = 0, pad_id: int = 0):
+        if len(y) == 0:
+            raise ValueError("no training rows")
+        self.x, self.y, self.batch_size, self.pad_id = x, y, batch_size, pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        rows = torch.randint(0, len(self.y), (self.batch_size,), generator=self.generator)
+        return _trim(self.x[rows], self.pad_id), self.y[rows]
+
+
+def sentence_batches(x: Tensor, y: Tensor, batch_size: int, pad_id: int = 0,
+                     max_batches: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every row once, in order, ``batch_size`` a batch (at most ``max_batches``)."""
+    for b, r0 in enumerate(range(0, len(y), batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        yield _trim(x[r0:r0 + batch_size], pad_id), y[r0:r0 + batch_size]
