@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="what to run (see presets.py)")
     p.add_argument("--data-root", default=os.path.join("..", "shared", "data"),
-                   help="directory holding wikitext-2/ (wiki.*.tokens) and sst2/ (train.tsv)")
+                   help="directory holding wikitext-2/ (wiki.*.tokens; paper preset: wikitext-103/) and sst2/ "
+                        "(train.tsv)")
     p.add_argument("--out", default=os.path.join("docs", "results", "reproduce"),
                    help="runs, raw JSON and figures go here")
     p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the report")
@@ -41,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_data(root: str, tasks) -> None:
-    need = {"lm": os.path.join(root, "wikitext-2", "wiki.train.tokens"), "sst2": os.path.join(root, "sst2", "train.tsv")}
-    missing = [path for task, path in need.items() if task in tasks and not os.path.isfile(path)]
+def _check_data(runs) -> None:
+    """Every run's --data directory exists (one error naming --data-root and what is missing)."""
+    missing = sorted({r.argv[r.argv.index("--data") + 1] for r in runs
+                      if "--data" in r.argv and not os.path.isdir(r.argv[r.argv.index("--data") + 1])})
     if missing:
-        raise SystemExit(f"trilemma-moe reproduce: --data-root {root}: missing {', '.join(missing)} (a directory with "
-                         f"wikitext-2/ (the word-level WikiText-2 release) and sst2/train.tsv (GLUE SST-2))")
+        raise SystemExit(f"trilemma-moe reproduce: --data-root: missing {', '.join(missing)} (the preset reads "
+                         f"WikiText (wiki.*.tokens, the word-level release) and GLUE SST-2 (train.tsv) from there)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -65,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if not preset.run_here and not torch.cuda.is_available():
             raise SystemExit(f"--preset {preset.name} is sized for a GPU cluster ({preset.description}); "
                              f"this machine has no CUDA device (use --preset cpu)")
-        _check_data(args.data_root, tasks)
+        _check_data(runs)
         failed = run_all(runs, args.jobs, progress=not args.no_progress)
     done = [r for r in runs if r.done()]
     if not done:

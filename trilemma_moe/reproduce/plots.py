@@ -15,6 +15,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _by(records, task, variant=None, seed=None):
     return [r for r in records if r["task"] == task and (variant is None or r["variant"] == variant)
             and (seed is None or r["seed"] == seed)]
@@ -48,10 +55,7 @@ def curves(records: List[Dict[str, Any]], task: str, key: str, ylabel: str, path
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def expert_load(records: List[Dict[str, Any]], task: str, variants: List[str], path: str) -> bool:
@@ -72,10 +76,7 @@ def expert_load(records: List[Dict[str, Any]], task: str, variants: List[str], p
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("expert id")
         fig.colorbar(im, ax=ax, fraction=0.046, label="share of assignments")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def group_membership(records: List[Dict[str, Any]], task: str, variants: List[str], path: str) -> bool:
@@ -100,10 +101,7 @@ def group_membership(records: List[Dict[str, Any]], task: str, variants: List[st
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step of the clustering / regroup")
         ax.set_ylabel("expert id (colour: group)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def params_vs_quality(agg: Dict[str, Dict[str, Dict[str, Any]]], path: str) -> bool:
@@ -127,10 +125,7 @@ def params_vs_quality(agg: Dict[str, Dict[str, Dict[str, Any]]], path: str) -> b
         ax.set_xlabel("expert parameters at the end of training (log)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def make_all(records, agg, fig_dir: str) -> Dict[str, str]:
