@@ -94,6 +94,13 @@ def test_deepspeed_collaborators_fit_their_interfaces():
     assert _conforms(AioTier, interfaces.OffloadTier) == []
 
 
+def test_megatron_collaborators_fit_their_interfaces():
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    from trilemma_moe.integrations.megatron import MegatronParamIO
+    assert _conforms(MegatronParamIO, interfaces.ParamIO) == []
+    assert isinstance(MegatronParamIO(), interfaces.ParamIO)
+
+
 def test_both_slot_views_carry_what_the_fused_path_reads():
     from trilemma_moe.core.experts import ExpertSpec
     slots = ExpertSlots(ExpertSpec(4, 6, "gelu", False, True), 2, 2, 2, seed=0)

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/: layer_reference
-from trilemma_moe.integrations.megatron_cpu import cpu_checkpoint_substitutes  # noqa: E402
+from trilemma_moe.integrations.megatron_cpu import cpu_checkpoint_substitutes
 
 SEQ, VOCAB, GLOBAL_BATCH, STEPS, SAVE_AFTER, FORCE_AFTER = 16, 64, 8, 9, 5, 7
 KNOBS = {"rank": 4, "burn_in": 3, "recluster_interval": 3, "delta": 0.0, "seed": 7, "alpha": 0.0}
@@ -47,10 +47,10 @@ def init_parallel(world: int, rank: int, port: int, ep: int) -> None:
 
 def transformer_config(ep: int = 1, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
-    values = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
-                  use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-                  num_moe_experts=8, moe_router_topk=2, moe_router_num_groups=4, moe_router_group_topk=1,
-                  moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001, expert_model_parallel_size=ep)
+    values = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
+                  "use_cpu_initialization": True, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+                  "num_moe_experts": 8, "moe_router_topk": 2, "moe_router_num_groups": 4, "moe_router_group_topk": 1,
+                  "moe_aux_loss_coeff": 0.01, "moe_z_loss_coeff": 0.001, "expert_model_parallel_size": ep}
     values.update(overrides)
     return TransformerConfig(**values)
 
@@ -221,7 +221,7 @@ def worker(rank: int, world: int, ep: int, port: int, out_dir: str, mode: str, c
 def _entry(rank, *args):
     try:
         worker(rank, *args)
-    except BaseException:
+    except BaseException:  # noqa: BLE001  (any failure: print it, leave without waiting on peers)
         traceback.print_exc()
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(1)   # no waiting on peers that are still inside a collective

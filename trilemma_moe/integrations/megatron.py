@@ -25,15 +25,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    save_to_aux_losses_tracker,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
 from ..config import TrilemmaMoEConfig, _section
 from ..core.layer import ClusteredMoE
@@ -42,8 +49,13 @@ from .deepspeed_engine import DataParallelSync
 from .megatron_config import expert_shape, layer_index, trilemma_config
 from .megatron_optim import MegatronParamIO, attach_megatron_optimizer
 
-__all__ = ["TrilemmaMegatronMoE", "gpt_layer_spec", "attach_megatron_optimizer", "spec_for_megatron_lm",
-           "megatron_topology"]
+__all__ = [
+    "TrilemmaMegatronMoE",
+    "attach_megatron_optimizer",
+    "gpt_layer_spec",
+    "megatron_topology",
+    "spec_for_megatron_lm",
+]
 
 EXPERT_PREFIX = "experts."   # ClusteredMoE state: slot-stacked expert tensors (sharded over ep ranks)
 
@@ -76,12 +88,12 @@ class TrilemmaMegatronMoE(MegatronModule):
     seeded by (seed, layer, expert), so they are built then (or at once when ``layer_number`` is
     given)."""
 
-    def __init__(self, config, submodules=None, layer_number: Optional[int] = None,
-                 trilemma: Union[None, TrilemmaMoEConfig, Mapping[str, Any]] = None, **unused: Any):
+    def __init__(self, config, submodules=None, layer_number: int | None = None,
+                 trilemma: None | TrilemmaMoEConfig | Mapping[str, Any] = None, **unused: Any):
         super().__init__(config)
         self.trilemma_config = trilemma_config(config, trilemma)
         self.layer_number = None
-        self.moe: Optional[ClusteredMoE] = None
+        self.moe: ClusteredMoE | None = None
         if layer_number is not None:
             self.set_layer_number(layer_number)
 
@@ -118,7 +130,7 @@ class TrilemmaMegatronMoE(MegatronModule):
         self.moe = moe
 
     # --- forward ----------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **unused: Any):
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, **unused: Any):
         if self.moe is None:
             raise RuntimeError("TrilemmaMegatronMoE was built without a layer number: call set_layer_number(n) "
                                "(Megatron's TransformerLayer does)")
@@ -133,7 +145,7 @@ class TrilemmaMegatronMoE(MegatronModule):
         return output, None
 
     @torch.no_grad()
-    def _track_losses(self, hidden_states: torch.Tensor, used: Optional[torch.Tensor], l_aux: torch.Tensor) -> None:
+    def _track_losses(self, hidden_states: torch.Tensor, used: torch.Tensor | None, l_aux: torch.Tensor) -> None:
         """Unweighted balance and z losses into Megatron's tracker (as its router logs them: loss /
         coefficient). Ours is one weighted sum; with both coefficients set, the z part is
         recomputed from the routing (no gradient) to split it."""
@@ -157,7 +169,7 @@ class TrilemmaMegatronMoE(MegatronModule):
                                        avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
 
     # --- distributed checkpoints --------------------------------------------------------------
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: dict | None = None):
         """Expert slot tensors (``moe.experts.*``: burn-in experts, bases, factors, biases) are one
         global tensor each along the slot (or group) axis, this rank's block at
         ``ep_rank * local``; replicas over expert data parallelism share the block (replica id =
@@ -191,7 +203,7 @@ class TrilemmaMegatronMoE(MegatronModule):
         return self.moe.stats()
 
 
-def gpt_layer_spec(config, trilemma: Union[None, TrilemmaMoEConfig, Mapping[str, Any]] = None,
+def gpt_layer_spec(config, trilemma: None | TrilemmaMoEConfig | Mapping[str, Any] = None,
                    backend: str = "local") -> ModuleSpec:
     """A transformer-layer spec for ``GPTModel(config, transformer_layer_spec=...)``: Megatron's
     own GPT layer (``backend="local"``: Megatron-core modules only; ``"transformer_engine"``: TE
@@ -200,7 +212,7 @@ def gpt_layer_spec(config, trilemma: Union[None, TrilemmaMoEConfig, Mapping[str,
     conflict fails before any model is built."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     resolved = trilemma_config(config, trilemma)
-    kwargs = dict(num_experts=config.num_moe_experts, qk_layernorm=config.qk_layernorm)
+    kwargs = {"num_experts": config.num_moe_experts, "qk_layernorm": config.qk_layernorm}
     if backend == "local":
         base = specs.get_gpt_layer_local_spec(normalization=config.normalization, **kwargs)
     elif backend == "transformer_engine":

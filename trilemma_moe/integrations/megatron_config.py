@@ -24,7 +24,8 @@ Megatron MoE features this layer does not have raise, naming the field.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
+from typing import Any
 
 from ..config import TrilemmaMoEConfig
 
@@ -49,15 +50,15 @@ UNSUPPORTED = (
     ("moe_input_jitter_eps", None, "input jitter"),
     ("moe_pad_expert_input_to_capacity", False, "padding expert inputs to capacity"),
     ("moe_latent_size", None, "latent MoE projections"),
-    ("tensor_model_parallel_size", 1, "tensor parallelism (the layer is replicated, not split; use "
-                                       "expert and data parallelism)"),
+    ("tensor_model_parallel_size", 1, ("tensor parallelism (the layer is replicated, not split; use "
+                                       "expert and data parallelism)")),
     ("expert_tensor_parallel_size", (None, 1), "expert tensor parallelism"),
 )
 
 _ACTIVATIONS = ("gelu", "relu", "silu")
 
 
-def _knobs(trilemma: Union[None, TrilemmaMoEConfig, Mapping[str, Any]]) -> Dict[str, Any]:
+def _knobs(trilemma: None | TrilemmaMoEConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The knobs ``trilemma`` sets explicitly: a dict's keys; for a TrilemmaMoEConfig, the fields
     that differ from our defaults (a default value cannot be told from an explicit one)."""
     if trilemma is None:
@@ -74,7 +75,7 @@ def _unset(value, unset) -> bool:
     return value == unset if not isinstance(unset, tuple) else value in unset
 
 
-def trilemma_config(config, trilemma: Union[None, TrilemmaMoEConfig, Mapping[str, Any]] = None) -> TrilemmaMoEConfig:
+def trilemma_config(config, trilemma: None | TrilemmaMoEConfig | Mapping[str, Any] = None) -> TrilemmaMoEConfig:
     """Our layer's config from Megatron's ``TransformerConfig`` ``config`` and ``trilemma``."""
     for name, off, what in UNSUPPORTED:
         value = getattr(config, name, off if not isinstance(off, tuple) else off[0])
@@ -112,7 +113,7 @@ def trilemma_config(config, trilemma: Union[None, TrilemmaMoEConfig, Mapping[str
     return TrilemmaMoEConfig.from_dict(merged)
 
 
-def expert_shape(config) -> Tuple[int, int, str, bool, bool]:
+def expert_shape(config) -> tuple[int, int, str, bool, bool]:
     """(hidden_size, ffn_hidden_size, activation, gated, bias) of one expert FFN: Megatron's
     ``moe_ffn_hidden_size`` (else ``ffn_hidden_size``), ``activation_func`` (gelu, relu, silu;
     ``gated_linear_unit`` makes it SwiGLU/GeGLU), ``add_bias_linear``."""
@@ -128,6 +129,6 @@ def expert_shape(config) -> Tuple[int, int, str, bool, bool]:
     return config.hidden_size, int(ffn), name, gated, bool(getattr(config, "add_bias_linear", True))
 
 
-def layer_index(layer_number: Optional[int]) -> int:
+def layer_index(layer_number: int | None) -> int:
     """Megatron numbers layers from 1; our seeds use a 0-based index."""
     return 0 if layer_number is None else int(layer_number) - 1

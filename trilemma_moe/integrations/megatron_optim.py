@@ -17,10 +17,10 @@ a plain ``torch.optim`` optimizer                      params and ``optimizer.st
 from __future__ import annotations
 
 import functools
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from ..core.layer import ClusteredMoE, clustered_layers
 from ..core.state_io import TorchParamIO
@@ -32,7 +32,7 @@ DISTRIBUTED_OPTIMIZER_REFUSAL = (
     "use_distributed_optimizer=False (Megatron's Float16OptimizerWithFloat16Params / FP32Optimizer)")
 
 
-def _inner_optimizers(optimizer) -> List:
+def _inner_optimizers(optimizer) -> list:
     """The Megatron optimizers of ``optimizer`` (a ChainedOptimizer's members, or itself)."""
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
@@ -41,10 +41,10 @@ def _is_distributed(opt) -> bool:
     return any(cls.__name__ == "DistributedOptimizer" for cls in type(opt).__mro__)
 
 
-def masters_of(optimizer) -> Dict[int, Tuple[torch.optim.Optimizer, torch.Tensor]]:
+def masters_of(optimizer) -> dict[int, tuple[torch.optim.Optimizer, torch.Tensor]]:
     """id(model parameter) -> (torch optimizer holding its state, the tensor that state is keyed
     by: its fp32 master, or the parameter itself)."""
-    out: Dict[int, Tuple[torch.optim.Optimizer, torch.Tensor]] = {}
+    out: dict[int, tuple[torch.optim.Optimizer, torch.Tensor]] = {}
     if optimizer is None:
         return out
     for opt in _inner_optimizers(optimizer):
@@ -77,7 +77,7 @@ class MegatronParamIO(TorchParamIO):
         self.megatron_optimizer = optimizer
         self._masters = masters_of(optimizer)
 
-    def _master(self, p: torch.Tensor) -> Tuple[Optional[torch.optim.Optimizer], torch.Tensor]:
+    def _master(self, p: torch.Tensor) -> tuple[torch.optim.Optimizer | None, torch.Tensor]:
         if id(p) in self._masters:
             return self._masters[id(p)]
         if getattr(p, "main_param_sharded", False):
@@ -108,7 +108,7 @@ class MegatronParamIO(TorchParamIO):
         pass
 
 
-def _layers_of(model) -> List[ClusteredMoE]:
+def _layers_of(model) -> list[ClusteredMoE]:
     chunks: Iterable[nn.Module] = model if isinstance(model, (list, tuple)) else [model]
     return [layer for chunk in chunks for layer in clustered_layers(chunk)]
 
