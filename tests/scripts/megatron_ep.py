@@ -10,9 +10,9 @@ step SAVE_AFTER into CKPT_DIR when given. MODE ``resume``: load CKPT_DIR, run th
 
 Data: every step has one global batch of GLOBAL_BATCH sequences; rank r of a world of W reads
 rows [r*GLOBAL_BATCH/W, (r+1)*GLOBAL_BATCH/W) (each rank its own data). Gradients are reduced
-as Megatron's DistributedDataParallel does (its CUDA grad buffers cannot run here): a parameter
-with ``allreduce = False`` over the expert-data-parallel group, any other over the data-parallel
-group, both divided by the data-parallel size. So W ranks match one rank fed the whole batch: the
+as Megatron's DistributedDataParallel does (``megatron_train.reduce_gradients``; its CUDA grad
+buffers cannot run here): a parameter with ``allreduce = False`` over the expert-data-parallel
+group, any other over the data-parallel group, both divided by the data-parallel size. So W ranks match one rank fed the whole batch: the
 main loss is a mean per rank, averaged; our balance loss is computed over the expert-parallel
 group's tokens, whose gradients sum over the ranks. Each rank writes OUT_DIR/rank<r>.json with
 the global loss of every step (the mean of the ranks' losses).
@@ -30,7 +30,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/: layer_reference
-from trilemma_moe.integrations.megatron_cpu import cpu_checkpoint_substitutes
+from trilemma_moe.integrations.megatron_train import (
+    load_checkpoint,
+    reduce_gradients,
+    save_checkpoint,
+)
 
 SEQ, VOCAB, GLOBAL_BATCH, STEPS, SAVE_AFTER, FORCE_AFTER = 16, 64, 8, 9, 5, 7
 KNOBS = {"rank": 4, "burn_in": 3, "recluster_interval": 3, "delta": 0.0, "seed": 7, "alpha": 0.0}
@@ -84,26 +88,13 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, pos, causal_mask(ids.shape[1]), labels=ids).mean()
 
 
-def reduce_grads(model) -> None:
-    """Megatron DDP's reduction rule (see the module docstring)."""
-    from megatron.core import parallel_state
-    dp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    edp = parallel_state.get_expert_data_parallel_group()
-    size = dist.get_world_size(dp)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        dist.all_reduce(p.grad, group=edp if not getattr(p, "allreduce", True) else dp)
-        p.grad.div_(size)
-
-
 def train_steps(model, opt, steps, rank: int = 0, world: int = 1, on_step=None):
     curve = []
     for step in steps:
         loss = lm_loss(model, batch(step, rank, world))
         opt.zero_grad()
         loss.backward()
-        reduce_grads(model)
+        reduce_gradients(model)
         opt.step()
         total = loss.detach().clone()
         dist.all_reduce(total)
@@ -111,56 +102,6 @@ def train_steps(model, opt, steps, rank: int = 0, world: int = 1, on_step=None):
         if on_step is not None:
             on_step(step)
     return curve
-
-
-# --- distributed checkpoints: the model's sharded_state_dict + torch Adam's state mapped onto it
-def _init_adam_state(opt) -> None:
-    """Zero Adam state for parameters without any (what Megatron's init_state_fn does before a
-    load); Adam's first step on them is the same as from no state."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not opt.state[p]:
-                opt.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                    exp_avg_sq=torch.zeros_like(p))
-
-
-def _sharded_optimizer_state(model_sd, opt):
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map,
-        optim_state_to_sharding_state,
-    )
-    _init_adam_state(opt)
-    sd = opt.state_dict()
-    steps = {pid: float(s["step"]) for pid, s in sd["state"].items()}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    optim_state_to_sharding_state(sd, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",))
-    sd["steps"] = steps
-    return sd
-
-
-def save_checkpoint(model, opt, directory: str) -> None:
-    from megatron.core import dist_checkpointing
-    if dist.get_rank() == 0:
-        os.makedirs(directory, exist_ok=True)    # dist_checkpointing writes into an existing, empty folder
-    dist.barrier()
-    model_sd = model.sharded_state_dict()
-    with cpu_checkpoint_substitutes():     # for MEGATRON's checkpoint writer only (see megatron_cpu.py)
-        dist_checkpointing.save({"model": model_sd, "optimizer": _sharded_optimizer_state(model_sd, opt)},
-                                directory)
-
-
-def load_checkpoint(model, opt, directory: str) -> None:
-    from megatron.core import dist_checkpointing
-    model_sd = model.sharded_state_dict()
-    with cpu_checkpoint_substitutes():
-        loaded = dist_checkpointing.load({"model": model_sd, "optimizer": _sharded_optimizer_state(model_sd, opt)},
-                                         directory)
-    model.load_state_dict(loaded["model"])
-    osd = loaded["optimizer"]
-    steps = osd.pop("steps")
-    for pid, st in osd["state"].items():
-        st["step"] = torch.tensor(steps[pid])
-    opt.load_state_dict(osd)
 
 
 def make_optimizer(model):
