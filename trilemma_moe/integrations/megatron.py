@@ -37,10 +37,7 @@ from megatron.core.transformer.moe.moe_utils import (
     save_to_aux_losses_tracker,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group,
-    make_sharded_tensors_for_checkpoint,
-)
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from ..config import TrilemmaMoEConfig, _section
 from ..core.layer import ClusteredMoE
@@ -175,13 +172,11 @@ class TrilemmaMegatronMoE(MegatronModule):
         ``ep_rank * local``; replicas over expert data parallelism share the block (replica id =
         expert-data-parallel rank). The router, slot table, centroids, counters and extra state
         are replicated over data parallelism. Loads at any expert-parallel size dividing G."""
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
         state = self.moe.state_dict(prefix="", keep_vars=True)
         experts = {k: v for k, v in state.items() if k.startswith(EXPERT_PREFIX)}
         rest = {k: v for k, v in state.items() if k not in experts}
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        out = make_sharded_tensors_for_checkpoint(rest, f"{prefix}moe.", sharded_offsets=sharded_offsets,
-                                                  tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"])
+        # replica id over tensor parallelism and data parallelism with context parallel (parallel_state's)
+        out = make_sharded_tensors_for_checkpoint(rest, f"{prefix}moe.", sharded_offsets=sharded_offsets)
         ep_rank = parallel_state.get_expert_model_parallel_rank()
         ep_size = parallel_state.get_expert_model_parallel_world_size()
         replica = (0, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_expert_data_parallel_rank())
