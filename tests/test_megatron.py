@@ -100,6 +100,14 @@ def test_shell_equals_reference_and_deepspeed_layer_float64_without_substitutes(
     assert GlobalMemoryBuffer.get_tensor is ORIGINAL_GET_TENSOR    # no CPU stand-in is installed here
     shell, ds = _pair({"burn_in": 10 ** 6, "router_freeze_steps": 0})
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, dtype=torch.float64))
+    try:
+        _compare_with_deepspeed_layer_and_reference(shell, ds)
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None     # Megatron's own default (1)
+    assert not torch.cuda.is_initialized()
+
+
+def _compare_with_deepspeed_layer_and_reference(shell, ds):
     diffs = {}
     for phase in ("burn-in", "compressed"):
         if phase == "compressed":
@@ -131,7 +139,6 @@ def test_shell_equals_reference_and_deepspeed_layer_float64_without_substitutes(
         torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-10, atol=1e-12)
         shell.zero_grad(), ds.zero_grad()
     print(f"\nmax |shell - DeepSpeed layer|, |shell - float64 reference|: {diffs}")
-    assert not torch.cuda.is_initialized()
 
 
 def test_gpt_trains_through_clustering_and_regroups_into_megatrons_tracker(megatron_attention_on_cpu):
