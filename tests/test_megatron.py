@@ -79,6 +79,9 @@ def test_transformer_config_maps_onto_our_knobs_and_conflicts_name_both():
         trilemma_config(M.transformer_config(), TrilemmaMoEConfig(num_experts=8, num_groups=4, aux_loss_coef=0.5))
     with pytest.raises(ValueError, match=r"moe_shared_expert_intermediate_size=32: shared experts"):
         trilemma_config(M.transformer_config(moe_shared_expert_intermediate_size=32))
+    with pytest.raises(ValueError, match=r"recompute_granularity='full'.*count its routing statistics twice"):
+        trilemma_config(M.transformer_config(recompute_granularity="full", recompute_method="uniform",
+                                             recompute_num_layers=1))
     with pytest.raises(ValueError, match=r"num_moe_experts is None"):
         trilemma_config(M.transformer_config(num_moe_experts=None, moe_router_num_groups=None,
                                              moe_router_group_topk=None))

@@ -81,6 +81,12 @@ def trilemma_config(config, trilemma: None | TrilemmaMoEConfig | Mapping[str, An
         value = getattr(config, name, off if not isinstance(off, tuple) else off[0])
         if not _unset(value, off):
             raise ValueError(f"TransformerConfig.{name}={value!r}: {what} is not supported by the trilemma_moe layer")
+    granularity = getattr(config, "recompute_granularity", None)
+    modules = list(getattr(config, "recompute_modules", None) or [])
+    if granularity == "full" or (granularity == "selective" and {"mlp", "moe"} & set(modules)):
+        raise ValueError(f"TransformerConfig.recompute_granularity={granularity!r} (recompute_modules={modules}): "
+                         f"recomputation re-runs the trilemma_moe layer's forward in the backward, which would count "
+                         f"its routing statistics twice; recompute attention only (selective, ['core_attn'])")
     balance = getattr(config, "moe_router_load_balancing_type", "aux_loss")
     if balance not in ("aux_loss", "none", ["aux_loss"], ["none"]):
         raise ValueError(f"TransformerConfig.moe_router_load_balancing_type={balance!r}: the trilemma_moe layer "
