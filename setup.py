@@ -13,7 +13,10 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "tensorboard"],
     extras_require={
         "deepspeed": ["deepspeed>=0.14"],
-        "megatron": ["megatron-core>=0.9"],
+        # 0.12 has every API the integration uses; 0.17+ needs Python >= 3.12 (pip picks 0.16.1 on 3.11).
+        # Install it with torch on the same pip line (torch==2.13.0 on these CPU machines), else pip may
+        # pull a CUDA build of torch.
+        "megatron": ["megatron-core>=0.12"],
         "plots": ["matplotlib"],
         # CUDA builds of torch bring a matching triton; the fused path uses it when present.
         "gpu": ["triton"],

@@ -94,6 +94,14 @@ def test_deepspeed_collaborators_fit_their_interfaces():
     assert _conforms(AioTier, interfaces.OffloadTier) == []
 
 
+def test_megatron_collaborators_fit_their_interfaces():
+    # megatron_optim imports no Megatron (importing megatron.core registers torch safe globals
+    # process-wide, argparse.Namespace among them, which the checkpoint tests rely on being refused)
+    from trilemma_moe.integrations.megatron_optim import MegatronParamIO
+    assert _conforms(MegatronParamIO, interfaces.ParamIO) == []
+    assert isinstance(MegatronParamIO(), interfaces.ParamIO)
+
+
 def test_both_slot_views_carry_what_the_fused_path_reads():
     from trilemma_moe.core.experts import ExpertSpec
     slots = ExpertSlots(ExpertSpec(4, 6, "gelu", False, True), 2, 2, 2, seed=0)

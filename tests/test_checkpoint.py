@@ -257,12 +257,13 @@ def test_load_checkpoint_checks_latest_before_the_engine(tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign_object"])
 def test_safe_load_names_a_corrupt_file_and_never_suggests_unsafe_loading(tmp_path, damage):
-    import argparse
+    import fractions
     path = tmp_path / "layer_0_expert_3_mp_rank_00_model_states.pt"
     torch.save({f"{SLOT_PREFIX}3.fa.w1": torch.randn(4, 4)}, path)
     whole = path.read_bytes()
-    if damage == "foreign_object":   # a sound file the weights-only unpickler refuses
-        torch.save({"args": argparse.Namespace(lr=1.0)}, path)
+    if damage == "foreign_object":   # a sound file the weights-only unpickler refuses (not argparse.Namespace:
+        # importing megatron.core, as the Megatron tests do, registers it as a torch safe global process-wide)
+        torch.save({"args": fractions.Fraction(1, 3)}, path)
     else:
         path.write_bytes({"garbage": b"\x00\x01not a checkpoint" * 8, "truncated": whole[:len(whole) // 2],
                           "empty": b""}[damage])

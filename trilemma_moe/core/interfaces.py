@@ -13,7 +13,8 @@ interface                   what it does                                  implem
 :class:`ExpertParallel\     token all-to-all, reductions, the regroup    ``parallel.ExpertParallelComm``
 Exchange`                   coordinator's gathers and row fetches
 :class:`ParamIO`            regroup writes with their optimizer state    ``state_io.TorchParamIO``,
-                                                                         ``integrations.DeepSpeedParamIO``
+                                                                         ``integrations.DeepSpeedParamIO``,
+                                                                         ``integrations.MegatronParamIO``
 :class:`OffloadTier`        where idle groups' stored form goes          ``offload.CPUTier``,
                                                                          ``integrations.aio.AioTier``
 :class:`SlotView`           the compressed experts the fused path reads  ``experts.ExpertSlots``,
