@@ -35,6 +35,8 @@ def test_cpu_preset_plans_every_variant_with_three_seeds_for_ours_static_switch(
         for v in ("dense", "int4", "random-groups", "full-experts", "flat-routing"):
             assert per[(task, v)] == [0]
         assert ((task, "deepspeed") in per) == available(PRESETS["cpu"].variants[2])
+    speed = sorted((r.variant.name, r.seed) for r in runs if r.task == "speed")
+    assert speed == sorted((v.name, 0) for v in PRESETS["cpu"].variants if available(v))
     lm = next(r for r in runs if r.task == "lm" and r.variant.name == "ours")
     assert "/data/wikitext-2" in lm.argv and "--test" in lm.argv and "--measure-memory" in lm.argv
     dense = next(r for r in runs if r.variant.name == "dense")
@@ -98,6 +100,18 @@ def test_smoke_preset_runs_resumes_and_reports_traceable_numbers(tmp_path, capsy
     main(argv + ["--report-only"])
     after = [line for line in results.read_text().splitlines() if line.startswith("| Ours (dynamic)")]
     assert after == before and "(×0." in after[0].split("|")[10]
+
+
+@pytest.mark.timeout(300)
+def test_speed_pass_runs_after_the_others_one_at_a_time(tmp_path, capsys):
+    data = _tiny_wikitext(tmp_path / "data")
+    res = main(["--preset", "smoke", "--tasks", "speed", "lm", "--variants", "ours", "--data-root", str(data),
+                "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md"), "--jobs", "2", "--no-progress"])
+    assert not res["failed"]
+    done = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("done ")]
+    assert done[-1] == "speed/ours/seed0" and len(done) == 3
+    speed = json.load(open(tmp_path / "out" / "runs" / "speed" / "ours" / "seed0.json"))
+    assert res["aggregate"]["speed"]["ours"]["tokens_per_s"]["mean"] == speed["tokens_per_s_second_half"]
 
 
 def test_missing_data_names_the_flag(tmp_path):

@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             raise SystemExit(f"--preset {preset.name} is sized for a GPU cluster ({preset.description}); "
                              f"this machine has no CUDA device (use --preset cpu)")
         _check_data(runs)
-        failed = run_all(runs, args.jobs, progress=not args.no_progress)
+        failed = run_all(runs, args.jobs, progress=not args.no_progress, sequential=preset.sequential)
     done = [r for r in runs if r.done()]
     if not done:
         raise SystemExit(f"no finished runs under {args.out}: nothing to report")
@@ -114,7 +114,10 @@ def report(preset, runs, done, failed, records, agg, figures, raw, args, wall) -
               "steps and the two layers). Peak training memory: the profiler's CPU memory timeline of the last "
               "optimizer step (every tensor torch allocated). All-to-all bytes: each run's recorded routing "
               "replayed at expert parallelism 8 on one node, bf16 activations (`trilemma-moe profile-comm`'s "
-              "cost model). Regroup time: the share of training wall time spent clustering and in regroup checks.",
+              "cost model). Regroup time: the share of training wall time spent clustering and in regroup checks. "
+              "tokens/s: from the `speed` task when the preset has one (each variant alone on the machine, one "
+              "thread, timed after its first clustering); the quality runs share the machine, so their own "
+              "tokens/s (in their JSON) are not compared.",
               "", "### Beside the paper", ""]
     lines += tables.beside_paper(agg)
     lines += ["", "## Ablations (the paper's Table 3)", ""]

@@ -65,6 +65,8 @@ def record(run: Run) -> Dict[str, Any]:
         if key in s:
             out[key] = s[key]
     out["regroup_share"] = s.get("regroup_time_s", 0.0) / max(s["train_time_s"], 1e-9)
+    if run.task == "speed":   # after the first clustering, no first-step costs
+        out["tokens_per_s"] = s["tokens_per_s_second_half"]
     if run.task == "lm":
         if s["ffn"] == "dense":
             out["a2a_bytes_per_token"] = 0.0       # no experts, no all-to-all

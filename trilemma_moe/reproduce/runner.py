@@ -88,8 +88,9 @@ def execute(run: Run) -> Dict[str, object]:
     return {"run": run.name, "wall_s": seconds}
 
 
-def run_all(runs: List[Run], jobs: int = 1, progress: bool = True) -> List[str]:
-    """Runs the runs not yet done; returns the names of those that failed (the others finish)."""
+def run_all(runs: List[Run], jobs: int = 1, progress: bool = True, sequential=()) -> List[str]:
+    """Runs the runs not yet done, ``jobs`` at a time, then those of the ``sequential`` tasks one
+    at a time; returns the names of those that failed (the others finish)."""
     todo = [r for r in runs if not r.done()]
     if len(todo) < len(runs):
         print(f"{len(runs) - len(todo)} of {len(runs)} runs already done (skipped)")
@@ -97,22 +98,24 @@ def run_all(runs: List[Run], jobs: int = 1, progress: bool = True) -> List[str]:
     if progress and todo:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc="reproduce", unit="run", dynamic_ncols=True)
-    failed = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(execute, r): r for r in todo}
-        for fut in as_completed(futures):
-            r = futures[fut]
-            try:
-                res = fut.result()
-                msg = f"done {r.name} in {res['wall_s']:.0f} s"
-            except RuntimeError as exc:
-                failed.append(r.name)
-                msg = str(exc)
-            if bar is not None:
-                bar.write(msg)
-                bar.update(1)
-            else:
-                print(msg)
+    failed: List[str] = []
+    for batch, width in (([r for r in todo if r.task not in sequential], jobs),
+                         ([r for r in todo if r.task in sequential], 1)):
+        with ThreadPoolExecutor(max_workers=max(1, width)) as pool:
+            futures = {pool.submit(execute, r): r for r in batch}
+            for fut in as_completed(futures):
+                r = futures[fut]
+                try:
+                    res = fut.result()
+                    msg = f"done {r.name} in {res['wall_s']:.0f} s"
+                except RuntimeError as exc:
+                    failed.append(r.name)
+                    msg = str(exc)
+                if bar is not None:
+                    bar.write(msg)
+                    bar.update(1)
+                else:
+                    print(msg)
     if bar is not None:
         bar.close()
     return failed
