@@ -126,7 +126,7 @@ def checks(agg) -> List[str]:
         gap = 100 * (s["mean"] - a["mean"])
         fewer = 1 - ea["mean"] / es["mean"] if ea and es else float("nan")
         ok = gap <= 1.5 and fewer >= 0.70
-        out.append(f"- SST-2: ours {100 * a['mean']:.1f} % vs Switch {100 * s['mean']:.1f} % ({gap:+.1f} points behind) "
+        out.append(f"- SST-2: ours {100 * a['mean']:.1f} % vs Switch {100 * s['mean']:.1f} % ({abs(gap):.1f} points {'behind' if gap > 0 else 'ahead'}) "
                    f"with {100 * fewer:.0f} % fewer expert parameters: **{'met' if ok else 'not met'}** "
                    f"(target: within 1.5 points with at least 70 % fewer)")
         if d:
