@@ -78,7 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     wall = sum(json.load(open(r.sidecar)).get("wall_s", 0.0) for r in done)
     raw = os.path.join(args.out, "results.json")
     with open(raw + ".tmp", "w") as f:
-        json.dump({"preset": preset.name, "aggregate": agg, "runs": records}, f, indent=1)
+        # per run: its numbers; the curves and histories stay in the run's own summary JSON
+        slim = [{k: v for k, v in r.items() if k not in analyse.SERIES} for r in records]
+        json.dump({"preset": preset.name, "aggregate": agg, "runs": slim}, f, indent=1)
     os.replace(raw + ".tmp", raw)
     text = report(preset, runs, done, failed, records, agg, figures, raw, args, wall)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
@@ -136,7 +138,7 @@ def report(preset, runs, done, failed, records, agg, figures, raw, args, wall) -
                     "expert_load": "Per-expert load over time (layer 0, seed 0)",
                     "group_membership": "Group membership over time: which expert sat in which group after "
                                         "each clustering (ours, seed 0)",
-                    "params_vs_quality": "Expert parameters vs quality"}
+                    "params_vs_quality": "Total parameters vs quality (error bars: standard deviation over seeds)"}
         for name, path in figures.items():
             lines += [f"**{captions.get(name, name)}**", "", f"![{name}]({rel(path)})", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -43,6 +43,9 @@ def cached_a2a_bytes_per_token(routing_path: str, flat: bool) -> Optional[float]
     return None
 
 
+SERIES = ("history", "load_history", "group_history")   # per-step series a record carries for the figures
+
+
 def a2a_bytes_per_token(routing_path: str, flat: bool) -> Optional[float]:
     """Forward dispatch + return bytes per token and MoE layer at ep_size 8 (mean over layers)."""
     rec = torch.load(routing_path, weights_only=True)

@@ -113,16 +113,19 @@ def params_vs_quality(agg: Dict[str, Dict[str, Dict[str, Any]]], path: str) -> b
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (task, key, label) in zip(axes[0], panels):
+        points = {}   # variants with the same numbers (ours and static when no regroup moved an expert) share a label
         for v in ORDER:
             a = agg[task].get(v)
-            if not a or key not in a or "expert_params" not in a:
+            if not a or key not in a or "total_params" not in a:
                 continue
-            x, y = a["expert_params"]["mean"], a[key]["mean"]
+            x, y = a["total_params"]["mean"], a[key]["mean"]
             err = a[key]["std"] if a[key]["n"] > 1 else None
             ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
-            ax.annotate(v, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            points.setdefault((round(x), round(y, 9)), []).append(v)
+        for (x, y), names in points.items():
+            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
-        ax.set_xlabel("expert parameters at the end of training (log)")
+        ax.set_xlabel("total parameters at the end of training (log)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     return _save(plt, fig, path)
