@@ -139,10 +139,11 @@ class ClusteredMoE(nn.Module):
         hook :meth:`attach_optimizer` registers and by ``attach_engine``'s ``engine.step``."""
         self.schedule.optimizer_step(applied)
 
-    def attach_optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """Let regroups rewrite this optimizer's state (``state_io``), and take this optimizer's
-        steps as the layer's step boundaries (a torch step hook)."""
-        self.io = TorchParamIO(optimizer)
+    def attach_optimizer(self, optimizer: Optional[torch.optim.Optimizer], io: Optional[ParamIO] = None) -> None:
+        """Let regroups rewrite this optimizer's state (``state_io``; ``io``: a ParamIO of an
+        integration that wraps it), and take this optimizer's steps as the layer's step
+        boundaries (a torch step hook)."""
+        self.io = io if io is not None else TorchParamIO(optimizer)
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None

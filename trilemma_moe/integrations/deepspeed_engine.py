@@ -172,8 +172,8 @@ def attach_engine(engine) -> int:
     unlink_cpu_allreduce_shm()
     layers = clustered_layers(engine.module)
     engine.__dict__["_trilemma_layers"] = layers   # read by the wrappers (a second call refreshes it)
-    _wrap_once(engine, "step", _step_tells_layers)
-    _wrap_once(engine, "load_checkpoint", _load_checkpoint_guarded)
+    wrap_once(engine, "step", _step_tells_layers)
+    wrap_once(engine, "load_checkpoint", _load_checkpoint_guarded)
     opt = getattr(engine, "optimizer", None)
     for layer in layers:
         if _uses_deepspeed_partitions(layer):
@@ -198,18 +198,21 @@ def _refuse_layers_the_engine_missed(model: nn.Module) -> None:
                                f"DeepSpeed was imported: import deepspeed before building the model")
 
 
-def _wrap_once(engine, name: str, make: Callable) -> None:
-    """Replace ``engine.<name>`` by ``make(engine, original)`` unless attach_engine already did."""
-    method = getattr(engine, name)
+def wrap_once(obj, name: str, make: Callable) -> None:
+    """Replace ``obj.<name>`` (an engine's or optimizer's method) by ``make(obj, original)``
+    unless an earlier attach call already did."""
+    method = getattr(obj, name)
     if getattr(method, "_trilemma_wrapped", False):
         return
-    wrapped = functools.wraps(method)(make(engine, method))
+    wrapped = functools.wraps(method)(make(obj, method))
     wrapped._trilemma_wrapped = True
-    setattr(engine, name, wrapped)
+    setattr(obj, name, wrapped)
 
 
-def _layers(engine) -> List[ClusteredMoE]:
-    return engine.__dict__.get("_trilemma_layers", [])
+def attached_layers(obj) -> List[ClusteredMoE]:
+    """The layers the last attach call gave ``obj`` (its wrappers read them, so a second call
+    refreshes the list without wrapping twice)."""
+    return obj.__dict__.get("_trilemma_layers", [])
 
 
 def _step_tells_layers(engine, step: Callable) -> Callable:
@@ -224,7 +227,7 @@ def _step_tells_layers(engine, step: Callable) -> Callable:
         out = step(*args, **kwargs)
         if boundary:
             applied = bool(engine.was_step_applied())
-            for layer in _layers(engine):
+            for layer in attached_layers(engine):
                 layer.on_optimizer_step(applied)
         return out
     return wrapped
@@ -243,7 +246,7 @@ def _load_checkpoint_guarded(engine, load: Callable) -> Callable:
         bound.apply_defaults()
         full = bool(bound.arguments.get("load_optimizer_states", True)) and \
             not bound.arguments.get("load_module_only", False)
-        layers = _layers(engine)
+        layers = attached_layers(engine)
         for layer in layers:
             layer.refuse_ep_size_change = full
         try:

@@ -16,7 +16,6 @@ a plain ``torch.optim`` optimizer                      params and ``optimizer.st
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..core.layer import ClusteredMoE, clustered_layers
 from ..core.state_io import TorchParamIO
+from .deepspeed_engine import attached_layers, wrap_once
 
 DISTRIBUTED_OPTIMIZER_REFUSAL = (
     "Megatron's DistributedOptimizer (use_distributed_optimizer=True / --use-distributed-optimizer) keeps "
@@ -121,27 +121,24 @@ def attach_megatron_optimizer(model, optimizer) -> int:
     number of layers attached."""
     layers = _layers_of(model)
     io = MegatronParamIO(optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        for layer in layers:
+            layer.attach_optimizer(optimizer, io)   # its step hook tells the layer
+        return len(layers)
     for layer in layers:
         layer.set_param_io(io)
         layer.follow_optimizer_steps()
-    if isinstance(optimizer, torch.optim.Optimizer):
-        handle = getattr(optimizer, "_trilemma_step_hook", None)
-        if handle is not None:
-            handle.remove()
-        optimizer._trilemma_step_hook = optimizer.register_step_post_hook(
-            lambda *_: [layer.on_optimizer_step(True) for layer in layers])
-        return len(layers)
-    optimizer.__dict__["_trilemma_layers"] = layers
-    step = optimizer.step
-    if not getattr(step, "_trilemma_wrapped", False):
-        @functools.wraps(step)
-        def wrapped(*args, **kwargs):
-            out = step(*args, **kwargs)
-            # Megatron's step returns (update_successful, grad_norm, num_zeros_in_grad)
-            applied = bool(out[0]) if isinstance(out, tuple) else True
-            for layer in optimizer.__dict__["_trilemma_layers"]:
-                layer.on_optimizer_step(applied)
-            return out
-        wrapped._trilemma_wrapped = True
-        optimizer.step = wrapped
+    optimizer.__dict__["_trilemma_layers"] = layers   # read by the step wrapper (a second call refreshes it)
+    wrap_once(optimizer, "step", _step_tells_layers)
     return len(layers)
+
+
+def _step_tells_layers(optimizer, step):
+    def wrapped(*args, **kwargs):
+        out = step(*args, **kwargs)
+        # Megatron's step returns (update_successful, grad_norm, num_zeros_in_grad)
+        applied = bool(out[0]) if isinstance(out, tuple) else True
+        for layer in attached_layers(optimizer):
+            layer.on_optimizer_step(applied)
+        return out
+    return wrapped

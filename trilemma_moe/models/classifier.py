@@ -33,18 +33,9 @@ class GPTClassifier(GPT):
             self.head = nn.Linear(d_model, num_classes)   # replaces the tied LM head
 
     def forward(self, idx: Tensor, targets: Tensor | None = None):
-        T = idx.shape[1]
-        if T > self.seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.seq_len}")
         mask = idx != self.pad_id
         # a row of pads alone attends to all its positions (no NaN) and pools to zeros
-        attend = mask | ~mask.any(dim=1, keepdim=True)
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device))
-        l_aux = x.new_zeros(())
-        for blk in self.blocks:
-            x, la = blk(x, mask=attend)
-            l_aux = l_aux + la
-        h = self.ln_f(x)
+        h, l_aux = self.hidden_states(idx, mask | ~mask.any(dim=1, keepdim=True))
         w = mask.to(h.dtype).unsqueeze(-1)
         pooled = (h * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
         logits = self.head(pooled)

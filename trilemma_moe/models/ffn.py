@@ -311,11 +311,7 @@ class OursFFN(nn.Module):
         else:
             from ..integrations.deepspeed_layer import DeepSpeedStyleMoE as shell
 
-        if variant not in OURS_VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(OURS_VARIANTS)}, got {variant!r}")
-        knobs = {k: v for k, v in OURS_VARIANTS[variant].items() if getattr(config, k) != v}
-        if knobs:
-            config = config.replace(**knobs)
+        config = variant_config(config, variant)
         self.config = config
         self.variant = variant
         self.layer = shell(d_model, ffn_hidden_size=d_ff, config=config, activation=activation,
@@ -335,6 +331,14 @@ class OursFFN(nn.Module):
         """Elements of every expert tensor held (full experts during burn-in, bases + factors
         allocated ahead of the first clustering, biases)."""
         return sum(p.numel() for p in self.layer.moe.experts.parameters())
+
+
+def variant_config(config: TrilemmaMoEConfig, variant: str) -> TrilemmaMoEConfig:
+    """``config`` with the knobs of ``variant`` (a key of ``OURS_VARIANTS``) set."""
+    if variant not in OURS_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(OURS_VARIANTS)}, got {variant!r}")
+    knobs = {k: v for k, v in OURS_VARIANTS[variant].items() if getattr(config, k) != v}
+    return config.replace(**knobs) if knobs else config
 
 
 # ------------------------------------------------------------------------------------------

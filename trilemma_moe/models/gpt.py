@@ -96,17 +96,23 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None):
-        B, T = idx.shape
+    def hidden_states(self, idx: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """Embeddings through every block and the final layer norm: ``(h[B,T,d], l_aux)``.
+        ``mask``: see :meth:`Block.forward` (None: causal, every position a token)."""
+        T = idx.shape[1]
         if T > self.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.seq_len}")
         pos = torch.arange(T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)
         l_aux = x.new_zeros(())
         for blk in self.blocks:
-            x, la = blk(x)
+            x, la = blk(x, mask=mask)
             l_aux = l_aux + la
-        logits = self.head(self.ln_f(x))
+        return self.ln_f(x), l_aux
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None):
+        h, l_aux = self.hidden_states(idx)
+        logits = self.head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))

@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     records = [analyse.record(r) for r in done]
     agg = analyse.aggregate(records)
     figures = plots.make_all(records, agg, args.out)
-    wall = sum(json.load(open(r.sidecar)).get("wall_s", 0.0) for r in done)
+    wall = sum(r.wall_s() for r in done)
     raw = os.path.join(args.out, "results.json")
     with open(raw + ".tmp", "w") as f:
         # per run: its numbers; the curves and histories stay in the run's own summary JSON

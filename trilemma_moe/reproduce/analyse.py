@@ -25,25 +25,25 @@ METRICS = ("valid_ppl", "test_ppl", "dev_accuracy", "total_params", "expert_para
            "train_time_s")
 
 
-def cached_a2a_bytes_per_token(routing_path: str, flat: bool) -> Optional[float]:
-    """``a2a_bytes_per_token``, kept beside the run as ``<run>.a2a.json`` (the routing files are
-    large and stay out of the repository; the number they gave stays traceable)."""
-    cache = routing_path.replace(".routing.pt", ".a2a.json")
-    if os.path.exists(routing_path):
-        value = a2a_bytes_per_token(routing_path, flat)
-        with open(cache + ".tmp", "w") as f:
+SERIES = ("history", "load_history", "group_history")   # per-step series a record carries for the figures
+
+
+def cached_a2a_bytes_per_token(run: Run, flat: bool) -> Optional[float]:
+    """``a2a_bytes_per_token`` of the run's routing, kept beside the run as ``<run>.a2a.json``
+    (the routing files are large and stay out of the repository; the number they gave stays
+    traceable)."""
+    if os.path.exists(run.routing):
+        value = a2a_bytes_per_token(run.routing, flat)
+        with open(run.a2a + ".tmp", "w") as f:
             json.dump({"a2a_bytes_per_token": value, "ep_size": EP_SIZE, "tokens_per_gpu": TOKENS_PER_GPU,
                        "bytes_per_element": ELEM_BYTES, "model": "flat top-k" if flat else "ours (groups)",
-                       "from": os.path.basename(routing_path)}, f, indent=1)
-        os.replace(cache + ".tmp", cache)
+                       "from": os.path.basename(run.routing)}, f, indent=1)
+        os.replace(run.a2a + ".tmp", run.a2a)
         return value
-    if os.path.exists(cache):
-        with open(cache) as f:
+    if os.path.exists(run.a2a):
+        with open(run.a2a) as f:
             return json.load(f)["a2a_bytes_per_token"]
     return None
-
-
-SERIES = ("history", "load_history", "group_history")   # per-step series a record carries for the figures
 
 
 def a2a_bytes_per_token(routing_path: str, flat: bool) -> Optional[float]:
@@ -74,7 +74,7 @@ def record(run: Run) -> Dict[str, Any]:
         if s["ffn"] == "dense":
             out["a2a_bytes_per_token"] = 0.0       # no experts, no all-to-all
         elif s["ffn"] != "deepspeed":
-            out["a2a_bytes_per_token"] = cached_a2a_bytes_per_token(run.routing, flat=s["ffn"] == "switch")
+            out["a2a_bytes_per_token"] = cached_a2a_bytes_per_token(run, flat=s["ffn"] == "switch")
     out["history"] = s.get("history", [])
     out["load_history"] = s.get("load_history", [])
     out["group_history"] = s.get("group_history", [])

@@ -36,10 +36,12 @@ def curves(records: List[Dict[str, Any]], task: str, key: str, ylabel: str, path
         runs = [r for r in _by(records, task, v) if any(key in h for h in r["history"])]
         if not runs:
             continue
-        steps = sorted({h["step"] for r in runs for h in r["history"] if key in h})
-        table = [[next((h[key] for h in r["history"] if h["step"] == s and key in h), None) for r in runs] for s in steps]
-        keep = [(s, [x for x in row if x is not None]) for s, row in zip(steps, table)]
-        keep = [(s, xs) for s, xs in keep if xs]
+        by_step: Dict[int, List[float]] = {}   # step -> the runs' values there
+        for r in runs:
+            for h in r["history"]:
+                if key in h:
+                    by_step.setdefault(h["step"], []).append(h[key])
+        keep = sorted(by_step.items())
         xs = [s for s, _ in keep]
         mean = [sum(v_) / len(v_) for _, v_ in keep]
         line, = ax.plot(xs, mean, label=f"{v} (n={len(runs)})", lw=2 if v in ("ours", "switch") else 1.2)

@@ -27,16 +27,35 @@ class Run:
     variant: Variant
     seed: int
     argv: List[str]      # the trainer's flags
-    summary: str         # summary JSON path
-    routing: str         # recorded routing (torch file)
+    base: str            # every file of the run is this path plus a suffix
 
     @property
     def name(self) -> str:
         return f"{self.task}/{self.variant.name}/seed{self.seed}"
 
     @property
-    def sidecar(self) -> str:
-        return self.summary[:-len(".json")] + ".cmd.json"
+    def summary(self) -> str:   # the trainer's summary JSON
+        return self.base + ".json"
+
+    @property
+    def sidecar(self) -> str:   # the command line it ran, and its wall time
+        return self.base + ".cmd.json"
+
+    @property
+    def routing(self) -> str:   # its recorded routing (torch file, not in git)
+        return self.base + ".routing.pt"
+
+    @property
+    def a2a(self) -> str:       # the all-to-all bytes that routing gives
+        return self.base + ".a2a.json"
+
+    @property
+    def log(self) -> str:
+        return self.base + ".log"
+
+    def wall_s(self) -> float:
+        with open(self.sidecar) as f:
+            return float(json.load(f).get("wall_s", 0.0))
 
     def command(self) -> List[str]:
         return [sys.executable, "-m", "trilemma_moe.train", *self.argv]
@@ -61,11 +80,11 @@ def plan(preset: Preset, out_dir: str, data_root: str, tasks: Optional[List[str]
     for task, v, seed in preset.runs():
         if (tasks and task not in tasks) or (variants and v.name not in variants) or not available(v):
             continue
-        base = os.path.join(out_dir, "runs", task, v.name, f"seed{seed}")
-        argv = [a.replace("{data}", data_root) for a in preset.tasks[task]]
-        argv += ["--ffn", v.ffn, *v.flags, "--seed", str(seed), "--threads", "1", "--no-progress",
-                 "--measure-memory", "--summary-json", base + ".json", "--record-routing", base + ".routing.pt"]
-        runs.append(Run(task, v, seed, argv, base + ".json", base + ".routing.pt"))
+        run = Run(task, v, seed, [], os.path.join(out_dir, "runs", task, v.name, f"seed{seed}"))
+        run.argv = [a.replace("{data}", data_root) for a in preset.tasks[task]]
+        run.argv += ["--ffn", v.ffn, *v.flags, "--seed", str(seed), "--threads", "1", "--no-progress",
+                     "--measure-memory", "--summary-json", run.summary, "--record-routing", run.routing]
+        runs.append(run)
     return runs
 
 
@@ -74,13 +93,13 @@ def execute(run: Run) -> Dict[str, object]:
     os.makedirs(os.path.dirname(run.summary), exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     t0 = time.perf_counter()
-    with open(run.summary[:-len(".json")] + ".log", "w") as log:
+    with open(run.log, "w") as log:
         rc = subprocess.run(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.perf_counter() - t0
     if rc != 0:
-        with open(log.name) as f:
+        with open(run.log) as f:
             tail = "".join(f.readlines()[-15:])
-        raise RuntimeError(f"run {run.name} failed (exit {rc}); the end of {log.name}:\n{tail}")
+        raise RuntimeError(f"run {run.name} failed (exit {rc}); the end of {run.log}:\n{tail}")
     tmp = run.sidecar + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"argv": run.argv, "wall_s": seconds}, f, indent=1)

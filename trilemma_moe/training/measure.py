@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..core.layer import clustered_layers
+from ..core.layer import ClusteredMoE, clustered_layers
 
 
 class PeakMemory:
@@ -65,26 +65,27 @@ def _timeline_peak(prof) -> int:
     return int(max((sum(s) for s in sizes), default=0))
 
 
-def expert_counts(model) -> List[List[int]]:
-    """Tokens per expert id in the last training forward, per MoE layer."""
-    layers = clustered_layers(model)
-    if layers:
-        return [m._last_counts.tolist() for m in layers]
-    return [m.last_counts.tolist() for m in model.moe_layers() if hasattr(m, "last_counts")]
+def expert_counts(layers) -> List[List[int]]:
+    """Tokens per expert id in the last training forward, per MoE layer (``layers``: the clustered
+    layers, else the baseline MoE blocks)."""
+    return [(m._last_counts if isinstance(m, ClusteredMoE) else m.last_counts).tolist() for m in layers]
 
 
 class RunTrace:
     """Load and group membership over time, regroup wall time (see the module doc)."""
 
     def __init__(self, model, every: int = 10):
-        self.model, self.every = model, every
+        self.every = every
+        # found once: the module tree does not change during training
+        self.clustered = clustered_layers(model)
+        self.moe = self.clustered or [m for m in model.moe_layers() if hasattr(m, "last_counts")]
         self.load: List[Dict[str, Any]] = []
         self.groups: List[Dict[str, Any]] = []
-        self._seen = [-1] * len(clustered_layers(model))
+        self._seen = [-1] * len(self.clustered)
         self.record_groups(0)
 
     def record_groups(self, step: int) -> None:
-        for i, m in enumerate(clustered_layers(self.model)):
+        for i, m in enumerate(self.clustered):
             n = m.schedule["reclusters"]
             if n != self._seen[i]:
                 self._seen[i] = n
@@ -94,12 +95,11 @@ class RunTrace:
     def after_step(self, step: int) -> None:
         self.record_groups(step)
         if step % self.every == 0:
-            self.load.append({"step": step, "counts": expert_counts(self.model)})
+            self.load.append({"step": step, "counts": expert_counts(self.moe)})
 
     def summary(self) -> Dict[str, Any]:
-        layers = clustered_layers(self.model)
         out: Dict[str, Any] = {"load_history": self.load}
-        if layers:
+        if self.clustered:
             out["group_history"] = self.groups
-            out["regroup_time_s"] = sum(m.regroup_seconds for m in layers)
+            out["regroup_time_s"] = sum(m.regroup_seconds for m in self.clustered)
         return out

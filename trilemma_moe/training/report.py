@@ -20,7 +20,7 @@ import torch
 
 from ..config import TrilemmaMoEConfig
 from ..core.layer import clustered_layers
-from ..models import OURS_VARIANTS
+from ..models import OURS_VARIANTS, variant_config
 
 
 class Logger:
@@ -163,10 +163,11 @@ def start_lines(args, cfg: TrilemmaMoEConfig, corpus, param_counts: Dict[str, in
              f"seq_len={args.seq_len} ffn={args.ffn} | params {pc['total']:,} (experts {pc['expert']:,})"
              + (" before compression: full experts until the first clustering" if clustered else "")]
     if clustered:
+        run_cfg = variant_config(cfg, args.ffn)   # what the layers run: the variant's knobs set
         lines.append(f"moe: E={cfg.num_experts} G={cfg.num_groups} r={cfg.rank} k={cfg.top_k} "
                      f"burn_in={cfg.burn_in} recluster_interval={cfg.recluster_interval} "
-                     f"dynamic_regroup={cfg.dynamic_regroup and 'dynamic_regroup' not in OURS_VARIANTS[args.ffn]}"
-                     + "".join(f" {k}={v}" for k, v in OURS_VARIANTS[args.ffn].items() if k != "dynamic_regroup"))
+                     f"dynamic_regroup={run_cfg.dynamic_regroup}"
+                     + "".join(f" {k}={getattr(run_cfg, k)}" for k in OURS_VARIANTS[args.ffn] if k != "dynamic_regroup"))
         if args.steps <= cfg.burn_in:
             lines.append(f"note: the run ends at step {args.steps}, before the burn-in ({cfg.burn_in} steps) "
                          f"does: no clustering, no compression (compression ratio stays 1); use --steps "
