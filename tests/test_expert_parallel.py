@@ -141,7 +141,7 @@ def test_simulator_at_1024_gpus_halves_top2_traffic():
 # --- multi-process (gloo) ----------------------------------------------------------------------
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_matches_one_process(tmp_path, world):
-    res = run_workers("mismatch,comm,equiv,variants,train,bytes,capacity", world, tmp_path)
+    res = run_workers("mismatch,comm,equiv,variants,train,train_probe,bytes,capacity", world, tmp_path)
     assert len(res["comm"]) == world   # the communicator's primitives (asserted in the workers)
     # config hash: every rank got the error naming the rank that differs
     assert len(res["mismatch"]) == world and all("ranks [1" in r["error"] for r in res["mismatch"])
@@ -153,6 +153,11 @@ def test_expert_parallel_matches_one_process(tmp_path, world):
     # the loss curve through burn-in, the first clustering and regroups that move experts
     for r in res["train"]:
         assert r["reclusters"] >= 3 and r["moved_experts"] > 0
+        assert max(abs(a - b) for a, b in zip(r["curve_ep"], r["curve_ref"])) < 1e-5
+    # the same through regroups of the probe rule (rank 0 decides on its own recent tokens),
+    # which move experts after the first clustering without any forcing
+    for r in res["train_probe"]:
+        assert r["reclusters"] >= 3 and r["experts_moved"] > 0
         assert max(abs(a - b) for a, b in zip(r["curve_ep"], r["curve_ref"])) < 1e-5
     # measured bytes == predicted (asserted per stage in the workers), stage-1 ratio
     for r in res["bytes"]:

@@ -59,10 +59,10 @@ class TrilemmaMoEConfig:
     sim_cache_eps: float = 0.02    # epsilon: recompute S_param rows whose relative weight change > eps (ours)
     kmeans_iters: int = 30         # Lloyd-style refinement rounds after k-means++ seeding (ours)
     # --- what a regroup after the first clustering looks at (ours; docs/REGROUP.md) ----------
-    regroup_similarity: str = "weights"  # "weights": the paper's S_param of the experts' weights and S_task of
+    regroup_similarity: str = "probe"  # "weights": the paper's S_param of the experts' weights and S_task of
     #   the centroids of the tokens each expert was routed; "probe": S_param of what distinguishes experts (their
     #   residuals) and S_task of every expert's router logit on a shared probe batch (routing cannot bias either)
-    regroup_move_cost: float = 0.0  # lambda: pairs now in one group gain lambda * (measured re-truncation error
+    regroup_move_cost: float = 0.5  # lambda: pairs now in one group gain lambda * (measured re-truncation error
     #   of the last decomposition) in S, so a regroup moves an expert only when S says more than moving costs
     regroup_migration: str = "movers"  # "movers": bases and staying experts' factors kept, only movers
     #   re-expressed on their new group's base; "redecompose" (the paper): changed groups decomposed afresh

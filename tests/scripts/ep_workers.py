@@ -27,8 +27,9 @@ D, F = 16, 24
 
 
 def make_config(ep_size, **kw):
+    # the paper's similarity by default: these checks force regroups through the centroids
     base = dict(num_experts=16, num_groups=4, rank=3, top_k=2, burn_in=10_000, delta=0.0, seed=5, alpha=0.3,
-                router_freeze_steps=0, gamma=None, ep_size=ep_size)
+                router_freeze_steps=0, gamma=None, ep_size=ep_size, regroup_similarity="weights", regroup_move_cost=0.0)
     base.update(kw)
     return TrilemmaMoEConfig(**base)
 
@@ -164,10 +165,14 @@ def mode_equiv(rank, world, out):
     json.dump(report, open(os.path.join(out, f"rank{rank}.json"), "w"))
 
 
-def mode_train(rank, world, out):
+def mode_train(rank, world, out, probe=False):
     """A training run through burn-in, the first clustering and regroups: the loss curve at
-    ep_size = world equals the one-process curve (same seed, same global batches)."""
+    ep_size = world equals the one-process curve (same seed, same global batches). ``probe``: the
+    probe rule (regroup_similarity="probe", the default), where rank 0 decides on its own recent
+    tokens; the one-process layer is handed rank 0's probe, so both decide on the same tokens."""
     kw = dict(burn_in=4, recluster_interval=3, alpha=0.0)
+    if probe:
+        kw.update(regroup_similarity="probe", regroup_move_cost=0.0, alpha=0.5)
     topo, ep, ref = pair(world, **kw)
     opt_ep = torch.optim.AdamW(ep.parameters(), lr=2e-2)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=2e-2)
@@ -182,8 +187,12 @@ def mode_train(rank, world, out):
         # a regression target that shifts halfway: the routing statistics change, regroups move experts
         target = torch.tanh(x @ proj) * (1.0 if step < 7 else -1.0)
         xl, tl = x[rank * B:(rank + 1) * B], target[rank * B:(rank + 1) * B]
-        if step == 10:   # the regroup at this step's first forward moves experts between ranks
+        if step == 10 and not probe:   # the regroup at this step's first forward moves experts between ranks
             scramble_centroids(ep, ref)
+        if probe and ep.probe is not None:   # rank 0's probe is the decision's: the reference gets it too
+            shared = ep.probe.clone()
+            dist.broadcast(shared, src=0)
+            ref.probe = shared
         y, l_aux, _ = ep(xl)
         moved = max(moved, ep.stats().get("moved_experts", 0))
         loss = ((y - tl) ** 2).mean() + l_aux
@@ -205,8 +214,12 @@ def mode_train(rank, world, out):
     assert max(diffs) < 1e-5, f"loss curves differ: {diffs}"
     assert moved > 0 and ep.comm_stats()["bytes_regroup_migration"] > 0
     json.dump({"curve_ep": curve_ep, "curve_ref": curve_ref, "reclusters": st["reclusters"],
-               "moved_experts": moved, "comm": ep.comm_stats()},
+               "moved_experts": moved, "experts_moved": st["experts_moved"], "comm": ep.comm_stats()},
               open(os.path.join(out, f"rank{rank}.json"), "w"))
+
+
+def mode_train_probe(rank, world, out):
+    mode_train(rank, world, out, probe=True)
 
 
 def mode_bytes(rank, world, out):

@@ -16,6 +16,10 @@ Kinds (``build_ffn``):
 ``ours``       the clustered layer ``trilemma_moe.core.layer.ClusteredMoE`` (dynamic regroup).
 ``static``     the same layer, clustered once after burn-in (``dynamic_regroup=False``).
 ``int4``       ours with INT4 residual factors (``residual_bits=4``).
+Regroup rules ours is measured against (docs/REGROUP.md):
+``probe-free``     ours without the move cost (``regroup_move_cost=0``);
+``paper-regroup``  the paper's rule: S_param of the weights, S_task of the routed tokens'
+                   centroids, changed groups decomposed afresh.
 The ablations of the paper's Table 3 (``OURS_VARIANTS`` lists each one's config knobs):
 ``random-groups``  a fixed random balanced grouping, never regrouped (w/o online clustering);
 ``full-experts``   full experts, clustered and hierarchically routed (w/o low-rank compression);
@@ -38,9 +42,9 @@ from ..core.metrics import coefficient_of_variation as load_cv, mean_over_rows
 OURS_VARIANTS = {
     "ours": {},
     "static": {"dynamic_regroup": False},
-    "paper-regroup": {"regroup_similarity": "weights", "regroup_move_cost": 0.0},
-    "probe": {"regroup_similarity": "probe", "regroup_move_cost": 0.0},
-    "probe-cost": {"regroup_similarity": "probe", "regroup_move_cost": 1.0},
+    # the regroup rules ours (probe similarity, move cost, movers-only migration) is compared with
+    "probe-free": {"regroup_move_cost": 0.0},
+    "paper-regroup": {"regroup_similarity": "weights", "regroup_move_cost": 0.0, "regroup_migration": "redecompose"},
     "int4": {"residual_bits": 4},
     "random-groups": {"grouping": "random", "dynamic_regroup": False},
     "full-experts": {"low_rank": False},
