@@ -48,15 +48,15 @@ from trilemma_moe.parallel import (
 
 
 def make_config(args, experts, groups, world):
-    cfg = TrilemmaMoEConfig(num_experts=experts, num_groups=groups, rank=args.rank, top_k=2,
-                            burn_in=10 ** 9, recluster_interval=args.interval, delta=0.0, ep_size=world, seed=0,
-                            alpha=args.alpha)
-    if args.svd != "exact":
-        if not any(f.name == "svd" for f in dataclasses.fields(TrilemmaMoEConfig)):
-            raise SystemExit(f"--svd {args.svd}: TrilemmaMoEConfig has no 'svd' field yet, so the layer cannot "
-                             f"be told which SVD to use; only --svd exact runs on this version")
-        cfg.svd = args.svd
-    return cfg
+    extra = {}
+    if any(f.name == "svd" for f in dataclasses.fields(TrilemmaMoEConfig)):
+        extra["svd"] = args.svd   # through the constructor, so the config validates it
+    elif args.svd != "exact":
+        raise SystemExit(f"--svd {args.svd}: TrilemmaMoEConfig has no 'svd' field yet, so the layer cannot "
+                         f"be told which SVD to use; only --svd exact runs on this version")
+    return TrilemmaMoEConfig(num_experts=experts, num_groups=groups, rank=args.rank, top_k=2, burn_in=10 ** 9,
+                             recluster_interval=args.interval, delta=0.0, ep_size=world, seed=0, alpha=args.alpha,
+                             **extra)
 
 
 def scramble(layer, seed):
