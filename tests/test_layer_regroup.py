@@ -91,8 +91,10 @@ def test_unchanged_groups_keep_their_function_when_others_move():
 
 
 def test_unchanged_groups_keep_their_factor_moments():
-    """Adam moments of factors in groups a regroup leaves untouched stay as they were."""
-    cfg = _cfg(num_experts=8, num_groups=4, top_k=1, rank=2, alpha=0.0, burn_in=0, dynamic_regroup=False)
+    """Adam moments of factors in groups a regroup leaves untouched stay as they were (the paper's
+    re-decomposition of changed groups; the movers-only migration: tests/test_regroup_dynamic.py)."""
+    cfg = _cfg(num_experts=8, num_groups=4, top_k=1, rank=2, alpha=0.0, burn_in=0, dynamic_regroup=False,
+               regroup_migration="redecompose")
     layer = _layer(cfg)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     layer.attach_optimizer(opt)
@@ -162,7 +164,8 @@ def _train_steps(layer, opt, x, n, target=None):
 
 
 def test_optimizer_state_rules_on_regroup():
-    cfg = _cfg(num_experts=8, num_groups=2, burn_in=3, dynamic_regroup=False, alpha=0.0)
+    cfg = _cfg(num_experts=8, num_groups=2, burn_in=3, dynamic_regroup=False, alpha=0.0,
+               regroup_migration="redecompose")
     layer = _layer(cfg, gated=True)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     layer.attach_optimizer(opt)

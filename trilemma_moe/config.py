@@ -20,6 +20,9 @@ DEEPSPEED_SECTION = "trilemma_moe"
 _COMBINE = ("product",)
 _GROUPINGS = ("similarity", "random")
 _ROUTINGS = ("hierarchical", "flat")
+_REGROUP_SIMILARITIES = ("weights", "probe")
+_SVDS = ("exact", "randomized")
+_MIGRATIONS = ("movers", "redecompose")
 
 
 def check_placement(num_groups: int, ep_size: int) -> None:
@@ -55,6 +58,17 @@ class TrilemmaMoEConfig:
     sim_cache_lifetime: int = 500  # m: S_param cache lifetime in steps (ours; paper gives no value)
     sim_cache_eps: float = 0.02    # epsilon: recompute S_param rows whose relative weight change > eps (ours)
     kmeans_iters: int = 30         # Lloyd-style refinement rounds after k-means++ seeding (ours)
+    # --- what a regroup after the first clustering looks at (ours; docs/REGROUP.md) ----------
+    regroup_similarity: str = "weights"  # "weights": the paper's S_param of the experts' weights and S_task of
+    #   the centroids of the tokens each expert was routed; "probe": S_param of what distinguishes experts (their
+    #   residuals) and S_task of every expert's router logit on a shared probe batch (routing cannot bias either)
+    regroup_move_cost: float = 0.0  # lambda: pairs now in one group gain lambda * (measured re-truncation error
+    #   of the last decomposition) in S, so a regroup moves an expert only when S says more than moving costs
+    regroup_migration: str = "movers"  # "movers": bases and staying experts' factors kept, only movers
+    #   re-expressed on their new group's base; "redecompose" (the paper): changed groups decomposed afresh
+    probe_tokens: int = 256        # recent training tokens kept as the probe batch (regroup_similarity="probe")
+    param_sketch_size: int = 4096  # s: S_param from CountSketches of s floats per expert, gathered instead of weights
+    svd: str = "exact"             # "randomized": seeded randomized truncated SVD for the residual factors
     # --- compression (3.2) ----------------------------------------------------------------
     gamma: Optional[float] = 0.05  # residual gate: zero residuals with |dW| <= gamma*|W_base| (see docs); None = off
     # --- routing (3.3) and training protocol (3.5) -----------------------------------------
@@ -137,6 +151,15 @@ class TrilemmaMoEConfig:
             raise ValueError(f"grouping must be one of {_GROUPINGS}, got {self.grouping!r}")
         if self.routing not in _ROUTINGS:
             raise ValueError(f"routing must be one of {_ROUTINGS}, got {self.routing!r}")
+        if self.regroup_similarity not in _REGROUP_SIMILARITIES:
+            raise ValueError(f"regroup_similarity must be one of {_REGROUP_SIMILARITIES}, got {self.regroup_similarity!r}")
+        if self.regroup_migration not in _MIGRATIONS:
+            raise ValueError(f"regroup_migration must be one of {_MIGRATIONS}, got {self.regroup_migration!r}")
+        if self.svd not in _SVDS:
+            raise ValueError(f"svd must be one of {_SVDS}, got {self.svd!r}")
+        self._check_range("regroup_move_cost", 0.0, float("inf"))
+        self._check_int("probe_tokens", 1)
+        self._check_int("param_sketch_size", 1)
         if not isinstance(self.low_rank, bool):
             raise ValueError(f"low_rank must be True or False, got {self.low_rank!r}")
         if self.grouping == "random" and self.dynamic_regroup:

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from . import similarity
-from .similarity import (ParamSimilarityCache, cosine_similarity_matrix, fuse_similarity,  # noqa: F401
-                         param_similarity, prune_neighbors, task_similarity, update_centroids)
+from .similarity import (CountSketch, ParamSimilarityCache, cosine_similarity_matrix, fuse_similarity,  # noqa: F401
+                         param_similarity, probe_logit_similarity, prune_neighbors, task_similarity,
+                         update_centroids)
 
 __all__ = [*similarity.__all__, "balanced_kmeans", "intra_group_similarity", "match_group_labels"]
 

@@ -121,3 +121,16 @@ def held_compression_ratio(experts) -> float:
     comp = sum(experts.base[n].numel() + experts.fa[n].numel() + experts.fb[n].numel()
                for n in experts.spec.matrices)
     return full / comp
+
+
+def residual_factors(residual: torch.Tensor, rank: int, weights: torch.Tensor):
+    """Rank-r factors of ``residual`` (..., d_in, d_out) by truncated SVD, split as in
+    :func:`decompose_groups` (A = U sqrt(S), B = V sqrt(S)), and the relative error of
+    ``weights - residual + A B^T`` against ``weights`` (the re-truncation a moved expert pays when
+    it is re-expressed on another group's base ``weights - residual``)."""
+    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = s[..., :rank].sqrt()
+    a = u[..., :, :rank] * root.unsqueeze(-2)
+    b = vh[..., :rank, :].transpose(-1, -2) * root.unsqueeze(-2)
+    lost = (residual - a @ b.transpose(-1, -2)).flatten(-2).norm(dim=-1)
+    return a, b, lost / weights.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(weights.dtype).tiny)

@@ -208,6 +208,30 @@ class ExpertSlots(nn.Module):
                 out[name] = read(self.full[name]).to(torch.promote_types(self.full[name].dtype, torch.float32))
         return out
 
+    def weight_chunks(self, compressed: bool, read=lambda p: p.detach(), with_base: bool = True,
+                      max_elems: int = 1 << 20):
+        """Every slot's effective weights as ``(offset, chunk [slots, n])``: the slots' flattened
+        matrices (in ``spec.matrices`` order) cut into runs of whole rows, ``offset`` the run's first
+        flat coordinate. A pass over the weights holds one chunk (about ``max_elems`` elements), never
+        the full ``(E, d_in, d_out)`` tensors. ``with_base=False``: the residuals ``A B^T`` only."""
+        offset = 0
+        for name, (di, do) in self.spec.matrices.items():
+            rows = max(1, max_elems // max(1, self.num_experts * do))
+            for r0 in range(0, di, rows):
+                r1 = min(di, r0 + rows)
+                if compressed:
+                    dt = torch.promote_types(self.base[name].dtype, torch.float32)
+                    a = read(self.fa[name])[:, r0:r1].to(dt)
+                    w = a @ read(self.fb[name]).to(dt).transpose(-1, -2)          # (slots, rows, d_out)
+                    if with_base:
+                        base = read(self.base[name])[:, r0:r1].to(dt)
+                        w = (w.view(self.G, self.K, r1 - r0, do) + base.unsqueeze(1)).view(self.num_experts, r1 - r0, do)
+                else:
+                    full = read(self.full[name])
+                    w = full[:, r0:r1].to(torch.promote_types(full.dtype, torch.float32))
+                yield offset + r0 * do, w.reshape(self.num_experts, -1)
+            offset += di * do
+
     # --- forward -------------------------------------------------------------------------
     residual_bits = 16  # set by the layer from its config; 4 = forward sees INT4 factors (core/quant.py)
 

@@ -101,6 +101,8 @@ class ClusteredMoE(nn.Module):
         self.last_regroup: Dict[str, float] = {}    # gain, reconstruction error, moved experts (checkpointed)
         self.regroup_times: Dict[str, float] = {}
         self.regroup_seconds = 0.0   # wall time of every clustering and regroup check so far (not checkpointed)
+        self.regroup_events: List[Dict[str, float]] = []   # regroups after the first that moved experts (not checkpointed)
+        self.probe: Optional[torch.Tensor] = None   # recent training tokens (regroup_similarity="probe"; not checkpointed)
         self.routing_log: Optional[list] = None   # a list: training forwards append (group_idx, expert ids) (profile-comm)
         # Fused expert path (sort-based dispatch, grouped GEMMs, Triton kernels): None picks it for
         # CUDA tensors when Triton is available; True/False force it (True on the CPU runs the same
@@ -187,10 +189,11 @@ class ClusteredMoE(nn.Module):
         return self.config.routing == "flat"
 
     @torch.no_grad()
-    def recluster(self, force: bool = False) -> bool:
+    def recluster(self, force: bool = False, probe: Optional[torch.Tensor] = None) -> bool:
         """Cluster now (first call: compress the full experts); see ``regroup.py``. Returns True if
-        a regroup was applied; ``force=True`` applies it even when its gain is below delta."""
-        return regroup.recluster(self, force)
+        a regroup was applied; ``force=True`` applies it even when its gain is below delta.
+        ``probe``: tokens [n, d] for ``regroup_similarity="probe"`` (default: recent training tokens)."""
+        return regroup.recluster(self, force, probe)
 
     def _maybe_recluster(self) -> None:
         due = self.schedule.clustering_due(self.config.burn_in, self.config.dynamic_regroup,
@@ -228,8 +231,11 @@ class ClusteredMoE(nn.Module):
             "temperature": self.config.temperature(self.step),
             "compression_ratio": self.measured_compression_ratio(),
             "nonfinite_tokens": self._tokens_observed - int(self.finite_tokens),
+            "experts_moved": 0,
+            "regroup_seconds": self.regroup_seconds,
         }
         s.update(self.last_regroup)
+        s["experts_moved"] = int(s["experts_moved"])
         s.update(self.regroup_times)
         return s
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import clustering
-from .compression import decompose_groups
+from .compression import decompose_groups, residual_factors
 
 
 @torch.no_grad()
@@ -54,6 +54,11 @@ def observe(layer, x: torch.Tensor, hits: torch.Tensor, slot_counts: torch.Tenso
     by_expert = torch.empty_like(stats)
     by_expert[layer.expert_of_slot] = stats
     layer._last_counts = by_expert[:, -1].long()   # this rank's tokens
+    if layer.config.regroup_similarity == "probe" and x.shape[0]:
+        # the probe batch: up to probe_tokens of the latest tokens, spread over the micro-batch
+        n = layer.config.probe_tokens
+        rows = torch.linspace(0, x.shape[0] - 1, min(n, x.shape[0]), device=x.device).long()
+        layer.probe = xd.index_select(0, rows).nan_to_num(0.0, 0.0, 0.0)
     if layer.ep is not None:
         # centroids follow the tokens of every rank: identical everywhere, as at ep_size 1
         by_expert = layer.ep.reduce_stats(by_expert)
@@ -75,14 +80,14 @@ class Decision:
 
 
 @torch.no_grad()
-def recluster(layer, force: bool = False) -> bool:
+def recluster(layer, force: bool = False, probe: Optional[torch.Tensor] = None) -> bool:
     """Cluster ``layer`` (a ``ClusteredMoE``) now; the first call compresses the full experts.
-    Returns True if a regroup was applied. ``force=True`` applies it even below ``delta``."""
+    Returns True if a regroup was applied. ``force=True`` applies it even below ``delta``.
+    ``probe``: recent tokens [n, d] for ``regroup_similarity="probe"`` (default: the layer's own)."""
     layer.schedule.sync_skipped_steps()   # before reading centroids: a skipped step's are undone
     t_start = time.perf_counter()
     was_compressed = layer.compressed
-    eff = layer.experts.effective_weights(was_compressed, read=layer.io.read)   # local slot order
-    d = decide(layer, eff, t_start)
+    d = decide(layer, t_start, layer.probe if probe is None else probe)
     sched = layer.schedule
     sched["last_recluster_step"] = layer.step
     if layer.clustered and not force and d.gain < layer.config.delta:
@@ -91,16 +96,17 @@ def recluster(layer, force: bool = False) -> bool:
         layer.regroup_times = {"regroup_cluster_s": d.seconds, "regroup_migrate_s": 0.0}
         layer.regroup_seconds += time.perf_counter() - t_start
         return False
+    # only an applied regroup builds this rank's experts' full weights (to re-decompose and move)
+    eff = layer.experts.effective_weights(was_compressed, read=layer.io.read)   # local slot order
     apply(layer, eff, d, was_compressed)
     layer.regroup_seconds += time.perf_counter() - t_start
     return True
 
 
-def decide(layer, eff, t_start: float) -> Decision:
+def decide(layer, t_start: float, probe: Optional[torch.Tensor] = None) -> Decision:
     """Steps 1-2: the new grouping and its gain, identical on every rank."""
-    cfg, ep = layer.config, layer.ep
+    cfg = layer.config
     G, K, E = layer.num_groups, layer.experts_per_group, layer.num_experts
-    ex = layer.experts
     slot_of_expert = layer.slot_of_expert()
     old_assign = (slot_of_expert // K).cpu()
     layer.sync.average_(layer.centroids)  # replicas must cluster on the same statistics
@@ -112,27 +118,22 @@ def decide(layer, eff, t_start: float) -> Decision:
         new_assign = torch.empty(E, dtype=torch.long)
         new_assign[torch.randperm(E, generator=gen)] = torch.arange(E) // K
         return Decision(0.0, slot_of_expert, old_assign, new_assign, time.perf_counter() - t_start)
-    if ep is None:
-        flat = torch.cat([w[slot_of_expert].reshape(E, -1) for w in eff.values()], dim=1)
-    else:  # rank 0 coordinates: it alone needs every expert's weights (S_param)
-        flat = ep.gather_to_coordinator(torch.cat([w.reshape(ex.num_experts, -1) for w in eff.values()], dim=1))
-        flat = flat[slot_of_expert] if flat is not None else None
-    # experts with non-finite weights, found where all weights are (the coordinator)
+    flat = param_sketches(layer, slot_of_expert)   # the coordinator's [E, s] (expert order); None elsewhere
+    # experts with non-finite weights (a non-finite weight makes its sketch row non-finite)
     bad = None if flat is None or bool(torch.isfinite(flat).all()) else ~torch.isfinite(flat).all(1)
+    gain, new_assign = 0.0, torch.zeros(E, dtype=torch.long)   # not the coordinator: receives the decision
     if flat is not None and bad is None:
-        s_param = layer.sim_cache.similarity(flat, layer.step)
-        s_task = clustering.task_similarity(layer.centroids)
-        sim = clustering.fuse_similarity(s_param, s_task.to(s_param.device), cfg.alpha)
-        sim = clustering.prune_neighbors(sim, cfg.tau, cfg.neighbor_top_n)
-        sched = layer.schedule
-        seed = cfg.seed + 7919 * layer.layer_index + sched["reclusters"] + sched["skipped"]
-        new_assign = clustering.balanced_kmeans(1.0 - sim.cpu(), G, seed=seed, iters=cfg.kmeans_iters)
-        gain = (clustering.intra_group_similarity(sim.cpu(), new_assign, G)
-                - clustering.intra_group_similarity(sim.cpu(), old_assign, G))
+        sim = similarity_for_regroup(layer, flat, slot_of_expert, old_assign, probe)
+        if sim is not None:
+            sched = layer.schedule
+            seed = cfg.seed + 7919 * layer.layer_index + sched["reclusters"] + sched["skipped"]
+            new_assign = clustering.balanced_kmeans(1.0 - sim, G, seed=seed, iters=cfg.kmeans_iters)
+            gain = (clustering.intra_group_similarity(sim, new_assign, G)
+                    - clustering.intra_group_similarity(sim, old_assign, G))
+        else:   # no probe tokens on the coordinator yet: this check sees nothing, so nothing moves
+            new_assign = old_assign
     elif bad is not None:   # the decision tells every rank: gain NaN, the bad experts flagged
         gain, new_assign = float("nan"), bad.cpu().long()
-    else:  # not the coordinator: receives the decision below
-        gain, new_assign = 0.0, torch.zeros(E, dtype=torch.long)
     # Rank 0's decision is everyone's: replicas apply the same regroup or none.
     decision = layer.sync.from_first(torch.cat([torch.tensor([gain], dtype=torch.float64),
                                                 new_assign.to(torch.float64)]))
@@ -142,9 +143,65 @@ def decide(layer, eff, t_start: float) -> Decision:
     return Decision(gain, slot_of_expert, old_assign, new_assign, time.perf_counter() - t_start)
 
 
+def param_sketches(layer, slot_of_expert: torch.Tensor) -> Optional[torch.Tensor]:
+    """S_param's input: a CountSketch of ``param_sketch_size`` floats per expert, computed where the
+    experts live and gathered to the coordinator (E x s floats, not E x d x d_ff weights), in expert
+    order; None on other ranks. With ``regroup_similarity="probe"``, after the first clustering, it
+    sketches what distinguishes the experts: their residuals A B^T (full experts, ``low_rank=False``:
+    each minus the mean expert, taken on the sketches since they are linear)."""
+    cfg, ex, ep = layer.config, layer.experts, layer.ep
+    distinguish = probing(layer)
+    sketch = clustering.CountSketch(cfg.param_sketch_size, cfg.seed + 7919 * layer.layer_index)
+    local = torch.zeros(ex.num_experts, cfg.param_sketch_size, dtype=torch.float64,
+                        device=layer.expert_of_slot.device)
+    for offset, chunk in ex.weight_chunks(layer.compressed, read=layer.io.read,
+                                          with_base=not (distinguish and layer.compressed)):
+        sketch.add(local, chunk, offset)
+    flat = local if ep is None else ep.gather_to_coordinator(local)
+    if flat is None:
+        return None
+    flat = flat[slot_of_expert].cpu()
+    if distinguish and not layer.compressed:
+        flat = flat - flat.mean(0, keepdim=True)
+    return flat
+
+
+def probing(layer) -> bool:
+    """The probe similarity is for regroups after the first clustering: before it no grouping
+    exists to bias the paper's similarities, and dynamic and static runs then share their first
+    grouping (a regroup's effect is measured against the static run)."""
+    return layer.config.regroup_similarity == "probe" and layer.clustered
+
+
+def similarity_for_regroup(layer, flat: torch.Tensor, slot_of_expert: torch.Tensor, old_assign: torch.Tensor,
+                           probe: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The fused, pruned similarity the k-means sees (float64 [E, E], CPU); None when the probe
+    similarity has no tokens to look at."""
+    cfg = layer.config
+    s_param = layer.sim_cache.similarity(flat, layer.step)
+    if probing(layer):
+        if probe is None or probe.shape[0] < 2:
+            return None
+        # every expert's router logit on the same tokens: no routing decides who sees what
+        logits = probe.to(layer.router.expert_vec.dtype) @ layer.router.expert_vec.detach().t()
+        s_task = clustering.probe_logit_similarity(logits[:, slot_of_expert.to(logits.device)])
+    else:
+        s_task = clustering.task_similarity(layer.centroids)
+    sim = clustering.fuse_similarity(s_param, s_task.cpu(), cfg.alpha)
+    sim = clustering.prune_neighbors(sim, cfg.tau, cfg.neighbor_top_n)
+    if layer.clustered and cfg.regroup_move_cost > 0:
+        # Separating two experts of one group re-truncates both: pairs now together are credited
+        # lambda x the relative error the last decomposition measured, so the k-means (and the gain
+        # against delta) moves an expert only when the similarity says more than moving costs.
+        together = (old_assign[:, None] == old_assign[None, :]) & ~torch.eye(len(old_assign), dtype=torch.bool)
+        sim = sim + together * (cfg.regroup_move_cost * layer.last_regroup.get("decomposition_error", 0.0))
+    return sim
+
+
 def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
     """Steps 3-5: move experts to their new slots, re-decompose changed groups, move state."""
     t_decided = time.perf_counter()
+    was_clustered = layer.clustered
     cfg, ep, io, ex = layer.config, layer.ep, layer.io, layer.experts
     G, K, E = layer.num_groups, layer.experts_per_group, layer.num_experts
     dev = layer.expert_of_slot.device
@@ -159,12 +216,21 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
     overlap.index_put_((new_assign, old_assign), torch.ones(E), accumulate=True)
     overlap = (overlap / K).to(dev)
 
-    # A group whose slots hold the same experts as before keeps its base and factors: a fresh
-    # decomposition would re-truncate its trained residuals (lossy whenever rank < full).
-    keep = torch.zeros(G, dtype=torch.bool, device=dev)
-    if was_compressed:
-        keep = (new_to_old.view(G, K) == torch.arange(E, device=dev).view(G, K)).all(dim=1)
-    keep_slots = keep.repeat_interleave(K)
+    changed = (new_to_old // K) != torch.arange(G, device=dev).repeat_interleave(K)   # global slots
+    # Which slots get new factors. "movers" (after the first clustering): every group keeps its base
+    # and every expert that stayed keeps its factors; only a mover is re-expressed on its new
+    # group's base. "redecompose" (the paper): a group whose members changed gets a new base and
+    # all its members new factors; a group whose slots hold the same experts keeps both (a fresh
+    # decomposition would re-truncate trained residuals: lossy whenever rank < full).
+    movers_only = was_compressed and cfg.regroup_migration == "movers"
+    if movers_only:
+        keep_slots = ~changed
+        keep = torch.ones(G, dtype=torch.bool, device=dev)
+    else:
+        keep = torch.zeros(G, dtype=torch.bool, device=dev)
+        if was_compressed:
+            keep = (new_to_old.view(G, K) == torch.arange(E, device=dev).view(G, K)).all(dim=1)
+        keep_slots = keep.repeat_interleave(K)
     # From here on, only the groups held here: under expert parallelism rows of other ranks'
     # slots are fetched from their owners (``take``), values and optimizer moments alike.
     if ep is None:
@@ -174,29 +240,34 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
         rows, take = new_to_old[local], ep.take_rows
         g_rows = overlap[ex.group_offset:ex.group_offset + Gl]
         keep_l, keep_slots_l = keep[ex.group_offset:ex.group_offset + Gl], keep_slots[local]
-    redo = (~keep_l).nonzero().squeeze(1)   # only these groups are decomposed (SVD is the cost)
+    redo = (~keep_l).nonzero().squeeze(1)   # groups to decompose (SVD is the cost)
+    fresh = (~keep_slots_l).nonzero().squeeze(1)   # local slots that get new factors
     rel_errors, gated = [], 0
     if not cfg.low_rank:   # the ablation without compression: full experts move with their slots
         for p in ex.full.values():
             io.permute_rows(p, rows, take=take)
     for name, w in (eff.items() if cfg.low_rank else ()):
         base_v = io.read(ex.base[name]).to(w.dtype).clone()
-        a_v = io.read(ex.fa[name]).to(w.dtype).view(Gl, K, *ex.fa[name].shape[1:]).clone()
-        b_v = io.read(ex.fb[name]).to(w.dtype).view(Gl, K, *ex.fb[name].shape[1:]).clone()
-        # weights of the experts now in the slots of the groups to decompose (under expert
-        # parallelism fetched from their old owners; every rank joins, with or without rows)
-        redo_rows = rows.view(Gl, K)[redo].reshape(-1)
-        members = w[redo_rows] if take is None else take(w, redo_rows)
-        if redo.numel():
+        a_v = io.read(ex.fa[name]).to(w.dtype).view(Gl * K, *ex.fa[name].shape[1:]).clone()
+        b_v = io.read(ex.fb[name]).to(w.dtype).view(Gl * K, *ex.fb[name].shape[1:]).clone()
+        # weights of the experts now in the slots that get new factors (under expert parallelism
+        # fetched from their old owners: only those; every rank joins, with or without rows)
+        members = w[rows[fresh]] if take is None else take(w, rows[fresh])
+        if movers_only:
+            a_v[fresh], b_v[fresh], err = residual_factors(members - base_v[fresh // K], cfg.rank, members)
+            rel_errors.append(err)
+        elif redo.numel():
             dec = decompose_groups(members.view(redo.numel(), K, *w.shape[1:]), cfg.rank, cfg.gamma)
-            base_v[redo], a_v[redo], b_v[redo] = dec.base, dec.a, dec.b
+            base_v[redo], a_v.view(Gl, K, *a_v.shape[1:])[redo], b_v.view(Gl, K, *b_v.shape[1:])[redo] = \
+                dec.base, dec.a, dec.b
             rel_errors.append(dec.rel_error.reshape(-1))
             gated += int(dec.gated.sum())
-        mix = (lambda key, s: mix_groups(g_rows, s, take)) if was_compressed else None
-        io.write(ex.base[name], base_v, mix)
+        if not movers_only:   # (movers: every base stays, with its moments)
+            mix = (lambda key, s: mix_groups(g_rows, s, take)) if was_compressed else None
+            io.write(ex.base[name], base_v, mix)
         old_rows = rows if was_compressed else None
-        io.write_fresh(ex.fa[name], a_v.reshape(Gl * K, *a_v.shape[2:]), old_rows, keep_slots_l, take=take)
-        io.write_fresh(ex.fb[name], b_v.reshape(Gl * K, *b_v.shape[2:]), old_rows, keep_slots_l, take=take)
+        io.write_fresh(ex.fa[name], a_v, old_rows, keep_slots_l, take=take)
+        io.write_fresh(ex.fb[name], b_v, old_rows, keep_slots_l, take=take)
     for p in ex.bias.values():
         io.permute_rows(p, rows, take=take)
     if ep is not None:
@@ -210,13 +281,34 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
     sched["compressed"] = 1
     sched["reclusters"] = sched["reclusters"] + 1
     sched["frozen_until"] = layer.step + cfg.router_freeze_steps
+    # experts that changed group, and the relative error of their new form (the re-truncation
+    # they paid); summed over the expert-parallel ranks so every rank reports the same numbers
+    mover_err = torch.zeros(4, dtype=torch.float64)   # sum/count over movers, then over all new factors
+    if rel_errors:
+        err = torch.stack(rel_errors).to(torch.float64).mean(0).cpu()    # mean over matrices, per fresh slot
+        movers = (changed[local] if ep is not None else changed)[fresh].cpu()
+        mover_err = torch.stack([err[movers].sum(), movers.sum().to(torch.float64),
+                                 err.sum(), torch.tensor(float(err.numel()), dtype=torch.float64)])
+    if ep is not None:   # replicas of a rank's groups add the same sums: the ratios stay right
+        mover_err = ep.reduce_stats(mover_err.to(dev)).cpu()
+    moved = int(changed.sum()) if was_clustered else 0
+    previous = layer.last_regroup
     layer.last_regroup = {
         "last_gain": float(d.gain),
         # over the re-decomposed groups (0.0 when every group was kept)
-        "reconstruction_error": float(torch.cat(rel_errors).mean()) if rel_errors else 0.0,
+        "reconstruction_error": float(mover_err[2] / mover_err[3]) if mover_err[3] > 0 else 0.0,
+        # of the latest decomposition that ran (the move cost's yardstick)
+        "decomposition_error": (float(mover_err[2] / mover_err[3]) if mover_err[3] > 0
+                                else float(previous.get("decomposition_error", 0.0))),
         "gated_residuals": gated,
         "moved_experts": int((new_to_old != torch.arange(E, device=dev)).sum()),
+        # experts that changed group in regroups after the first clustering, over the run
+        "experts_moved": float(previous.get("experts_moved", 0.0)) + moved,
+        "movers_error": float(mover_err[0] / mover_err[1]) if mover_err[1] > 0 else 0.0,
     }
+    if moved:
+        layer.regroup_events.append({"step": layer.step, "moved": moved, "gain": float(d.gain),
+                                     "movers_error": layer.last_regroup["movers_error"]})
     # wall times (not checkpointed): similarity + k-means + agreement; decomposition + moving slots and moments
     layer.regroup_times = {"regroup_cluster_s": d.seconds, "regroup_migrate_s": time.perf_counter() - t_decided}
 

@@ -7,6 +7,7 @@ and get identical results. The grouping itself is ``clustering.py``.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -20,6 +21,9 @@ __all__ = [
     "prune_neighbors",
     "update_centroids",
     "ParamSimilarityCache",
+    "CountSketch",
+    "sketch_error_bound",
+    "probe_logit_similarity",
 ]
 
 # Elements (not bytes) of one float64 chunk when streaming over the feature dimension: keeps the
@@ -72,6 +76,16 @@ def param_similarity(flat_weights: Tensor) -> Tensor:
 def task_similarity(centroids: Tensor) -> Tensor:
     """S_task (Eq. 3): cosine of the experts' activation centroids, [E, d] -> [E, E] float64."""
     return cosine_similarity_matrix(centroids)
+
+
+def probe_logit_similarity(logits: Tensor) -> Tensor:
+    """S_task from a shared probe batch: ``logits`` [n, E] are every expert's router logit on the
+    same n tokens (no routing decides who sees what). Each token's logits are centred over the
+    experts (a token that excites every expert says nothing about which are alike), then the
+    experts' columns are compared by cosine -> [E, E] float64."""
+    z = logits.detach().to(torch.float64)
+    z = z - z.mean(dim=1, keepdim=True)
+    return cosine_similarity_matrix(z.T.contiguous())
 
 
 def fuse_similarity(s_param: Tensor, s_task: Tensor, alpha: float) -> Tensor:
@@ -127,6 +141,49 @@ def update_centroids(centroids: Tensor, initialized: Tensor, token_sums: Tensor,
     w = torch.where(init, beta, 1.0).to(centroids.dtype) * seen
     mean = token_sums.to(device=centroids.device, dtype=centroids.dtype) / counts.clamp(min=1)[:, None]
     return torch.lerp(centroids, mean, w[:, None]), init | seen
+
+
+_PRIME = (1 << 31) - 1   # Mersenne prime of the polynomial hashes
+
+
+def _poly_hash(idx: Tensor, coeffs) -> Tensor:
+    """sum_k c_k idx^k mod p by Horner's rule; every product stays below 2^62 (no int64 overflow)."""
+    h = torch.zeros_like(idx)
+    for c in coeffs:
+        h = (h * idx + c) % _PRIME
+    return h
+
+
+class CountSketch:
+    """A linear map R^D -> R^s (Charikar-Chen-Farach-Colton): coordinate j goes, with a sign
+    sigma(j), into bucket h(j). h is 2-wise and sigma 4-wise independent polynomial hashes of the
+    *global* coordinate index, derived from ``seed`` alone, so every rank sketches its own experts
+    with the same map and nothing of size D is stored: chunks of any size are added in any order.
+
+    For unit vectors a, b the sketched inner product is unbiased with variance
+    ``(1 + <a,b>^2 - 2 sum_j a_j^2 b_j^2) / s <= 2 / s`` (:func:`sketch_error_bound`)."""
+
+    def __init__(self, size: int, seed: int):
+        if size < 1:
+            raise ValueError(f"sketch size must be >= 1, got {size}")
+        self.size = int(size)
+        gen = torch.Generator().manual_seed(int(seed))
+        c = torch.randint(1, _PRIME, (6,), generator=gen).tolist()
+        self._bucket, self._sign = c[:2], c[2:]
+
+    def add(self, out: Tensor, values: Tensor, start: int) -> None:
+        """``out[:, h(j)] += sigma(j) values[:, j - start]`` for the coordinates j in
+        ``[start, start + values.shape[1])``; ``out`` is [rows, s]."""
+        idx = torch.arange(start, start + values.shape[1], dtype=torch.int64, device=values.device) % _PRIME
+        bucket = _poly_hash(idx, self._bucket) % self.size
+        sign = (_poly_hash(idx, self._sign) & 1).to(values.dtype) * 2 - 1
+        out.index_add_(1, bucket, (values * sign).to(out.dtype))
+
+
+def sketch_error_bound(size: int, failure: float) -> float:
+    """epsilon with P(|<Sa,Sb> - <a,b>| > epsilon) <= ``failure`` for unit a, b (Chebyshev on the
+    variance bound 2/s): sqrt(2 / (s * failure))."""
+    return math.sqrt(2.0 / (size * failure))
 
 
 class ParamSimilarityCache:

@@ -38,6 +38,9 @@ from ..core.metrics import coefficient_of_variation as load_cv, mean_over_rows
 OURS_VARIANTS = {
     "ours": {},
     "static": {"dynamic_regroup": False},
+    "paper-regroup": {"regroup_similarity": "weights", "regroup_move_cost": 0.0},
+    "probe": {"regroup_similarity": "probe", "regroup_move_cost": 0.0},
+    "probe-cost": {"regroup_similarity": "probe", "regroup_move_cost": 1.0},
     "int4": {"residual_bits": 4},
     "random-groups": {"grouping": "random", "dynamic_regroup": False},
     "full-experts": {"low_rank": False},

@@ -126,6 +126,16 @@ def report(preset, runs, done, failed, records, agg, figures, raw, args, wall) -
     lines += tables.rows_with_paper(agg, labels, tables.ABLATION_ROWS, tables.PAPER_ABLATION)
     lines += ["", "## Dynamic vs static clustering (the paper's Table 4)", ""]
     lines += tables.rows_with_paper(agg, labels, ("ours", "static"), tables.PAPER_DYNAMIC)
+    lines += ["", "### Regroup rules against static clustering (docs/REGROUP.md)", "",
+              "Ratios are to static clustering. Every rule shares static's first clustering; they differ in "
+              "what a regroup check after it looks at (`regroup_similarity`) and what moving costs "
+              "(`regroup_move_cost`).", ""]
+    lines += tables.dynamic_table(agg, labels)
+    lines += ["", "Each regroup that moved experts: the movers' relative reconstruction error after re-expression on "
+              "their new group's base, and the mean training loss over the next 20 steps minus the static run's of "
+              "the same seed over the same steps (negative: better). Up to a run's first regroup both runs are "
+              "identical, so for it the static run *is* the run without that regroup.", ""]
+    lines += tables.regroup_effects_table(analyse.regroup_effects(records), labels)
     lines += ["", "## Seeds (the paper's Table 5: three runs, ±0.2)", ""]
     lines += tables.seeds_table(records, agg)
     lines += ["", "## Checks against the issue's targets", ""]

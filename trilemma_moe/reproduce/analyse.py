@@ -22,10 +22,11 @@ EP_SIZE, TOKENS_PER_GPU, ELEM_BYTES = 8, 4096, 2
 # metrics averaged over seeds (a missing one stays missing)
 METRICS = ("valid_ppl", "test_ppl", "dev_accuracy", "total_params", "expert_params", "tokens_per_s",
            "peak_memory_bytes", "load_cv", "a2a_bytes_per_token", "regroup_share", "regroups_applied",
-           "train_time_s")
+           "experts_moved", "train_time_s")
+AFTER_REGROUP_STEPS = 20   # a regroup's effect: the training loss over the next 20 steps against static's
 
 
-SERIES = ("history", "load_history", "group_history")   # per-step series a record carries for the figures
+SERIES = ("history", "load_history", "group_history", "loss_curve")   # per-step series a record carries for the figures
 
 
 def cached_a2a_bytes_per_token(run: Run, flat: bool) -> Optional[float]:
@@ -78,6 +79,8 @@ def record(run: Run) -> Dict[str, Any]:
     out["history"] = s.get("history", [])
     out["load_history"] = s.get("load_history", [])
     out["group_history"] = s.get("group_history", [])
+    out["loss_curve"] = s.get("loss_curve", [])
+    out["regroup_events"] = s.get("regroup_events", [])
     out["num_groups"] = s["config"]["num_groups"]
     return out
 
@@ -103,3 +106,30 @@ def aggregate(records: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, An
                     agg[key] = mean_std([float(v) for v in vals])
             agg["seeds"] = sorted(r["seed"] for r in runs)
     return out
+
+
+def regroup_effects(records: List[Dict[str, Any]], base: str = "static") -> List[Dict[str, Any]]:
+    """One row per regroup after the first clustering that moved experts (all layers of a run that
+    regrouped at one step together): experts moved, the movers' relative reconstruction error, and
+    the mean training loss over the next ``AFTER_REGROUP_STEPS`` steps minus the static run's of the
+    same task and seed over the same steps. Static shares the data and, up to the first such
+    regroup, every weight: for a run's first regroup this is the loss against the run without it;
+    for later ones, against the run without any regroup so far."""
+    statics = {(r["task"], r["seed"]): r["loss_curve"] for r in records if r["variant"] == base}
+    rows = []
+    for r in records:
+        ref = statics.get((r["task"], r["seed"]))
+        by_step: Dict[int, List[Dict[str, Any]]] = {}
+        for e in r.get("regroup_events", []):
+            by_step.setdefault(int(e["step"]), []).append(e)
+        for i, (step, events) in enumerate(sorted(by_step.items())):
+            moved = sum(e["moved"] for e in events)
+            row = {"task": r["task"], "variant": r["variant"], "seed": r["seed"], "step": step, "nth": i,
+                   "moved": moved, "movers_error": sum(e["movers_error"] * e["moved"] for e in events) / moved}
+            # loss_curve[j] is step j + 1's loss; the regroup ran at the first forward of step + 1
+            window = slice(step, step + AFTER_REGROUP_STEPS)
+            if ref is not None and len(r["loss_curve"]) >= window.stop and len(ref) >= window.stop:
+                ours, theirs = r["loss_curve"][window], ref[window]
+                row["loss_delta"] = (sum(ours) - sum(theirs)) / AFTER_REGROUP_STEPS
+            rows.append(row)
+    return rows

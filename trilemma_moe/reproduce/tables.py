@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional
 
+from .analyse import mean_std
+
 # The paper's section 4 (WikiText-103 PPL, GLUE average, SST-2 accuracy, I_load, peak memory).
 PAPER_MAIN = {
     "dense": dict(params=110e6, ppl=29.8, glue=83.8, sst2=92.5, iload=0.05, mem_gb=15.4),
@@ -15,6 +17,8 @@ PAPER_MAIN = {
 PAPER_ABLATION = {"ours": (83.5, 0.12), "random-groups": (81.7, 0.37), "full-experts": (83.3, 0.13),
                   "flat-routing": (83.4, 0.28)}
 PAPER_DYNAMIC = {"ours": (83.5, 0.12), "static": (82.0, 0.22)}
+# the regroup rules compared with static clustering (ours is the default rule)
+DYNAMIC_ROWS = ("ours", "probe-free", "paper-regroup", "static")
 MAIN_ROWS = ("dense", "switch", "deepspeed", "ours", "static", "int4")
 ABLATION_ROWS = ("ours", "random-groups", "full-experts", "flat-routing")
 
@@ -143,3 +147,39 @@ def checks(agg) -> List[str]:
         out.append(f"- I_load: ours {il['mean']:.2f} vs Switch {ils['mean']:.2f} (×{il['mean'] / ils['mean']:.2f}; the paper: "
                    f"×0.33): **{'met' if il['mean'] <= ils['mean'] / 2 else 'not met'}** (target: at most half)")
     return out
+
+
+def dynamic_table(agg, labels) -> List[str]:
+    """The regroup rules against static clustering, with what they moved."""
+    lines = ["| Regroup rule | WikiText-2 valid PPL | SST-2 acc (%) | I_load (CV, LM) | all-to-all bytes/token @ ep 8 "
+             "| experts moved (LM) | experts moved (SST-2) | regroups applied (LM) |", "|---|---|---|---|---|---|---|---|"]
+    for v in DYNAMIC_ROWS:
+        if v not in agg.get("lm", {}) and v not in agg.get("sst2", {}):
+            continue
+        lines.append(f"| {labels[v]} | {_fmt(_get(agg, 'lm', v, 'valid_ppl'))}{_ratio(agg, 'lm', v, 'valid_ppl', 'static')} "
+                     f"| {_fmt(_get(agg, 'sst2', v, 'dev_accuracy'), 1, pct=True)} "
+                     f"| {_fmt(_get(agg, 'lm', v, 'load_cv'), 2)}{_ratio(agg, 'lm', v, 'load_cv', 'static')} "
+                     f"| {_fmt(_get(agg, 'lm', v, 'a2a_bytes_per_token'), 0)}"
+                     f"{_ratio(agg, 'lm', v, 'a2a_bytes_per_token', 'static')} "
+                     f"| {_fmt(_get(agg, 'lm', v, 'experts_moved'), 1)} | {_fmt(_get(agg, 'sst2', v, 'experts_moved'), 1)} "
+                     f"| {_fmt(_get(agg, 'lm', v, 'regroups_applied'), 1)} |")
+    return lines
+
+
+def regroup_effects_table(rows: List[Dict[str, Any]], labels) -> List[str]:
+    """Per regroup that moved experts: what moved, what it cost, the loss after it against static."""
+    lines = ["| Regroup rule | task | regroups (all seeds) | experts moved per regroup | movers' reconstruction error "
+             "| Δ train loss, next 20 steps vs static: first regroup of a run | all regroups |",
+             "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["variant"], r["task"]) for r in rows}, key=lambda k: (DYNAMIC_ROWS.index(k[0])
+                  if k[0] in DYNAMIC_ROWS else 99, k[1]))
+    for variant, task in keys:
+        rs = [r for r in rows if r["variant"] == variant and r["task"] == task]
+        firsts = [r["loss_delta"] for r in rs if r["nth"] == 0 and "loss_delta" in r]
+        alls = [r["loss_delta"] for r in rs if "loss_delta" in r]
+
+        def f(vals, digits=3):
+            return _fmt(mean_std(vals), digits) + f" (n={len(vals)})" if vals else "–"
+        lines.append(f"| {labels.get(variant, variant)} | {task} | {len(rs)} | {f([r['moved'] for r in rs], 1)} "
+                     f"| {f([r['movers_error'] for r in rs], 2)} | {f(firsts, 4)} | {f(alls, 4)} |")
+    return lines

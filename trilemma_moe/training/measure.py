@@ -102,4 +102,6 @@ class RunTrace:
         if self.clustered:
             out["group_history"] = self.groups
             out["regroup_time_s"] = sum(m.regroup_seconds for m in self.clustered)
+            # per layer: each regroup after the first clustering that moved experts
+            out["regroup_events"] = [dict(e, layer=i) for i, m in enumerate(self.clustered) for e in m.regroup_events]
         return out

@@ -65,6 +65,9 @@ def moe_stats(stats: List[Dict[str, Any]]) -> Dict[str, Any]:
         vals = [float(s[key]) for s in stats if key in s]
         if vals:
             out[key] = sum(vals) / len(vals) if key != "skipped_reclusters" else int(sum(vals))
+    for key in ("experts_moved", "regroup_seconds"):   # over the layers: summed
+        if any(key in s for s in stats):
+            out[key] = sum(s.get(key, 0) for s in stats)
     clustered = [s for s in stats if "compressed" in s]
     out["compressed"] = all(bool(s["compressed"]) for s in stats) if clustered else False
     if clustered:
@@ -220,7 +223,7 @@ def summary(args, cfg: TrilemmaMoEConfig, corpus, rec: Record, last_eval: Dict[s
         "loss_curve": rec.loss_curve,   # every optimizer step's training loss (global batch)
     }
     for key in ("first_clusterings", "regroups_applied", "group_load_cv", "compression_ratio",
-                "skipped_reclusters", "compressed"):
+                "skipped_reclusters", "experts_moved", "regroup_seconds", "compressed"):
         if key in st:
             out[key] = st[key]
     return out
@@ -270,7 +273,9 @@ def table(s: Dict[str, Any], num_layers: int) -> str:
         rows += [("first clustering", f"{first} of {num_layers} layers" if first else
                   "none (the run ended in the burn-in)"),
                  ("regroups applied", s["regroups_applied"]),
-                 ("regroup checks skipped", s.get("skipped_reclusters", 0))]
+                 ("regroup checks skipped", s.get("skipped_reclusters", 0)),
+                 ("experts moved by regroups", s.get("experts_moved", 0)),
+                 ("regroup wall time (s)", s.get("regroup_seconds", 0.0))]
         for key in ("compression_ratio", "group_load_cv"):
             if key in s:
                 rows.append((key.replace("_", " "), s[key]))
