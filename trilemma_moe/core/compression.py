@@ -45,6 +45,17 @@ def randomized_svd(m: torch.Tensor, rank: int, seed: int = 0, power_iters: int =
     return (q @ ub[..., :, :rank]), s[..., :rank], vh[..., :rank, :].transpose(-1, -2)
 
 
+def truncated_svd(m: torch.Tensor, rank: int, svd: str = "exact", seed: int = 0):
+    """Top-``rank`` ``(u, s, v)`` of ``m`` (..., d_in, d_out): ``"exact"`` (``torch.linalg.svd``, full)
+    or ``"randomized"`` (:func:`randomized_svd`, seeded by ``seed``)."""
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
+    if svd == "randomized":
+        return randomized_svd(m, rank, seed=seed)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[..., :, :rank], s[..., :rank], vh[..., :rank, :].transpose(-1, -2)
+
+
 @dataclass
 class GroupDecomposition:
     base: torch.Tensor          # (..., d_in, d_out): mean of the group's experts (Eq. 6)
@@ -73,7 +84,7 @@ def decompose_groups(weights: torch.Tensor, rank: int, gamma: float | None = Non
     ``svd``: ``"exact"`` (``torch.linalg.svd``, full) or ``"randomized"`` (:func:`randomized_svd`,
     seeded by ``seed``; near the Eckart-Young optimum at a fraction of the cost for r << d).
     """
-    if svd not in SVD_METHODS:
+    if svd not in SVD_METHODS:   # before any work: a typo fails fast, also for tiny inputs
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
     if weights.dim() < 3:
         raise ValueError(f"weights must be (..., K, d_in, d_out), got shape {tuple(weights.shape)}")
@@ -82,11 +93,7 @@ def decompose_groups(weights: torch.Tensor, rank: int, gamma: float | None = Non
         raise ValueError(f"rank ({rank}) must be <= min(d_in, d_out) = {min(d_in, d_out)}")
     base = weights.mean(dim=-3)
     residual = weights - base.unsqueeze(-3)
-    if svd == "exact":
-        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-        u, s, v = u[..., :, :rank], s[..., :rank], vh[..., :rank, :].transpose(-1, -2)
-    else:
-        u, s, v = randomized_svd(residual, rank, seed=seed)
+    u, s, v = truncated_svd(residual, rank, svd, seed)
     root = s.sqrt()
     a = u * root.unsqueeze(-2)
     b = v * root.unsqueeze(-2)
@@ -123,14 +130,15 @@ def held_compression_ratio(experts) -> float:
     return full / comp
 
 
-def residual_factors(residual: torch.Tensor, rank: int, weights: torch.Tensor):
+def residual_factors(residual: torch.Tensor, rank: int, weights: torch.Tensor, svd: str = "exact", seed: int = 0):
     """Rank-r factors of ``residual`` (..., d_in, d_out) by truncated SVD, split as in
     :func:`decompose_groups` (A = U sqrt(S), B = V sqrt(S)), and the relative error of
     ``weights - residual + A B^T`` against ``weights`` (the re-truncation a moved expert pays when
-    it is re-expressed on another group's base ``weights - residual``)."""
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    root = s[..., :rank].sqrt()
-    a = u[..., :, :rank] * root.unsqueeze(-2)
-    b = vh[..., :rank, :].transpose(-1, -2) * root.unsqueeze(-2)
+    it is re-expressed on another group's base ``weights - residual``). ``svd``, ``seed``: as in
+    :func:`decompose_groups`."""
+    u, s, v = truncated_svd(residual, rank, svd, seed)
+    root = s.sqrt()
+    a = u * root.unsqueeze(-2)
+    b = v * root.unsqueeze(-2)
     lost = (residual - a @ b.transpose(-1, -2)).flatten(-2).norm(dim=-1)
     return a, b, lost / weights.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(weights.dtype).tiny)
