@@ -221,6 +221,16 @@ def spawn(fn, world, port, *extra):
         return json.load(f)
 
 
+def load_compare(paths):
+    """(label, scaling rows) of earlier --json outputs; the label they were run with, else the file name."""
+    out = []
+    for c in paths:
+        with open(c) as f:
+            saved = json.load(f)
+        out.append((saved["args"].get("label") or os.path.splitext(os.path.basename(c))[0], saved["scaling"]))
+    return out
+
+
 def plot(scaling, compare, label, path):
     """Check time and rank 0's extra memory against E, log-log, one line per ep_size and run."""
     import matplotlib
@@ -279,8 +289,14 @@ def main(argv=None):
     p.add_argument("--figure", default=None, help="PNG of the scaling part (log-log)")
     p.add_argument("--compare", nargs="*", default=[], help="earlier --json outputs drawn dashed in --figure")
     p.add_argument("--label", default="this run", help="this run's name in the figure's legend")
+    p.add_argument("--plot-from", default=None, help="only redraw --figure from this earlier --json (and --compare)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            saved = json.load(f)
+        plot(saved["scaling"], load_compare(args.compare), saved["args"].get("label", args.label), args.figure)
+        return saved["results"]
     make_config(args, args.experts, args.groups, 1)   # fail before spawning if --svd cannot be set
     out = {"args": vars(args), "results": []}
     port = args.port
@@ -317,11 +333,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     if args.figure and "scaling" in out:
-        compare = []
-        for c in args.compare:
-            with open(c) as f:
-                compare.append((os.path.splitext(os.path.basename(c))[0], json.load(f)["scaling"]))
-        plot(out["scaling"], compare, args.label, args.figure)
+        plot(out["scaling"], load_compare(args.compare), args.label, args.figure)
     return out["results"]
 
 
