@@ -6,9 +6,54 @@ expert i is ``A_i @ B_i.T`` with ``A_i: (d_in, r)`` and ``B_i: (d_out, r)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
+
+SVD_METHODS = ("exact", "randomized")
+POWER_ITERS = 2            # q: subspace iterations; sharpen a flat residual spectrum's decay to s^(2q+1)
+
+
+def oversampling(rank: int) -> int:
+    """p extra test vectors: HMT (2011, sec. 4.2) suggest 5-10; we take max(8, r) (l = 2r at
+    r >= 8). Residuals of independently initialised experts have a flat spectrum, the hard case;
+    there, with q = 2, this keeps the Frobenius error within 1% of the optimum at the project's
+    shapes (benchmarks/svd_error.py), at about 2/3 of the cost of p = 2r."""
+    return max(8, rank)
+
+
+def randomized_svd(m: torch.Tensor, rank: int, seed: int = 0, power_iters: int = POWER_ITERS):
+    """Top-``rank`` singular triplets of ``m`` (..., d_in, d_out), batched over the leading dims,
+    by randomized subspace iteration (Halko, Martinsson, Tropp 2011, Alg. 4.4 + 5.1): a Gaussian
+    test matrix of l = rank + p columns, ``power_iters`` rounds of ``m m^T`` with a QR after every
+    product (keeps the basis from collapsing onto the top singular vector in finite precision),
+    then an exact SVD of the small projection ``Q^T m`` (l x d_out). Returns ``(u, s, v)`` with
+    ``u (..., d_in, r)``, ``s (..., r)``, ``v (..., d_out, r)``.
+
+    The test matrix comes from a private ``torch.Generator`` seeded by ``seed``, never from
+    torch's global RNG (as ``torch.svd_lowrank`` does): drawing from it would shift the training
+    RNG stream and make ranks that decompose different numbers of groups disagree afterwards.
+    """
+    d_in, d_out = m.shape[-2:]
+    l = min(rank + oversampling(rank), d_in, d_out)
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    omega = torch.randn(*m.shape[:-2], d_out, l, generator=gen, device=m.device, dtype=m.dtype)
+    q = torch.linalg.qr(m @ omega).Q                       # (..., d_in, l): range of m
+    mt = m.transpose(-1, -2)
+    for _ in range(power_iters):
+        q = torch.linalg.qr(m @ torch.linalg.qr(mt @ q).Q).Q
+    ub, s, vh = torch.linalg.svd(q.transpose(-1, -2) @ m, full_matrices=False)   # (..., l, d_out)
+    return (q @ ub[..., :, :rank]), s[..., :rank], vh[..., :rank, :].transpose(-1, -2)
+
+
+def truncated_svd(m: torch.Tensor, rank: int, svd: str = "exact", seed: int = 0):
+    """Top-``rank`` ``(u, s, v)`` of ``m`` (..., d_in, d_out): ``"exact"`` (``torch.linalg.svd``, full)
+    or ``"randomized"`` (:func:`randomized_svd`, seeded by ``seed``)."""
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
+    if svd == "randomized":
+        return randomized_svd(m, rank, seed=seed)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[..., :, :rank], s[..., :rank], vh[..., :rank, :].transpose(-1, -2)
 
 
 @dataclass
@@ -20,7 +65,8 @@ class GroupDecomposition:
     gated: torch.Tensor         # (..., K) bool: residual zeroed by the gamma gate
 
 
-def decompose_groups(weights: torch.Tensor, rank: int, gamma: Optional[float] = None) -> GroupDecomposition:
+def decompose_groups(weights: torch.Tensor, rank: int, gamma: float | None = None, svd: str = "exact",
+                     seed: int = 0) -> GroupDecomposition:
     """Decompose ``weights`` of shape ``(..., K, d_in, d_out)`` group-wise.
 
     base = mean over K (Eq. 6); residual factors from the truncated SVD of ``W_i - base``
@@ -34,7 +80,12 @@ def decompose_groups(weights: torch.Tensor, rank: int, gamma: Optional[float] = 
     We gate on the relative norm, not on the cosine to the base named in the paper: residuals
     of independently initialised experts are nearly orthogonal to the base, so the literal
     cosine criterion would zero all of them.
+
+    ``svd``: ``"exact"`` (``torch.linalg.svd``, full) or ``"randomized"`` (:func:`randomized_svd`,
+    seeded by ``seed``; near the Eckart-Young optimum at a fraction of the cost for r << d).
     """
+    if svd not in SVD_METHODS:   # before any work: a typo fails fast, also for tiny inputs
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
     if weights.dim() < 3:
         raise ValueError(f"weights must be (..., K, d_in, d_out), got shape {tuple(weights.shape)}")
     d_in, d_out = weights.shape[-2:]
@@ -42,10 +93,10 @@ def decompose_groups(weights: torch.Tensor, rank: int, gamma: Optional[float] = 
         raise ValueError(f"rank ({rank}) must be <= min(d_in, d_out) = {min(d_in, d_out)}")
     base = weights.mean(dim=-3)
     residual = weights - base.unsqueeze(-3)
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    root = s[..., :rank].sqrt()
-    a = u[..., :, :rank] * root.unsqueeze(-2)
-    b = vh[..., :rank, :].transpose(-1, -2) * root.unsqueeze(-2)
+    u, s, v = truncated_svd(residual, rank, svd, seed)
+    root = s.sqrt()
+    a = u * root.unsqueeze(-2)
+    b = v * root.unsqueeze(-2)
     if gamma is not None:
         res_norm = residual.flatten(-2).norm(dim=-1)
         base_norm = base.flatten(-2).norm(dim=-1).unsqueeze(-1)
@@ -79,14 +130,15 @@ def held_compression_ratio(experts) -> float:
     return full / comp
 
 
-def residual_factors(residual: torch.Tensor, rank: int, weights: torch.Tensor):
+def residual_factors(residual: torch.Tensor, rank: int, weights: torch.Tensor, svd: str = "exact", seed: int = 0):
     """Rank-r factors of ``residual`` (..., d_in, d_out) by truncated SVD, split as in
     :func:`decompose_groups` (A = U sqrt(S), B = V sqrt(S)), and the relative error of
     ``weights - residual + A B^T`` against ``weights`` (the re-truncation a moved expert pays when
-    it is re-expressed on another group's base ``weights - residual``)."""
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    root = s[..., :rank].sqrt()
-    a = u[..., :, :rank] * root.unsqueeze(-2)
-    b = vh[..., :rank, :].transpose(-1, -2) * root.unsqueeze(-2)
+    it is re-expressed on another group's base ``weights - residual``). ``svd``, ``seed``: as in
+    :func:`decompose_groups`."""
+    u, s, v = truncated_svd(residual, rank, svd, seed)
+    root = s.sqrt()
+    a = u * root.unsqueeze(-2)
+    b = v * root.unsqueeze(-2)
     lost = (residual - a @ b.transpose(-1, -2)).flatten(-2).norm(dim=-1)
     return a, b, lost / weights.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(weights.dtype).tiny)
