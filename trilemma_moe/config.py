@@ -21,7 +21,7 @@ _COMBINE = ("product",)
 _GROUPINGS = ("similarity", "random")
 _ROUTINGS = ("hierarchical", "flat")
 _REGROUP_SIMILARITIES = ("weights", "probe")
-_SVDS = ("exact", "randomized")
+SVD_METHODS = ("exact", "randomized")
 _MIGRATIONS = ("movers", "redecompose")
 
 
@@ -62,13 +62,14 @@ class TrilemmaMoEConfig:
     regroup_similarity: str = "probe"  # "weights": the paper's S_param of the experts' weights and S_task of
     #   the centroids of the tokens each expert was routed; "probe": S_param of what distinguishes experts (their
     #   residuals) and S_task of every expert's router logit on a shared probe batch (routing cannot bias either)
-    regroup_move_cost: float = 0.5  # lambda: pairs now in one group gain lambda * (measured re-truncation error
+    regroup_move_cost: float = 0.25  # lambda: pairs now in one group gain lambda * (measured re-truncation error
     #   of the last decomposition) in S, so a regroup moves an expert only when S says more than moving costs
     regroup_migration: str = "movers"  # "movers": bases and staying experts' factors kept, only movers
     #   re-expressed on their new group's base; "redecompose" (the paper): changed groups decomposed afresh
     probe_tokens: int = 256        # recent training tokens kept as the probe batch (regroup_similarity="probe")
     param_sketch_size: int = 4096  # s: S_param from CountSketches of s floats per expert, gathered instead of weights
-    svd: str = "exact"             # "randomized": seeded randomized truncated SVD for the residual factors
+    svd: str = "exact"             # "randomized": seeded randomized truncated SVD (HMT) for the residual factors;
+    #   under expert parallelism each rank draws one test matrix for its own groups (not bit-equal to ep_size 1)
     # --- compression (3.2) ----------------------------------------------------------------
     gamma: Optional[float] = 0.05  # residual gate: zero residuals with |dW| <= gamma*|W_base| (see docs); None = off
     # --- routing (3.3) and training protocol (3.5) -----------------------------------------
@@ -155,8 +156,8 @@ class TrilemmaMoEConfig:
             raise ValueError(f"regroup_similarity must be one of {_REGROUP_SIMILARITIES}, got {self.regroup_similarity!r}")
         if self.regroup_migration not in _MIGRATIONS:
             raise ValueError(f"regroup_migration must be one of {_MIGRATIONS}, got {self.regroup_migration!r}")
-        if self.svd not in _SVDS:
-            raise ValueError(f"svd must be one of {_SVDS}, got {self.svd!r}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {SVD_METHODS}, got {self.svd!r}")
         self._check_range("regroup_move_cost", 0.0, float("inf"))
         self._check_int("probe_tokens", 1)
         self._check_int("param_sketch_size", 1)

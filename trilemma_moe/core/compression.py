@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-SVD_METHODS = ("exact", "randomized")
+from ..config import SVD_METHODS
+
 POWER_ITERS = 2            # q: subspace iterations; sharpen a flat residual spectrum's decay to s^(2q+1)
 
 

@@ -364,10 +364,13 @@ class ClusteredMoE(nn.Module):
 
     # --- checkpoint state ------------------------------------------------------------------
     def get_extra_state(self):
-        """The S_param cache and last regroup report travel with ``state_dict`` (tensors and
-        numbers only, so ``torch.load(weights_only=True)`` reads them)."""
+        """The S_param cache, last regroup report and probe batch travel with ``state_dict``
+        (tensors and numbers only, so ``torch.load(weights_only=True)`` reads them)."""
+        # the probe batch too: a run resumed just before a regroup check decides on the same tokens
+        probe = self.probe if self.probe is not None else torch.zeros(0, self.hidden_size)
         return {"sim_cache": self.sim_cache.state_dict(), "ep_size": self.config.ep_size,
-                "last_regroup": {k: float(v) for k, v in self.last_regroup.items()}}
+                "last_regroup": {k: float(v) for k, v in self.last_regroup.items()},
+                "probe": probe.detach().clone()}
 
     def set_extra_state(self, state) -> None:
         saved = state.get("ep_size")
@@ -379,6 +382,8 @@ class ClusteredMoE(nn.Module):
                 f"starts fresh), or convert it with `trilemma-moe reshard DIR --out FILE` and load that file")
         self.sim_cache.load_state_dict(state["sim_cache"])
         self.last_regroup = dict(state.get("last_regroup", {}))
+        probe = state.get("probe")   # absent in checkpoints older than the probe rule
+        self.probe = probe.to(self.centroids.device) if probe is not None and probe.numel() else None
         self.schedule.reloaded()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

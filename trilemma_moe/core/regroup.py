@@ -246,6 +246,8 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
     if not cfg.low_rank:   # the ablation without compression: full experts move with their slots
         for p in ex.full.values():
             io.permute_rows(p, rows, take=take)
+    # randomized SVD: one seed per regroup and layer, the same on every replica (``svd``)
+    svd = dict(svd=cfg.svd, seed=cfg.seed + 7919 * layer.layer_index + layer.schedule["reclusters"])
     for name, w in (eff.items() if cfg.low_rank else ()):
         base_v = io.read(ex.base[name]).to(w.dtype).clone()
         a_v = io.read(ex.fa[name]).to(w.dtype).view(Gl * K, *ex.fa[name].shape[1:]).clone()
@@ -254,10 +256,10 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
         # fetched from their old owners: only those; every rank joins, with or without rows)
         members = w[rows[fresh]] if take is None else take(w, rows[fresh])
         if movers_only:
-            a_v[fresh], b_v[fresh], err = residual_factors(members - base_v[fresh // K], cfg.rank, members)
+            a_v[fresh], b_v[fresh], err = residual_factors(members - base_v[fresh // K], cfg.rank, members, **svd)
             rel_errors.append(err)
         elif redo.numel():
-            dec = decompose_groups(members.view(redo.numel(), K, *w.shape[1:]), cfg.rank, cfg.gamma)
+            dec = decompose_groups(members.view(redo.numel(), K, *w.shape[1:]), cfg.rank, cfg.gamma, **svd)
             base_v[redo], a_v.view(Gl, K, *a_v.shape[1:])[redo], b_v.view(Gl, K, *b_v.shape[1:])[redo] = \
                 dec.base, dec.a, dec.b
             rel_errors.append(dec.rel_error.reshape(-1))

@@ -52,7 +52,7 @@ def _variants(d_ff: int, k: int, seeds: int) -> Tuple[Variant, ...]:
                 flags=("--d-ff", str(k * d_ff))),
         Variant("switch", "Switch-Top2", "switch", seeds),
         Variant("deepspeed", "DeepSpeed-MoE top-2", "deepspeed", needs="deepspeed"),
-        Variant("ours", "Ours (dynamic: probe similarity, move cost λ=0.5, movers-only migration)", "ours", seeds),
+        Variant("ours", "Ours (dynamic: probe similarity, move cost λ=0.25, movers-only migration)", "ours", seeds),
         Variant("static", "Ours, static clustering", "static", seeds),
         # the regroup rules ours is measured against (docs/REGROUP.md)
         Variant("probe-free", "Ours without the move cost (probe similarity, λ=0)", "probe-free", seeds),
