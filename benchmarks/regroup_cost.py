@@ -23,7 +23,6 @@ given to ``--compare`` are drawn dashed, e.g. a before/after).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -48,21 +47,35 @@ from trilemma_moe.parallel import (
 
 
 def make_config(args, experts, groups, world):
-    extra = {}
-    if any(f.name == "svd" for f in dataclasses.fields(TrilemmaMoEConfig)):
-        extra["svd"] = args.svd   # through the constructor, so the config validates it
-    elif args.svd != "exact":
-        raise SystemExit(f"--svd {args.svd}: TrilemmaMoEConfig has no 'svd' field yet, so the layer cannot "
-                         f"be told which SVD to use; only --svd exact runs on this version")
+    # the paper's similarity with no move cost, so scrambled centroids force regroups that move
+    # most experts (the worst case); the default probe rule's checks cost the same
     return TrilemmaMoEConfig(num_experts=experts, num_groups=groups, rank=args.rank, top_k=2, burn_in=10 ** 9,
                              recluster_interval=args.interval, delta=0.0, ep_size=world, seed=0, alpha=args.alpha,
-                             **extra)
+                             svd=args.svd, regroup_migration=args.migration, regroup_similarity="weights",
+                             regroup_move_cost=0.0)
 
 
 def scramble(layer, seed):
     """Fresh random activation centroids: with alpha=0 they decide the grouping, so experts move."""
     with torch.no_grad():
         layer.centroids.copy_(torch.randn(layer.centroids.shape, generator=torch.Generator().manual_seed(seed)))
+
+
+def skipped_checks(layer, seeds, slowest, after=None):
+    """Wall time of regroup checks that decide and are skipped (delta = inf), slowest rank,
+    each on fresh centroids; ``after`` runs after each (a training step)."""
+    layer.config.delta = float("inf")
+    times, cluster = [], []
+    for seed in seeds:
+        scramble(layer, seed)
+        dist.barrier()
+        t0 = time.perf_counter()
+        assert not layer.recluster()
+        times.append(slowest(time.perf_counter() - t0))
+        cluster.append(slowest(layer.stats()["regroup_cluster_s"]))
+        if after is not None:
+            after()
+    return times, cluster
 
 
 def _walk(events):
@@ -110,15 +123,7 @@ def probe_worker(rank, world, port, args, cases, out):
         layer = ClusteredMoE(d, f, cfg, expert_parallel=ExpertParallelComm(topo, cfg) if world > 1 else None)
         scramble(layer, 0)
         layer.recluster(force=True)                   # compress the full experts
-        layer.config.delta = float("inf")            # checks decide, then skip
-        times, cluster = [], []
-        for i in range(args.regroups):
-            scramble(layer, 1 + i)
-            dist.barrier()
-            t0 = time.perf_counter()
-            assert not layer.recluster()
-            times.append(slowest(time.perf_counter() - t0))
-            cluster.append(slowest(layer.stats()["regroup_cluster_s"]))
+        times, cluster = skipped_checks(layer, range(1, 1 + args.regroups), slowest)
         scramble(layer, 100)
         dist.barrier()
         applied, check_peak = measured(layer.recluster)
@@ -193,21 +198,14 @@ def worker(rank, world, port, args, out):
         migrate.append(slowest(s["regroup_migrate_s"]))
         moved.append(s["moved_experts"])
         step()
-    checks = []   # checks that decide and are skipped (gain below delta), as most later checks are
-    layer.config.delta = float("inf")
-    for i in range(args.regroups):
-        scramble(layer, 1000 + i)
-        dist.barrier()
-        t0 = time.perf_counter()
-        assert not layer.recluster()
-        checks.append(slowest(time.perf_counter() - t0))
-        step()
+    # checks that decide and are skipped (gain below delta), as most later checks are
+    checks, _ = skipped_checks(layer, range(1000, 1000 + args.regroups), slowest, after=step)
     if rank == 0:
         st, rg, ck = statistics.median(times), statistics.median(regroups), statistics.median(checks)
         res = {"ep_size": world, "step_s": st, "regroup_s": rg, "regroup_cluster_s": statistics.median(cluster),
                "regroup_migrate_s": statistics.median(migrate), "first_clustering_s": first,
                "moved_experts": moved, "share_at_T": rg / (args.interval * st + rg), "T": args.interval,
-               "check_s": ck, "check_share_at_T": ck / (args.interval * st + ck), "svd": args.svd,
+               "check_s": ck, "check_share_at_T": ck / (args.interval * st + ck), "svd": args.svd, "migration": args.migration,
                "migration_bytes_rank0": (layer.comm_stats().get("bytes_regroup_migration", 0) if comm else 0)}
         with open(out, "w") as f:
             json.dump(res, f)
@@ -278,7 +276,9 @@ def main(argv=None):
     p.add_argument("--regroups", type=int, default=3)
     p.add_argument("--port", type=int, default=29751)
     p.add_argument("--svd", choices=("exact", "randomized"), default="exact",
-                   help="decompose_groups' SVD, set through TrilemmaMoEConfig.svd (an error if it has none)")
+                   help="the residual factors' SVD (TrilemmaMoEConfig.svd)")
+    p.add_argument("--migration", choices=("movers", "redecompose"), default="movers",
+                   help="regroup_migration: only movers re-expressed (default) or changed groups decomposed afresh")
     p.add_argument("--no-share", action="store_true", help="skip the share-of-training part")
     p.add_argument("--memory", action="store_true", help="rank 0's extra memory at each d in --memory-d")
     p.add_argument("--memory-d", type=int, nargs="+", default=[128, 256, 512], help="d; d_ff = 4d")
@@ -297,7 +297,7 @@ def main(argv=None):
             saved = json.load(f)
         plot(saved["scaling"], load_compare(args.compare), saved["args"].get("label", args.label), args.figure)
         return saved["results"]
-    make_config(args, args.experts, args.groups, 1)   # fail before spawning if --svd cannot be set
+    make_config(args, args.experts, args.groups, 1)   # a bad knob fails here, before spawning
     out = {"args": vars(args), "results": []}
     port = args.port
     if not args.no_share:
@@ -305,7 +305,7 @@ def main(argv=None):
             out["results"].append(spawn(worker, world, port, args))
             port += 1
         print(f"E={args.experts} G={args.groups} r={args.rank} d={args.d} f={args.f} k=2, "
-              f"{args.tokens} tokens/step (global), T={args.interval}, svd={args.svd}")
+              f"{args.tokens} tokens/step (global), T={args.interval}, svd={args.svd}, migration={args.migration}")
         print(f"{'ep':>3} {'step ms':>9} {'regroup ms':>11} {'cluster ms':>11} {'migrate ms':>11} {'share@T':>8} "
               f"{'check ms':>9} {'check@T':>8}")
         for r in out["results"]:

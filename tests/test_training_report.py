@@ -75,6 +75,11 @@ def test_first_clustering_regroups_and_skipped_checks_are_named_apart(tmp_path, 
     assert summary["regroups_applied"] == 4 and summary.get("skipped_reclusters", 0) == 0
     assert "[step 6] regroup applied in 2 layer(s) (2 so far):" in stdout
     assert "[step 8] regroup applied in 2 layer(s) (4 so far):" in stdout
+    # experts moved by those regroups: the summary's count is its events' sum, and both are printed
+    assert summary["experts_moved"] == sum(e["moved"] for e in summary["regroup_events"])
+    assert all(e["step"] in (5, 7) and 0 <= e["layer"] < 2 and e["moved"] > 0 for e in summary["regroup_events"])
+    assert re.search(rf"^experts moved by regroups +{summary['experts_moved']}$", stdout, re.M)
+    assert summary["regroup_seconds"] > 0 and "regroup wall time (s)" in stdout
 
 
 def test_baselines_report_no_clustering(capsys):

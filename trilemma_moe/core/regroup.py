@@ -1,15 +1,20 @@
 """The regroup (paper 3.1 and 3.5): clustering inputs -> decision -> placement ->
 re-decomposition -> optimizer-state moves.
 
-1. *Inputs*: every expert's effective weights (S_param) and the activation centroids (S_task),
-   averaged over replicas; under expert parallelism rank 0 gathers the weights and decides.
-2. *Decision*: fused similarity, pruned neighbours, balanced k-means; the intra-group similarity
-   gain against the current grouping; rank 0's decision is broadcast so every replica applies
-   the same regroup or none. Below ``delta`` (after the first clustering) it is skipped.
+1. *Inputs*: a CountSketch of every expert's weights (S_param), computed where the experts live
+   and gathered to rank 0 (E x s floats), and the activation statistics (S_task): the paper's
+   routed-token centroids, or, with ``regroup_similarity="probe"`` after the first clustering,
+   the experts' residuals and their router logits on a shared probe batch (docs/REGROUP.md: after
+   compression the paper's two similarities can only confirm the grouping in place).
+2. *Decision*: fused similarity, pruned neighbours, pairs now together credited with the cost of
+   moving (``regroup_move_cost``), balanced k-means; the intra-group similarity gain against the
+   current grouping; rank 0's decision is broadcast so every replica applies the same regroup or
+   none. Below ``delta`` (after the first clustering) it is skipped.
 3. *Placement*: group labels matched to the old ones; an expert that stays in its group keeps
    its slot (:func:`place`).
-4. *Re-decomposition*: only groups whose members changed get a new base and rank-r factors
-   (SVD); kept groups keep their trained residuals.
+4. *Re-decomposition*: ``regroup_migration="movers"``: only a moved expert gets new factors (the
+   truncated SVD of its weights minus its new group's base); ``"redecompose"`` (the paper): every
+   changed group gets a new base and rank-r factors; kept groups keep their trained residuals.
 5. *State moves* through the layer's :class:`~.interfaces.ParamIO`: bases' moments mix like the
    bases, fresh factors' moments reset, rows that move with an expert carry theirs; the router
    follows (``HierarchicalRouter.regroup``).
