@@ -261,3 +261,73 @@ def test_movers_only_migration_against_a_float64_reference():
                 opt.state[ex.fa[n]]["exp_avg_sq"][s], float(sq0)), rtol=1e-12, atol=0)
     per_mover = torch.tensor(errors, dtype=torch.float64).view(len(ex.base), len(movers)).mean(0)
     assert layer.stats()["movers_error"] == pytest.approx(float(per_mover.mean()), rel=1e-9)
+
+
+# ------------------------------------------------------------------ only the movers' weights -------
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_slot_weights_are_the_effective_weights_rows_bitwise(gated, compressed, dtype):
+    """Any subset of slots (out of order, repeated, empty) is bitwise the same rows of
+    ``effective_weights``, which are base[slot // K] + A B^T (or the full weights) in >= float32."""
+    from trilemma_moe.core.experts import ExpertSlots, ExpertSpec
+    ex = ExpertSlots(ExpertSpec(12, 20, "silu", gated, True), 3, 4, 3, seed=2).to(dtype)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    dt = torch.float64 if dtype == torch.float64 else torch.float32
+    eff = ex.effective_weights(compressed)
+    for n, (di, do) in ex.spec.matrices.items():
+        if compressed:
+            ref = (ex.base[n].detach().double().repeat_interleave(4, 0)
+                   + ex.fa[n].detach().double() @ ex.fb[n].detach().double().transpose(-1, -2))
+        else:
+            ref = ex.full[n].detach().double()
+        assert eff[n].dtype == dt and eff[n].shape == (12, di, do)
+        torch.testing.assert_close(eff[n].double(), ref, rtol=1e-5, atol=1e-5)
+        for slots in ([11, 0, 5], [3], [7, 7, 2, 9, 4, 1], [], list(range(12))):
+            idx = torch.tensor(slots, dtype=torch.long)
+            got = ex.slot_weights(n, idx, compressed)
+            assert got.dtype == dt and got.shape == (len(slots), di, do)
+            assert torch.equal(got, eff[n][idx])
+
+
+def _recording_slot_weights(layer, calls):
+    """Wraps the layer's ``ExpertSlots.slot_weights`` to record (matrix, slots, compressed)."""
+    inner = layer.experts.slot_weights
+
+    def record(name, slots, compressed, read=lambda p: p.detach()):
+        calls.append((name, sorted(slots.tolist()), compressed))
+        return inner(name, slots, compressed, read=read)
+    layer.experts.slot_weights = record
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_a_movers_regroup_builds_only_the_movers_weights(low_rank):
+    """After the first clustering (which needs whole groups: every slot's burn-in weights), a
+    regroup with the movers migration builds effective weights for the movers' old slots only,
+    once per matrix; the full-experts ablation builds none."""
+    from layer_reference import _force_new_grouping
+    cfg = TrilemmaMoEConfig(num_experts=8, num_groups=4, top_k=1, rank=2, alpha=0.0, burn_in=0,
+                            dynamic_regroup=False, regroup_migration="movers", low_rank=low_rank,
+                            regroup_similarity="weights")   # the forced centroids decide the grouping
+    torch.manual_seed(4)
+    layer = ClusteredMoE(16, 24, cfg, gated=True, activation="silu")
+    calls = []
+    _recording_slot_weights(layer, calls)
+    layer(torch.randn(64, 16, generator=torch.Generator().manual_seed(5)))   # burn_in=0: clusters first
+    assert layer.clustered
+    names = sorted(layer.experts.spec.matrices)
+    assert sorted(calls) == ([(n, list(range(8)), False) for n in names] if low_rank else [])
+    calls.clear()
+    for seed in (3, 4):
+        old_slot = layer.slot_of_expert().clone()
+        _force_new_grouping(layer, seed=seed)
+        assert layer.recluster(force=True)
+        new_slot = layer.slot_of_expert()
+        movers = [e for e in range(8) if int(new_slot[e]) // 2 != int(old_slot[e]) // 2]
+        assert 0 < len(movers) < 8
+        wanted = sorted(int(old_slot[e]) for e in movers)
+        assert sorted(calls) == ([(n, wanted, True) for n in names] if low_rank else [])
+        calls.clear()

@@ -195,17 +195,28 @@ class ExpertSlots(nn.Module):
     @torch.no_grad()
     def effective_weights(self, compressed: bool, read=lambda p: p.detach()) -> Dict[str, torch.Tensor]:
         """Each slot's current weights ``(E, d_in, d_out)`` in at least float32 (float64 stays
-        float64), base + A B^T when compressed."""
-        out = {}
-        for name in self.spec.matrices:
-            if compressed:
-                dt = torch.promote_types(self.base[name].dtype, torch.float32)
-                base = read(self.base[name]).to(dt)
-                a = read(self.fa[name]).to(dt).view(self.G, self.K, *self.fa[name].shape[1:])
-                b = read(self.fb[name]).to(dt).view(self.G, self.K, *self.fb[name].shape[1:])
-                out[name] = (base.unsqueeze(1) + a @ b.transpose(-1, -2)).reshape(self.num_experts, *base.shape[1:])
-            else:
-                out[name] = read(self.full[name]).to(torch.promote_types(self.full[name].dtype, torch.float32))
+        float64), base + A B^T when compressed: :meth:`slot_weights` of every slot."""
+        every = torch.arange(self.num_experts)
+        return {name: self.slot_weights(name, every, compressed, read) for name in self.spec.matrices}
+
+    @torch.no_grad()
+    def slot_weights(self, name: str, slots: torch.Tensor, compressed: bool,
+                     read=lambda p: p.detach()) -> torch.Tensor:
+        """The effective weights of matrix ``name`` of the given LOCAL slots only,
+        ``(len(slots), d_in, d_out)`` in at least float32 (float64 stays float64):
+        ``base[slot // K] + A[slot] B[slot]^T`` when compressed, else the full weights' rows.
+        A regroup after the first clustering builds only its movers' weights with it, never all E.
+        Slot by slot (one matmul each): a slot's bits never depend on which other slots are asked
+        for, so a subset is bitwise the same rows as :meth:`effective_weights`."""
+        if not compressed:
+            full = read(self.full[name])
+            return full.index_select(0, slots.to(full.device)).to(torch.promote_types(full.dtype, torch.float32))
+        dt = torch.promote_types(self.base[name].dtype, torch.float32)
+        base, a, b = read(self.base[name]), read(self.fa[name]), read(self.fb[name])
+        out = torch.empty(len(slots), *base.shape[1:], dtype=dt, device=base.device)
+        for i, s in enumerate(slots.tolist()):
+            torch.matmul(a[s].to(dt), b[s].to(dt).t(), out=out[i])
+            out[i].add_(base[s // self.K].to(dt))
         return out
 
     def weight_chunks(self, compressed: bool, read=lambda p: p.detach(), with_base: bool = True,

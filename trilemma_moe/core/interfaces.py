@@ -23,13 +23,25 @@ Exchange`                   coordinator's gathers and row fetches
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 
 from .state_io import StateRule
 
-RowFetch = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """A slot-stacked tensor of ``num_rows`` rows that is never built whole: ``rows(index)``
+    computes only the rows asked for (local indices), e.g. the effective weights of the experts a
+    regroup moves (``ExpertSlots.slot_weights``), so serving them costs what moves, not all E."""
+    num_rows: int
+    rows: Callable[[torch.Tensor], torch.Tensor]
+
+
+RowFetch = Callable[[Union[torch.Tensor, SlotRows], torch.Tensor], torch.Tensor]
 
 
 @runtime_checkable
@@ -80,8 +92,9 @@ class ExpertParallelExchange(ReplicaSync, Protocol):
     def gather_to_coordinator(self, local: torch.Tensor) -> Optional[torch.Tensor]:
         """Every rank's rows concatenated in rank order on the coordinator (rank 0); None elsewhere."""
 
-    def take_rows(self, local: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Rows of a slot-stacked tensor by global index, fetched from whichever rank holds them."""
+    def take_rows(self, local: Union[torch.Tensor, SlotRows], rows: torch.Tensor) -> torch.Tensor:
+        """Rows of a slot-stacked tensor by global index, fetched from whichever rank holds them;
+        a :class:`SlotRows` ``local`` is asked only for the rows some rank requests from it."""
 
     def note_migration(self, moved_here: int) -> None:
         """Experts that arrived on this rank in a regroup (counters)."""

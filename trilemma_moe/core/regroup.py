@@ -30,6 +30,7 @@ import torch
 
 from . import clustering
 from .compression import decompose_groups, residual_factors
+from .interfaces import SlotRows
 
 
 @torch.no_grad()
@@ -101,9 +102,7 @@ def recluster(layer, force: bool = False, probe: Optional[torch.Tensor] = None) 
         layer.regroup_times = {"regroup_cluster_s": d.seconds, "regroup_migrate_s": 0.0}
         layer.regroup_seconds += time.perf_counter() - t_start
         return False
-    # only an applied regroup builds this rank's experts' full weights (to re-decompose and move)
-    eff = layer.experts.effective_weights(was_compressed, read=layer.io.read)   # local slot order
-    apply(layer, eff, d, was_compressed)
+    apply(layer, d, was_compressed)
     layer.regroup_seconds += time.perf_counter() - t_start
     return True
 
@@ -203,8 +202,10 @@ def similarity_for_regroup(layer, flat: torch.Tensor, slot_of_expert: torch.Tens
     return sim
 
 
-def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
-    """Steps 3-5: move experts to their new slots, re-decompose changed groups, move state."""
+def apply(layer, d: Decision, was_compressed: bool) -> None:
+    """Steps 3-5: move experts to their new slots, re-decompose changed groups, move state.
+    Only the effective weights of the slots that get new factors are built (the movers', after the
+    first clustering with ``regroup_migration="movers"``), each by the rank that holds it."""
     t_decided = time.perf_counter()
     was_clustered = layer.clustered
     cfg, ep, io, ex = layer.config, layer.ep, layer.io, layer.experts
@@ -253,18 +254,21 @@ def apply(layer, eff, d: Decision, was_compressed: bool) -> None:
             io.permute_rows(p, rows, take=take)
     # randomized SVD: one seed per regroup and layer, the same on every replica (``svd``)
     svd = dict(svd=cfg.svd, seed=cfg.seed + 7919 * layer.layer_index + layer.schedule["reclusters"])
-    for name, w in (eff.items() if cfg.low_rank else ()):
-        base_v = io.read(ex.base[name]).to(w.dtype).clone()
-        a_v = io.read(ex.fa[name]).to(w.dtype).view(Gl * K, *ex.fa[name].shape[1:]).clone()
-        b_v = io.read(ex.fb[name]).to(w.dtype).view(Gl * K, *ex.fb[name].shape[1:]).clone()
-        # weights of the experts now in the slots that get new factors (under expert parallelism
-        # fetched from their old owners: only those; every rank joins, with or without rows)
-        members = w[rows[fresh]] if take is None else take(w, rows[fresh])
+    for name in (ex.spec.matrices if cfg.low_rank else ()):
+        # weights of the experts now in the slots that get new factors, built for those slots only
+        # (under expert parallelism by their old owners, on request; every rank joins, with or
+        # without rows). Read before this matrix is written: its old values.
+        def weights(slots, name=name):
+            return ex.slot_weights(name, slots, was_compressed, read=io.read)
+        members = weights(rows[fresh]) if take is None else take(SlotRows(ex.num_experts, weights), rows[fresh])
+        base_v = io.read(ex.base[name]).to(members.dtype).clone()
+        a_v = io.read(ex.fa[name]).to(members.dtype).view(Gl * K, *ex.fa[name].shape[1:]).clone()
+        b_v = io.read(ex.fb[name]).to(members.dtype).view(Gl * K, *ex.fb[name].shape[1:]).clone()
         if movers_only:
             a_v[fresh], b_v[fresh], err = residual_factors(members - base_v[fresh // K], cfg.rank, members, **svd)
             rel_errors.append(err)
         elif redo.numel():
-            dec = decompose_groups(members.view(redo.numel(), K, *w.shape[1:]), cfg.rank, cfg.gamma, **svd)
+            dec = decompose_groups(members.view(redo.numel(), K, *members.shape[1:]), cfg.rank, cfg.gamma, **svd)
             base_v[redo], a_v.view(Gl, K, *a_v.shape[1:])[redo], b_v.view(Gl, K, *b_v.shape[1:])[redo] = \
                 dec.base, dec.a, dec.b
             rel_errors.append(dec.rel_error.reshape(-1))

@@ -26,11 +26,12 @@ import contextlib
 import math
 from collections import defaultdict
 from datetime import timedelta
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from ..core.interfaces import SlotRows
 from .topology import ExpertParallelTopology, check_same_config
 
 FORWARD_STAGES = ("counts", "tokens_out", "routing_out", "tokens_back")
@@ -162,17 +163,22 @@ class ExpertParallelComm:
             return None
         return torch.cat(parts).to(local.device)
 
-    def take_rows(self, local: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def take_rows(self, local: Union[torch.Tensor, SlotRows], rows: torch.Tensor) -> torch.Tensor:
         """``full[rows]`` where ``full`` is ``local`` concatenated over the expert-parallel ranks
-        (each holds ``local.shape[0]`` rows). A collective: every rank calls it in the same order."""
-        n = local.shape[0]
+        (each holds ``n`` rows: ``local.shape[0]``, or ``local.num_rows`` for a ``SlotRows``, which
+        computes only the rows requested from this rank). A collective: every rank calls it in the
+        same order."""
+        if isinstance(local, SlotRows):
+            n, serve = local.num_rows, local.rows
+        else:
+            n, serve = local.shape[0], (lambda index: local.detach().index_select(0, index.to(local.device)))
         rows = rows.to(torch.int64).cpu()
         owner = rows // n
         order = torch.argsort(owner, stable=True)
         want = torch.bincount(owner, minlength=self.size).tolist()
         asked = self.exchange_counts(want)
         requests = self._a2a((rows[order] - owner[order] * n), want, asked, "regroup_migration_requests")
-        served = local.detach().index_select(0, requests.to(local.device))
+        served = serve(requests)
         got = self._a2a(served, asked, want, "regroup_migration")
         out = torch.empty_like(got)
         out[order.to(got.device)] = got
