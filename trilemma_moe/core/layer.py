@@ -102,11 +102,10 @@ class ClusteredMoE(nn.Module):
         self.regroup_times: Dict[str, float] = {}
         self.regroup_seconds = 0.0   # wall time of every clustering and regroup check so far (not checkpointed)
         self.regroup_events: List[Dict[str, float]] = []   # regroups after the first that moved experts (not checkpointed)
-        self.probe: Optional[torch.Tensor] = None   # recent training tokens (regroup_similarity="probe"; not checkpointed)
+        self.probe: Optional[torch.Tensor] = None   # recent training tokens (regroup_similarity="probe"; checkpointed)
         self.routing_log: Optional[list] = None   # a list: training forwards append (group_idx, expert ids) (profile-comm)
-        # Fused expert path (sort-based dispatch, grouped GEMMs, Triton kernels): None picks it for
-        # CUDA tensors when Triton is available; True/False force it (True on the CPU runs the same
-        # code on the kernels' torch twins).
+        # Fused expert path (sort-based dispatch, grouped GEMMs, Triton kernels): None picks it for CUDA
+        # tensors when Triton is available; True/False force it (True on the CPU: the kernels' torch twins).
         self.fused: Optional[bool] = None
         # One process: routing and its balance/z losses as one autograd node with an analytic
         # backward (routing.FusedRouterLoss); False forces the composite path (router forward
@@ -190,9 +189,8 @@ class ClusteredMoE(nn.Module):
 
     @torch.no_grad()
     def recluster(self, force: bool = False, probe: Optional[torch.Tensor] = None) -> bool:
-        """Cluster now (first call: compress the full experts); see ``regroup.py``. Returns True if
-        a regroup was applied; ``force=True`` applies it even when its gain is below delta.
-        ``probe``: tokens [n, d] for ``regroup_similarity="probe"`` (default: recent training tokens)."""
+        """Cluster now (first call: compress the full experts; ``regroup.py``); True if a regroup was
+        applied. ``force``: even below delta; ``probe``: tokens [n, d] (default: recent training ones)."""
         return regroup.recluster(self, force, probe)
 
     def _maybe_recluster(self) -> None:
@@ -231,11 +229,10 @@ class ClusteredMoE(nn.Module):
             "temperature": self.config.temperature(self.step),
             "compression_ratio": self.measured_compression_ratio(),
             "nonfinite_tokens": self._tokens_observed - int(self.finite_tokens),
-            "experts_moved": 0,
             "regroup_seconds": self.regroup_seconds,
         }
         s.update(self.last_regroup)
-        s["experts_moved"] = int(s["experts_moved"])
+        s["experts_moved"] = int(s.get("experts_moved", 0))
         s.update(self.regroup_times)
         return s
 
@@ -364,13 +361,11 @@ class ClusteredMoE(nn.Module):
 
     # --- checkpoint state ------------------------------------------------------------------
     def get_extra_state(self):
-        """The S_param cache, last regroup report and probe batch travel with ``state_dict``
-        (tensors and numbers only, so ``torch.load(weights_only=True)`` reads them)."""
-        # the probe batch too: a run resumed just before a regroup check decides on the same tokens
-        probe = self.probe if self.probe is not None else torch.zeros(0, self.hidden_size)
+        """The S_param cache, last regroup report and probe batch (a run resumed before a regroup
+        check decides on the same tokens) travel with ``state_dict``, as tensors and numbers only."""
+        probe = self.probe.detach().clone() if self.probe is not None else torch.zeros(0, self.hidden_size)
         return {"sim_cache": self.sim_cache.state_dict(), "ep_size": self.config.ep_size,
-                "last_regroup": {k: float(v) for k, v in self.last_regroup.items()},
-                "probe": probe.detach().clone()}
+                "last_regroup": {k: float(v) for k, v in self.last_regroup.items()}, "probe": probe}
 
     def set_extra_state(self, state) -> None:
         saved = state.get("ep_size")
