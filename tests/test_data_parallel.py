@@ -14,11 +14,12 @@ pytest.importorskip("deepspeed")
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "dp_replicas.py")
 
 
-@pytest.mark.parametrize("world, stage, port", [(2, 2, 29571), (4, 1, 29572)])
-def test_replicas_agree_after_regroups(tmp_path, world, stage, port):
+@pytest.mark.parametrize("world, stage, port, rule", [(2, 2, 29571, "weights"), (4, 1, 29572, "weights"),
+                                                     (2, 2, 29573, "probe"), (4, 1, 29574, "probe")])
+def test_replicas_agree_after_regroups(tmp_path, world, stage, port, rule):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     # the `deepspeed` command's own entry point, wherever the package is importable
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port", str(port), SCRIPT, str(stage), str(tmp_path)]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port", str(port), SCRIPT, str(stage), str(tmp_path), rule]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]

@@ -27,7 +27,9 @@ def ffn(d=D, f=F):
 
 
 def small_config(**kw):
-    base = dict(num_experts=8, num_groups=2, rank=4, burn_in=2, recluster_interval=2, delta=0.0, seed=3)
+    # the paper's similarity without move cost: these tests force groupings through the centroids
+    base = dict(num_experts=8, num_groups=2, rank=4, burn_in=2, recluster_interval=2, delta=0.0, seed=3,
+                regroup_similarity="weights", regroup_move_cost=0.0)
     base.update(kw)
     return TrilemmaMoEConfig(**base)
 

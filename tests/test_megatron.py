@@ -196,8 +196,12 @@ def test_gpt_trains_through_clustering_and_regroups_into_megatrons_tracker(megat
     assert 1.5 < float(totals["load_balancing_loss"]) < 3.0 and float(totals["z_loss"]) > 0
 
 
-def test_dist_checkpoint_round_trip_restores_the_loss(megatron_attention_on_cpu, tmp_path):
-    model = M.build_gpt(1)
+@pytest.mark.parametrize("rule", ["weights", "probe"])
+def test_dist_checkpoint_round_trip_restores_the_loss(megatron_attention_on_cpu, tmp_path, rule):
+    """The continued curve is the uninterrupted one, through a regroup after the load (under the
+    probe rule it moves experts: the probe batch comes back with the layer's extra state)."""
+    knobs = {"regroup_similarity": rule}
+    model = M.build_gpt(1, knobs=knobs)
     opt = M.make_optimizer(model)
     M.train_steps(model, opt, range(M.SAVE_AFTER))
     sd = model.sharded_state_dict()
@@ -206,7 +210,12 @@ def test_dist_checkpoint_round_trip_restores_the_loss(megatron_attention_on_cpu,
     assert fa.global_shape == (2, 8, 32, 4) and fa.global_offset == (0, 0, 0, 0) and fa.replica_id == (0, 0, 0)
     assert sd["decoder.layers.0.mlp.moe.experts.base.w1"].global_shape == (2, 4, 32, 64)    # per group
     M.save_checkpoint(model, opt, str(tmp_path / "ckpt"))
-    fresh = M.build_gpt(1, knobs={"seed": 8})      # other initial experts: everything must come from the file
+    # the same config (its seed also seeds the k-means of later regroups), other weights:
+    # everything must come from the file
+    fresh = M.build_gpt(1, knobs=knobs)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))
     fresh_opt = M.make_optimizer(fresh)
     M.load_checkpoint(fresh, fresh_opt, str(tmp_path / "ckpt"))
     with torch.no_grad():
@@ -215,6 +224,9 @@ def test_dist_checkpoint_round_trip_restores_the_loss(megatron_attention_on_cpu,
         model.train(), fresh.train()
     assert M.train_steps(fresh, fresh_opt, range(M.SAVE_AFTER, M.STEPS)) == \
         M.train_steps(model, opt, range(M.SAVE_AFTER, M.STEPS))
+    if rule == "probe":
+        assert all(a.stats()["experts_moved"] == b.stats()["experts_moved"] > 0
+                   for a, b in zip(M.megatron_layers(fresh), M.megatron_layers(model)))
 
 
 def test_spec_for_megatron_lm_reads_its_args_and_our_yaml(tmp_path, monkeypatch):

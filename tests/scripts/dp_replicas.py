@@ -23,10 +23,14 @@ from trilemma_moe.integrations.deepspeed import attach_engine, moe_param_groups 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     stage, out_dir = int(args[0]), args[1]
+    # "weights": a regroup forced through rank-specific centroids; "probe": the default rule, each
+    # rank with its own probe tokens (rank 0's decide), regrouping on its own
+    rule = args[2] if len(args) > 2 else "weights"
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
-    model = TinyLM(TrilemmaMoE(16, ffn(), num_experts=8, k=2, config=small_config(alpha=0.0)))
+    cfg = small_config(alpha=0.0) if rule == "weights" else small_config(alpha=0.5, regroup_similarity="probe")
+    model = TinyLM(TrilemmaMoE(16, ffn(), num_experts=8, k=2, config=cfg))
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
                  "optimizer": {"type": "AdamW", "params": {"lr": 5e-3, "torch_adam": True}},
                  "zero_optimization": {"stage": stage}}
@@ -35,7 +39,7 @@ def main():
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     moved = 0
     for step in range(8):
-        if step == 5:  # rank-specific centroids: without agreement the replicas would regroup differently
+        if step == 5 and rule == "weights":  # rank-specific centroids: without agreement the replicas would regroup differently
             with torch.no_grad():
                 model.moe.moe.centroids.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(rank)))
             model.moe.recluster(force=True)
@@ -43,6 +47,8 @@ def main():
         loss = engine(torch.randint(0, V, (2, 12), generator=gen))
         engine.backward(loss)
         engine.step()
+        if rule == "probe":
+            moved = model.moe.stats()["experts_moved"]
     sums = {n: float(p.detach().double().sum()) for n, p in model.named_parameters()}
     result = {"rank": rank, "world": world, "assignment": model.moe.group_assignment().tolist(),
               "reclusters": model.moe.stats()["reclusters"], "moved": moved, "sums": sums,

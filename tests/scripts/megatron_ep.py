@@ -37,7 +37,9 @@ from trilemma_moe.integrations.megatron_train import (
 )
 
 SEQ, VOCAB, GLOBAL_BATCH, STEPS, SAVE_AFTER, FORCE_AFTER = 16, 64, 8, 9, 5, 7
-KNOBS = {"rank": 4, "burn_in": 3, "recluster_interval": 3, "delta": 0.0, "seed": 7, "alpha": 0.0}
+# the paper's similarity without move cost: force_regroup steers groupings through the centroids
+KNOBS = {"rank": 4, "burn_in": 3, "recluster_interval": 3, "delta": 0.0, "seed": 7, "alpha": 0.0,
+         "regroup_similarity": "weights", "regroup_move_cost": 0.0}
 
 
 def init_parallel(world: int, rank: int, port: int, ep: int) -> None:
