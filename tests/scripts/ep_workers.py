@@ -168,8 +168,8 @@ def mode_equiv(rank, world, out):
 def mode_train(rank, world, out, probe=False):
     """A training run through burn-in, the first clustering and regroups: the loss curve at
     ep_size = world equals the one-process curve (same seed, same global batches). ``probe``: the
-    probe rule (regroup_similarity="probe", the default), where rank 0 decides on its own recent
-    tokens; the one-process layer is handed rank 0's probe, so both decide on the same tokens."""
+    probe rule (regroup_similarity="probe", the default): the ranks' probe tokens are gathered, so
+    the decision sees the same tokens as the one-process layer fed the whole batch."""
     kw = dict(burn_in=4, recluster_interval=3, alpha=0.0)
     if probe:
         kw.update(regroup_similarity="probe", regroup_move_cost=0.0, alpha=0.5)
@@ -189,10 +189,6 @@ def mode_train(rank, world, out, probe=False):
         xl, tl = x[rank * B:(rank + 1) * B], target[rank * B:(rank + 1) * B]
         if step == 10 and not probe:   # the regroup at this step's first forward moves experts between ranks
             scramble_centroids(ep, ref)
-        if probe and ep.probe is not None:   # rank 0's probe is the decision's: the reference gets it too
-            shared = ep.probe.clone()
-            dist.broadcast(shared, src=0)
-            ref.probe = shared
         y, l_aux, _ = ep(xl)
         moved = max(moved, ep.stats().get("moved_experts", 0))
         loss = ((y - tl) ** 2).mean() + l_aux

@@ -54,6 +54,10 @@ class ReplicaSync(Protocol):
     def from_first(self, tensor: torch.Tensor) -> torch.Tensor:
         """The first replica's ``tensor`` (its decision becomes everyone's)."""
 
+    def gather_rows(self, rows: Optional[torch.Tensor], limit: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The probe batch of every rank holding other tokens, about ``limit`` rows in rank order
+        (``like``: dtype, device and width), so a decision sees the global batch however it is split."""
+
 
 class LocalSync:
     """One process: nothing to agree on."""
@@ -63,6 +67,9 @@ class LocalSync:
 
     def from_first(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def gather_rows(self, rows: Optional[torch.Tensor], limit: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        return rows
 
 
 @runtime_checkable

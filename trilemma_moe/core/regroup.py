@@ -122,6 +122,8 @@ def decide(layer, t_start: float, probe: Optional[torch.Tensor] = None) -> Decis
         new_assign = torch.empty(E, dtype=torch.long)
         new_assign[torch.randperm(E, generator=gen)] = torch.arange(E) // K
         return Decision(0.0, slot_of_expert, old_assign, new_assign, time.perf_counter() - t_start)
+    if probing(layer):   # (phase and config, never data: every rank joins)
+        probe = layer.sync.gather_rows(probe, cfg.probe_tokens, layer.centroids)
     flat = param_sketches(layer, slot_of_expert)   # the coordinator's [E, s] (expert order); None elsewhere
     # experts with non-finite weights (a non-finite weight makes its sketch row non-finite)
     bad = None if flat is None or bool(torch.isfinite(flat).all()) else ~torch.isfinite(flat).all(1)

@@ -14,14 +14,14 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
 
 from ..core.layer import ClusteredMoE, clustered_layers
 from ..core.state_io import TorchParamIO
-from ..parallel.comm import comm_device
+from ..parallel.comm import comm_device, probe_rows_block, probe_rows_from_blocks
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -120,6 +120,17 @@ class DataParallelSync:
             dist.broadcast(work, src=src, group=self.group)
             return work.to(tensor.device)
         return tensor
+
+    def gather_rows(self, rows: Optional[torch.Tensor], limit: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Every replica's probe tokens, in rank order, on every replica (``probe_rows_block``)."""
+        if not self._active():
+            return rows
+        import torch.distributed as dist
+        world = dist.get_world_size(self.group)
+        block = probe_rows_block(rows, limit, world, like).to(comm_device(self.group, like.device))
+        parts = [torch.empty_like(block) for _ in range(world)]
+        dist.all_gather(parts, block, group=self.group)
+        return probe_rows_from_blocks(parts, like.device)
 
 
 def _uses_deepspeed_partitions(module: nn.Module) -> bool:

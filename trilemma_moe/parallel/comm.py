@@ -147,6 +147,15 @@ class ExpertParallelComm:
             self._count("regroup_decision", work.numel() * work.element_size() * (self.topo.world_size - 1))
         return work.to(tensor.device)
 
+    def gather_rows(self, rows: Optional[torch.Tensor], limit: int, like: torch.Tensor) -> torch.Tensor:
+        """Every rank's probe tokens (``probe_rows_block``), in rank order, on every rank."""
+        block = probe_rows_block(rows, limit, self.topo.world_size, like)
+        work = block.to(comm_device(self.topo.world_group, block.device))
+        parts = [torch.empty_like(work) for _ in range(self.topo.world_size)]
+        self._wait(dist.all_gather(parts, work, group=self.topo.world_group, async_op=True), "regroup_probe")
+        self._count("regroup_probe", work.numel() * work.element_size())
+        return probe_rows_from_blocks(parts, like.device)
+
     # --- regroup: coordinator gather and migration -----------------------------------------
     def gather_to_coordinator(self, local: torch.Tensor) -> Optional[torch.Tensor]:
         """Concatenation over expert-parallel ranks (global slot order) on the coordinator; None
@@ -228,6 +237,25 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return None, ctx.comm._all_reduce(grad, ctx.comm.topo.world_group, "aux_grad")
+
+
+def probe_rows_block(rows: Optional[torch.Tensor], limit: int, world: int, like: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a probe batch of about ``limit`` tokens over ``world`` ranks: at most
+    ceil(limit / world) of its rows (spread over them), in a block of that many rows plus one
+    holding the count, in ``like``'s dtype. Every rank sends the same shape, whatever its data."""
+    share = -(-int(limit) // world)
+    block = torch.zeros(share + 1, like.shape[-1], dtype=like.dtype, device=like.device)
+    n = 0 if rows is None else min(share, rows.shape[0])
+    if n:
+        pick = torch.linspace(0, rows.shape[0] - 1, n, device=rows.device).long()
+        block[:n] = rows.index_select(0, pick).to(block)
+    block[share, 0] = n
+    return block
+
+
+def probe_rows_from_blocks(parts: List[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The valid rows of the gathered blocks, in rank order."""
+    return torch.cat([b[:int(b[-1, 0])] for b in parts]).to(device)
 
 
 def set_collective_timeout(seconds: float) -> None:
