@@ -68,7 +68,9 @@ def record(run: Run) -> Dict[str, Any]:
     for key in METRICS:
         if key in s:
             out[key] = s[key]
-    out["regroup_share"] = s.get("regroup_time_s", 0.0) / max(s["train_time_s"], 1e-9)
+    # (summaries written before 2026-11-30's issue 14 call it regroup_time_s)
+    seconds = s.get("regroup_seconds", s.get("regroup_time_s", 0.0))
+    out["regroup_share"] = seconds / max(s["train_time_s"], 1e-9)
     if run.task == "speed":   # after the first clustering, no first-step costs
         out["tokens_per_s"] = s["tokens_per_s_second_half"]
     if run.task == "lm":

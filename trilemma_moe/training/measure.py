@@ -6,8 +6,8 @@
   (parameters, gradients, optimizer state, activations and temporaries: every tensor torch
   allocated, nothing estimated).
 - :class:`RunTrace`: per-expert token counts every ``every`` steps, the group of every expert
-  at the start and after each clustering (group membership over time), and the wall time the
-  clustered layers spent in clustering and regroup checks.
+  at the start and after each clustering (group membership over time), and every regroup after
+  the first clustering that moved experts (``regroup_events``).
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def expert_counts(layers) -> List[List[int]]:
 
 
 class RunTrace:
-    """Load and group membership over time, regroup wall time (see the module doc)."""
+    """Load and group membership over time, regroups that moved experts (see the module doc)."""
 
     def __init__(self, model, every: int = 10):
         self.every = every
@@ -101,7 +101,6 @@ class RunTrace:
         out: Dict[str, Any] = {"load_history": self.load}
         if self.clustered:
             out["group_history"] = self.groups
-            out["regroup_time_s"] = sum(m.regroup_seconds for m in self.clustered)
             # per layer: each regroup after the first clustering that moved experts
             out["regroup_events"] = [dict(e, layer=i) for i, m in enumerate(self.clustered) for e in m.regroup_events]
         return out
