@@ -56,7 +56,7 @@ class TrilemmaMoEConfig:
     low_rank: bool = True          # False: experts stay full after clustering (w/o low-rank compression)
     routing: str = "hierarchical"  # "flat": top-k over all E experts, no group stage (w/o hierarchical routing)
     sim_cache_lifetime: int = 500  # m: S_param cache lifetime in steps (ours; paper gives no value)
-    sim_cache_eps: float = 0.02    # epsilon: recompute S_param rows whose relative weight change > eps (ours)
+    sim_cache_eps: float = 0.02    # epsilon: recompute S_param rows whose sketch changed by more than eps, relative (ours)
     kmeans_iters: int = 30         # Lloyd-style refinement rounds after k-means++ seeding (ours)
     # --- what a regroup after the first clustering looks at (ours; docs/REGROUP.md) ----------
     regroup_similarity: str = "probe"  # "weights": the paper's S_param of the experts' weights and S_task of
