@@ -57,6 +57,14 @@ def truncated_svd(m: torch.Tensor, rank: int, svd: str = "exact", seed: int = 0)
     return u[..., :, :rank], s[..., :rank], vh[..., :rank, :].transpose(-1, -2)
 
 
+def split_factors(residual: torch.Tensor, rank: int, svd: str = "exact", seed: int = 0):
+    """``(A, B)`` with ``A B^T`` the rank-r truncation of ``residual``, the singular values split
+    evenly (A = U sqrt(S), B = V sqrt(S)) so both factors start at the same scale."""
+    u, s, v = truncated_svd(residual, rank, svd, seed)
+    root = s.sqrt().unsqueeze(-2)
+    return u * root, v * root
+
+
 @dataclass
 class GroupDecomposition:
     base: torch.Tensor          # (..., d_in, d_out): mean of the group's experts (Eq. 6)
@@ -94,10 +102,7 @@ def decompose_groups(weights: torch.Tensor, rank: int, gamma: float | None = Non
         raise ValueError(f"rank ({rank}) must be <= min(d_in, d_out) = {min(d_in, d_out)}")
     base = weights.mean(dim=-3)
     residual = weights - base.unsqueeze(-3)
-    u, s, v = truncated_svd(residual, rank, svd, seed)
-    root = s.sqrt()
-    a = u * root.unsqueeze(-2)
-    b = v * root.unsqueeze(-2)
+    a, b = split_factors(residual, rank, svd, seed)
     if gamma is not None:
         res_norm = residual.flatten(-2).norm(dim=-1)
         base_norm = base.flatten(-2).norm(dim=-1).unsqueeze(-1)
@@ -137,9 +142,6 @@ def residual_factors(residual: torch.Tensor, rank: int, weights: torch.Tensor, s
     ``weights - residual + A B^T`` against ``weights`` (the re-truncation a moved expert pays when
     it is re-expressed on another group's base ``weights - residual``). ``svd``, ``seed``: as in
     :func:`decompose_groups`."""
-    u, s, v = truncated_svd(residual, rank, svd, seed)
-    root = s.sqrt()
-    a = u * root.unsqueeze(-2)
-    b = v * root.unsqueeze(-2)
+    a, b = split_factors(residual, rank, svd, seed)
     lost = (residual - a @ b.transpose(-1, -2)).flatten(-2).norm(dim=-1)
     return a, b, lost / weights.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(weights.dtype).tiny)

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..core.layer import ClusteredMoE, clustered_layers
 from ..core.state_io import TorchParamIO
-from ..parallel.comm import comm_device, probe_rows_block, probe_rows_from_blocks
+from ..parallel.comm import all_gather_probe_rows, comm_device
 
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -123,14 +123,7 @@ class DataParallelSync:
 
     def gather_rows(self, rows: Optional[torch.Tensor], limit: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         """Every replica's probe tokens, in rank order, on every replica (``probe_rows_block``)."""
-        if not self._active():
-            return rows
-        import torch.distributed as dist
-        world = dist.get_world_size(self.group)
-        block = probe_rows_block(rows, limit, world, like).to(comm_device(self.group, like.device))
-        parts = [torch.empty_like(block) for _ in range(world)]
-        dist.all_gather(parts, block, group=self.group)
-        return probe_rows_from_blocks(parts, like.device)
+        return all_gather_probe_rows(rows, limit, like, self.group)[0] if self._active() else rows
 
 
 def _uses_deepspeed_partitions(module: nn.Module) -> bool:

@@ -149,12 +149,10 @@ class ExpertParallelComm:
 
     def gather_rows(self, rows: Optional[torch.Tensor], limit: int, like: torch.Tensor) -> torch.Tensor:
         """Every rank's probe tokens (``probe_rows_block``), in rank order, on every rank."""
-        block = probe_rows_block(rows, limit, self.topo.world_size, like)
-        work = block.to(comm_device(self.topo.world_group, block.device))
-        parts = [torch.empty_like(work) for _ in range(self.topo.world_size)]
-        self._wait(dist.all_gather(parts, work, group=self.topo.world_group, async_op=True), "regroup_probe")
-        self._count("regroup_probe", work.numel() * work.element_size())
-        return probe_rows_from_blocks(parts, like.device)
+        out, sent = all_gather_probe_rows(rows, limit, like, self.topo.world_group,
+                                          lambda work: self._wait(work, "regroup_probe"))
+        self._count("regroup_probe", sent)
+        return out
 
     # --- regroup: coordinator gather and migration -----------------------------------------
     def gather_to_coordinator(self, local: torch.Tensor) -> Optional[torch.Tensor]:
@@ -237,6 +235,17 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return None, ctx.comm._all_reduce(grad, ctx.comm.topo.world_group, "aux_grad")
+
+
+def all_gather_probe_rows(rows: Optional[torch.Tensor], limit: int, like: torch.Tensor, group,
+                          wait=lambda work: work.wait()):
+    """Every rank's probe tokens of ``group`` (``probe_rows_block``), in rank order, on every rank;
+    and the bytes this rank sent."""
+    world = dist.get_world_size(group)
+    block = probe_rows_block(rows, limit, world, like).to(comm_device(group, like.device))
+    parts = [torch.empty_like(block) for _ in range(world)]
+    wait(dist.all_gather(parts, block, group=group, async_op=True))
+    return probe_rows_from_blocks(parts, like.device), block.numel() * block.element_size()
 
 
 def probe_rows_block(rows: Optional[torch.Tensor], limit: int, world: int, like: torch.Tensor) -> torch.Tensor:
