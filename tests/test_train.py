@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from trilemma_moe.data import (EOS, UNK, BatchSampler, SyntheticTopicCorpus, eva
                                load_wikitext)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WIKITEXT2 = "/work/shared/data/wikitext-2"
+WIKITEXT2 = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2")   # beside the checkout, as in test_sst2
 TINY = ["--d-model", "32", "--d-ff", "64", "--layers", "2", "--heads", "2", "--seq-len", "16",
         "--batch-size", "4", "--num-experts", "4", "--num-groups", "2", "--rank", "4",
         "--burn-in", "3", "--recluster-interval", "2", "--eval-every", "4", "--eval-batches", "2",
@@ -25,10 +24,8 @@ REQUIRED = ("final_train_loss", "valid_ppl", "total_params", "expert_params", "t
 
 
 # --- data ----------------------------------------------------------------------------------
-def test_synthetic_corpus_deterministic_fast_and_structured():
-    t0 = time.perf_counter()
+def test_synthetic_corpus_deterministic_and_structured():
     a = SyntheticTopicCorpus(seed=0)
-    assert time.perf_counter() - t0 < 3.0
     b = SyntheticTopicCorpus(seed=0)
     c = SyntheticTopicCorpus(seed=1)
     assert a.train.numel() == 400_000 and a.valid.numel() == 40_000
@@ -136,12 +133,19 @@ def _check_summary(summary, path, kind, steps):
     assert on_disk["total_params"] >= on_disk["expert_params"] >= 0
 
 
+# 30 steps at lr 1e-2 on the synthetic corpus (ln 512 = 6.24 at init): the final train loss was
+# 5.89 to 6.00 for dense, switch and deepspeed over seeds 0-2; a model that does not learn stays at 6.2
+LEARNS = ["--steps", "30", "--lr", "1e-2"]
+LEARNED_LOSS = math.log(512) - 0.15
+
+
 @pytest.mark.parametrize("kind", ["dense", "switch"])
 def test_train_baselines(tmp_path, kind):
     out = tmp_path / "s.json"
-    summary = train.main(["--ffn", kind, "--steps", "6", "--summary-json", str(out),
+    summary = train.main(["--ffn", kind, *LEARNS, "--summary-json", str(out),
                           "--logdir", str(tmp_path / "tb")] + TINY)
-    _check_summary(summary, out, kind, 6)
+    _check_summary(summary, out, kind, 30)
+    assert summary["final_train_loss"] < LEARNED_LOSS, summary["loss_curve"]
     assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
     if kind == "dense":
         assert summary["expert_params"] == 0 and summary["reclusters"] == 0
@@ -151,7 +155,6 @@ def test_train_baselines(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["ours", "static"])
 def test_train_ours(tmp_path, kind):
-    pytest.importorskip("trilemma_moe.core.layer")
     out = tmp_path / "s.json"
     summary = train.main(["--ffn", kind, "--steps", "8", "--summary-json", str(out)] + TINY)
     _check_summary(summary, out, kind, 8)
@@ -261,19 +264,22 @@ def test_train_config_yaml(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(WIKITEXT2), reason="WikiText-2 not present")
 def test_train_wikitext2_short(tmp_path):
     out = tmp_path / "s.json"
-    summary = train.main(["--data", WIKITEXT2, "--ffn", "switch", "--steps", "3",
+    summary = train.main(["--data", WIKITEXT2, "--ffn", "switch", *LEARNS,
                           "--max-train-tokens", "20000", "--summary-json", str(out)] + TINY)
-    _check_summary(summary, out, "switch", 3)
+    _check_summary(summary, out, "switch", 30)
     assert "wikitext" in summary["data"]
-    assert summary["valid_ppl"] < 2 * 33278  # vocabulary of WikiText-2 is 33,278 words
+    # uniform over WikiText-2's 33,278 words is ln V = 10.41 (the first step's loss); 30 steps
+    # reach a valid loss of 7.72-7.76 (ppl ~2,300) over seeds 0-2
+    assert summary["loss_curve"][0] == pytest.approx(math.log(33278), abs=0.1)
+    assert summary["valid_loss"] < math.log(33278) - 2.0 and summary["valid_ppl"] == pytest.approx(
+        math.exp(summary["valid_loss"]), rel=1e-6)
 
 
 def test_train_deepspeed_ffn(tmp_path):
-    pytest.importorskip("deepspeed")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     out = tmp_path / "s.json"
-    summary = train.main(["--ffn", "deepspeed", "--steps", "3", "--summary-json", str(out)] + TINY)
-    _check_summary(summary, out, "deepspeed", 3)
+    summary = train.main(["--ffn", "deepspeed", *LEARNS, "--summary-json", str(out)] + TINY)
+    _check_summary(summary, out, "deepspeed", 30)
+    assert summary["final_train_loss"] < LEARNED_LOSS, summary["loss_curve"]
 
 
 # --- CLI -----------------------------------------------------------------------------------
