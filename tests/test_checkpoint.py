@@ -1,4 +1,6 @@
-"""Checkpoints: per-slot keys, DeepSpeed save/load, resharding from an ep-4 layout, SIGKILL + resume."""
+"""Checkpoints: per-slot keys, DeepSpeed save/load, bad files named, SIGKILL + resume. Checkpoints that
+DeepSpeed saves under expert parallelism (ep 2 and 4), their resume, their load at another ep size and
+`trilemma-moe reshard` of them: tests/test_peer_matrix.py."""
 import json
 import os
 import signal
@@ -6,19 +8,19 @@ import subprocess
 import sys
 import time
 
+import deepspeed
 import pytest
 import torch
 
-deepspeed = pytest.importorskip("deepspeed")
 
-from trilemma_moe import TrilemmaMoE  # noqa: E402
-from trilemma_moe.core.checkpoint import atomic_save, safe_load  # noqa: E402
-from trilemma_moe.integrations.checkpoint import (consolidate, latest_tag, load_checkpoint, reshard_main,  # noqa: E402
+from trilemma_moe import TrilemmaMoE
+from trilemma_moe.core.checkpoint import atomic_save, safe_load
+from trilemma_moe.integrations.checkpoint import (consolidate, latest_tag, load_checkpoint, reshard_main,
                                                   resolve_tag, save_checkpoint)
-from trilemma_moe.integrations.deepspeed import attach_engine, moe_param_groups  # noqa: E402
-from trilemma_moe.integrations.deepspeed_keys import SLOT_PREFIX, to_slot_keys  # noqa: E402
+from trilemma_moe.integrations.deepspeed import attach_engine, moe_param_groups
+from trilemma_moe.integrations.deepspeed_keys import SLOT_PREFIX
 
-from test_deepspeed import D, V, TinyLM, ffn, small_config  # noqa: E402
+from test_deepspeed import D, V, TinyLM, ffn, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,15 +54,6 @@ def _train(e, batches):
         e.step()
         out.append(float(loss.detach()))
     return out
-
-
-@torch.no_grad()
-def _eval_loss(model, batches):
-    model.eval()
-    try:
-        return [float(model(x)) for x in batches]
-    finally:
-        model.train()
 
 
 def test_state_dict_is_per_slot_in_deepspeed_naming_and_round_trips(tmp_path):
@@ -119,72 +112,6 @@ def test_deepspeed_save_load_continues_the_same_curve(tmp_path, stage):
     assert path is not None
     got = _train(e2, data[4:])
     assert got == ref
-
-
-def _ep_layout_checkpoint(src_dir, dst_dir, tag, ep_size):
-    """Rewrite an ep-1 DeepSpeed checkpoint as ``ep_size`` expert-parallel ranks would write it.
-
-    Contract with expert parallelism: rank r holds the contiguous local groups
-    [r*G/ep, (r+1)*G/ep) in its stacked slot tensors (``group_offset = r*G/ep``); our state-dict
-    hook turns its tensors into local-slot keys; DeepSpeed's ``_save_moe_checkpoint`` renames
-    local -> global (``global = ep_rank * num_local_experts + local``) and writes one file per
-    global id; per-rank optimizer files are named ``expp_rank_{r}``.
-    """
-    full = consolidate(src_dir, tag)
-    E, G = 8, 4
-    E_loc, G_loc, K = E // ep_size, G // ep_size, E // G
-    os.makedirs(os.path.join(dst_dir, tag))
-    stacked = {}
-    for key in list(full):
-        rest = key.split(SLOT_PREFIX, 1)
-        if len(rest) == 2:
-            stacked.setdefault(rest[0], {}).setdefault(rest[1].split(".", 1)[1], {})[int(rest[1].split(".")[0])] = \
-                full.pop(key)
-    for prefix, tensors in stacked.items():
-        for r in range(ep_size):
-            local = {}
-            for kn, rows in tensors.items():
-                if kn.startswith("base."):
-                    local[f"{prefix}moe.experts.{kn}"] = torch.stack(
-                        [rows[g * K] for g in range(r * G_loc, (r + 1) * G_loc)])
-                else:
-                    local[f"{prefix}moe.experts.{kn}"] = torch.stack(
-                        [rows[s] for s in range(r * E_loc, (r + 1) * E_loc)])
-            to_slot_keys(local, prefix, E_loc, K)      # what rank r's layer would return
-            per_file = {}
-            for key, t in local.items():               # DeepSpeed's local -> global renaming
-                lid = int(key.split(SLOT_PREFIX, 1)[1].split(".")[0])
-                gid = r * E_loc + lid
-                per_file.setdefault(gid, {})[key.replace(f"{SLOT_PREFIX}{lid}", f"{SLOT_PREFIX}{gid}")] = t.clone()
-            for gid, sd in per_file.items():
-                torch.save(sd, deepspeed.DeepSpeedEngine._get_expert_ckpt_name(dst_dir, 0, gid, tag))
-            torch.save({"optimizer": None}, os.path.join(dst_dir, tag, f"expp_rank_{r}_mp_rank_00_optim_states.pt"))
-    model_file = torch.load(os.path.join(src_dir, tag, "mp_rank_00_model_states.pt"), weights_only=False)
-    assert not any(SLOT_PREFIX in k for k in model_file["module"])
-    torch.save(model_file, os.path.join(dst_dir, tag, "mp_rank_00_model_states.pt"))
-    with open(os.path.join(dst_dir, "latest"), "w") as f:
-        f.write(tag)
-
-
-def test_reshard_ep4_layout_to_ep1_keeps_the_eval_loss(tmp_path):
-    data = _batches(8)
-    e = _engine(0, num_groups=4)   # 4 groups: one per expert-parallel rank at ep 4
-    _train(e, data[:5])
-    src, dst = str(tmp_path / "ep1"), str(tmp_path / "ep4")
-    save_checkpoint(e, src, "t")
-    _ep_layout_checkpoint(src, dst, "t", ep_size=4)
-    ref = _eval_loss(e.module, data[5:])
-    # 1) DeepSpeed's own loader at ep 1 reads the ep-4 files by global slot
-    e1 = _engine(0, seed=9, num_groups=4)
-    e1.load_checkpoint(dst, load_module_only=True)
-    assert _eval_loss(e1.module, data[5:]) == ref
-    # 2) engine-free: trilemma-moe reshard -> one ep-1 state dict (weights_only load)
-    out = str(tmp_path / "ep1.pt")
-    from trilemma_moe.cli import main as cli_main
-    assert cli_main(["reshard", dst, "--out", out]) == 0
-    fresh = TinyLM(TrilemmaMoE(D, ffn(), num_experts=8, k=2, config=small_config(num_groups=4)))
-    fresh.load_state_dict(safe_load(out))
-    assert _eval_loss(fresh, data[5:]) == ref
 
 
 def test_reshard_names_missing_and_corrupt_files(tmp_path):
@@ -305,18 +232,20 @@ def _losses(path):
 def test_sigkill_and_resume_continues_the_same_loss_curve(tmp_path, use_deepspeed):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT="29561")
-    steps = 80
+    # burn-in 6, regroup interval 5: killed after step 17, it resumes from the step-15 checkpoint (a
+    # clustered, regrouped layer) and goes through the later regroups
+    steps = 30
     ref_log, run_log = tmp_path / "ref.jsonl", tmp_path / "run.jsonl"
     subprocess.run(_train_cmd(tmp_path, steps, ["--loss-log", str(ref_log)], use_deepspeed), env=env, check=True,
                    timeout=240, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "ckpt"
-    cmd = _train_cmd(tmp_path, steps, ["--loss-log", str(run_log), "--save-dir", str(ckpt), "--save-every", "10"],
+    cmd = _train_cmd(tmp_path, steps, ["--loss-log", str(run_log), "--save-dir", str(ckpt), "--save-every", "5"],
                      use_deepspeed)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
-            if run_log.exists() and max(_losses(run_log) or {0: 0}) >= 21:
+            if run_log.exists() and max(_losses(run_log) or {0: 0}) >= 17:
                 break
             if proc.poll() is not None:
                 break
@@ -331,34 +260,9 @@ def test_sigkill_and_resume_continues_the_same_loss_curve(tmp_path, use_deepspee
         resumed_from = int(latest_tag(str(ckpt))[len("step"):])
     else:
         resumed_from = int(safe_load(str(ckpt / "latest.pt"))["step"])
-    assert 20 <= resumed_from < steps
+    assert 15 <= resumed_from < steps
     subprocess.run(cmd + ["--resume"], env=env, check=True, timeout=240,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ref, got = _losses(ref_log), _losses(run_log)
     assert sorted(got) == list(range(1, steps + 1))
     assert [got[s] for s in range(1, steps + 1)] == [ref[s] for s in range(1, steps + 1)]
-
-
-def test_ep2_ranks_read_their_slots_from_an_ep4_checkpoint(tmp_path):
-    """What each rank of an ep-2 run gets from DeepSpeed's loader (files of its global slots, ids
-    renamed global -> local) becomes, through our load hook, exactly its half of the layer."""
-    from trilemma_moe.integrations.deepspeed_keys import from_slot_keys
-    e = _engine(0, num_groups=4)
-    _train(e, _batches(4))
-    src, dst = str(tmp_path / "ep1"), str(tmp_path / "ep4")
-    save_checkpoint(e, src, "t")
-    _ep_layout_checkpoint(src, dst, "t", ep_size=4)
-    ex = e.module.moe.moe.experts
-    E_loc, K = 4, ex.K
-    for r in range(2):
-        state = {}
-        for gid in range(r * E_loc, (r + 1) * E_loc):      # deepspeed load_moe_state_dict, ep 2, rank r
-            part = torch.load(deepspeed.DeepSpeedEngine._get_expert_ckpt_name(dst, 0, gid, "t"), weights_only=True)
-            lid = gid - r * E_loc
-            state.update({k.replace(f"{SLOT_PREFIX}{gid}", f"{SLOT_PREFIX}{lid}"): v for k, v in part.items()})
-        from_slot_keys(state, "moe.", E_loc, K, dict(ex.state_dict(keep_vars=True)))
-        for kn, t in ex.state_dict().items():
-            if t.numel() == 0:
-                continue
-            rows = slice(r * E_loc // K, (r + 1) * E_loc // K) if kn.startswith("base.") else slice(r * E_loc, (r + 1) * E_loc)
-            assert torch.equal(state[f"moe.moe.experts.{kn}"], t[rows]), kn

@@ -30,7 +30,11 @@ parity  The same net without balance/z losses (their per-rank and expert-paralle
         global slot order), router gradients and losses of every step must agree across EP sizes.
 
 Assertions run in the workers (a failure is a non-zero exit with the traceback); each rank writes
-OUT_DIR/<case>/rank<r>.json with what it measured.
+OUT_DIR/<case>/rank<r>.json with what it measured, and keeps its own record of the cases it finished
+in OUT_DIR/ran/rank<r>.json. A ``ckpt`` case's rank 0 also writes <case>/saved_weights.pt: the
+saved engine's parameters and layer buffers in the ep-size-1 layout (expert slots gathered over the
+expert-parallel group in global slot order), for tests/test_peer_matrix.py to check
+``trilemma-moe reshard`` against.
 """
 import json
 import math
@@ -53,6 +57,8 @@ EMPTY_MASK = {2: 3, 5: 3, 9: 0}    # step -> rank whose used_token is all False
 ZERO_ROWS = {4: 1}                 # step -> rank whose micro-batch has no rows
 NAN_STEP, NAN_RANK = 6, 3
 CLUSTER_STEP, REGROUP_STEP, SAVE_AFTER = 3, 7, 5
+# expert gradients, max |g_ep - g_ep1| / max |g_ep1| per tensor and step (README quotes this bound)
+PARITY_TOL = 1e-5
 
 
 class Net(nn.Module):
@@ -221,6 +227,25 @@ def check_replicas(engine, layer, ep):
         all_same(layer.moe.centroids.double().flatten().tolist(), "centroids")
 
 
+def ep1_layout(layer, module, ep):
+    """``module``'s parameters and ``layer``'s buffers as an ep-size-1 module holds them: each
+    expert tensor is the concatenation of the expert-parallel ranks' slots in ep-rank order (a
+    collective over the layer's ep group)."""
+    out = {}
+    for name, p in module.named_parameters():
+        if not p.numel():
+            continue   # burn-in experts released at the first clustering
+        t = p.detach().clone()
+        if name.startswith("moe.moe.experts.") and ep > 1:
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            dist.all_gather(parts, t.contiguous(), group=layer.ep_group)
+            t = torch.cat(parts)
+        out[name] = t
+    for name in ("expert_of_slot", "counters", "centroids", "centroid_seen"):
+        out[f"moe.moe.{name}"] = getattr(layer.moe, name).detach().clone()
+    return out
+
+
 def run_train(ep, zero, bf16, ckpt, out_dir, client=False):
     rank = dist.get_rank()
     engine, layer = build(ep, zero, bf16, client=client)
@@ -253,6 +278,9 @@ def run_train(ep, zero, bf16, ckpt, out_dir, client=False):
             from trilemma_moe.integrations.checkpoint import save_checkpoint
             save_checkpoint(engine, os.path.join(out_dir, "ckpt"), tag="after5")
             saved_eval = eval_loss(engine, layer)
+            weights = ep1_layout(layer, engine.module, ep)
+            if rank == 0:
+                torch.save(weights, os.path.join(out_dir, "saved_weights.pt"))
     hooks.remove()
     end_eval = eval_loss(engine, layer)
     st = layer.stats()
@@ -310,7 +338,8 @@ def resume_and_compare(ep, zero, bf16, out_dir, curve, saved_eval):
     assert path is not None
     other_eval = eval_loss(other_engine, other_layer)
     assert abs(other_eval - saved_eval) <= 1e-5 * max(1.0, saved_eval), (other_eval, saved_eval)
-    return {"resumed": resumed, "other_ep_error": message.splitlines()[0], "other_ep_module_only_eval": other_eval}
+    return {"resumed": resumed, "other_ep_error": message.splitlines()[0], "other_ep_module_only_eval": other_eval,
+            "saved_eval": saved_eval}
 
 
 def run_parity(zero, out_dir):
@@ -356,11 +385,20 @@ def run_parity(zero, out_dir):
                 scale = max(float(b[k].abs().max()), 1e-8)
                 err = float((a[k] - b[k]).abs().max()) / scale
                 worst = max(worst, err)
-                assert err < 1e-5, f"ZeRO {zero} step {step}: {k} at ep_size {ep} differs from ep_size 1 by {err:.2e}"
+                assert err < PARITY_TOL, f"ZeRO {zero} step {step}: {k} at ep_size {ep} differs from ep_size 1 by {err:.2e}"
         for step, (a, b) in enumerate(zip(losses, ref_losses)):
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), f"ZeRO {zero} step {step}: loss {a} at ep {ep} vs {b}"
         report["max_rel_diff"][str(ep)] = worst
     return report
+
+
+def record_ran(out_dir, rank, world, done):
+    """This rank's own record of the cases it finished, rewritten after each one."""
+    os.makedirs(os.path.join(out_dir, "ran"), exist_ok=True)
+    path = os.path.join(out_dir, "ran", f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"rank": rank, "world": world, "pid": os.getpid(), "cases": done}, f)
+    os.replace(path + ".tmp", path)
 
 
 def worker(rank, world, port, out_dir, cases):
@@ -371,6 +409,8 @@ def worker(rank, world, port, out_dir, cases):
     from deepspeed.utils import logger
     logger.setLevel("WARNING")
     deepspeed.init_distributed(dist_backend="gloo")
+    assert (dist.get_rank(), dist.get_world_size()) == (rank, world)
+    done = []
     for case in cases:
         t0 = time.time()
         parts = case.split(":")
@@ -382,10 +422,13 @@ def worker(rank, world, port, out_dir, cases):
         else:
             raise ValueError(f"unknown case {case!r}")
         result["seconds"] = time.time() - t0
+        result["rank"] = dist.get_rank()
         case_dir = os.path.join(out_dir, case.replace(":", "_"))
         os.makedirs(case_dir, exist_ok=True)
         with open(os.path.join(case_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        done.append(case)
+        record_ran(out_dir, rank, world, done)
         dist.barrier()
     from trilemma_moe.parallel.topology import leave_process_group
     leave_process_group()
