@@ -2,7 +2,8 @@
 
 Trains a tiny LM holding TrilemmaMoE under deepspeed.initialize (ZeRO stage from argv) on
 rank-dependent data, with activation centroids that differ per rank, across regroups. Writes, per
-rank, the group assignment and a checksum of every parameter so the test can check replicas agree.
+rank, the group assignment, every parameter and the layer's buffers in full (rank<r>.pt) so the test
+can check replicas agree.
 """
 import json
 import os
@@ -37,22 +38,28 @@ def main():
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(model), config=ds_config)
     attach_engine(engine)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-    moved = 0
+    moved, at_regroup = 0, None
     for step in range(8):
         if step == 5 and rule == "weights":  # rank-specific centroids: without agreement the replicas would regroup differently
             with torch.no_grad():
                 model.moe.moe.centroids.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(rank)))
             model.moe.recluster(force=True)
             moved = model.moe.stats()["moved_experts"]
+            at_regroup = model.moe.moe.centroids.detach().clone()   # averaged over the replicas first
         loss = engine(torch.randint(0, V, (2, 12), generator=gen))
         engine.backward(loss)
         engine.step()
         if rule == "probe":
             moved = model.moe.stats()["experts_moved"]
-    sums = {n: float(p.detach().double().sum()) for n, p in model.named_parameters()}
+    # every tensor in full: parameters and the layer's buffers (slot table, counters, centroids)
+    layer = model.moe.moe
+    torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "buffers": {n: getattr(layer, n).detach().clone()
+                            for n in ("expert_of_slot", "counters", "centroids", "centroid_seen")},
+                "centroids_at_regroup": at_regroup},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     result = {"rank": rank, "world": world, "assignment": model.moe.group_assignment().tolist(),
-              "reclusters": model.moe.stats()["reclusters"], "moved": moved, "sums": sums,
-              "centroids": float(model.moe.moe.centroids.double().sum())}
+              "reclusters": model.moe.stats()["reclusters"], "moved": moved}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
