@@ -21,6 +21,7 @@ from trilemma_moe.integrations.deepspeed import attach_engine, moe_param_groups
 from trilemma_moe.integrations.deepspeed_keys import SLOT_PREFIX
 
 from test_deepspeed import D, V, TinyLM, ffn, small_config
+from test_expert_parallel import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,7 +232,7 @@ def _losses(path):
 @pytest.mark.parametrize("use_deepspeed", [True, False], ids=["deepspeed", "plain"])
 def test_sigkill_and_resume_continues_the_same_loss_curve(tmp_path, use_deepspeed):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT="29561")
+               OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
     # burn-in 6, regroup interval 5: killed after step 17, it resumes from the step-15 checkpoint (a
     # clustered, regrouped layer) and goes through the later regroups
     steps = 30

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_peer_matrix import free_port
+from test_expert_parallel import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANKS, MICRO = 2, 4

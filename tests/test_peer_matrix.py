@@ -7,7 +7,6 @@ world, so a world-2 spawn would only repeat its cases.)"""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "peer_matrix.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import peer_matrix as PM  # noqa: E402
+from test_expert_parallel import free_port  # noqa: E402
 
 WORLD = 4
 CASES = ["train:1:0", "train:1:1", "train:1:2", "train:2:0", "train:2:1", "train:2:2:ckpt", "train:4:0:ckpt",
@@ -31,12 +31,6 @@ CASES = ["train:1:0", "train:1:1", "train:1:2", "train:2:0", "train:2:1", "train
 # README: "expert gradients agree across ep sizes to ..." (the worst relative difference measured
 # over the parity cases, with margin for other CPUs' summation order)
 PARITY_README = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _case_dir(out, case):

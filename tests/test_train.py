@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from test_expert_parallel import free_port
 from trilemma_moe import cli, train
 from trilemma_moe.data import (EOS, UNK, BatchSampler, SyntheticTopicCorpus, eval_batches,
                                load_wikitext)
@@ -226,7 +227,7 @@ def _run_cli(module_args, port):
                          ids=["python-m", "trilemma-moe"])
 def test_cli_missing_data_dir_is_one_line(tmp_path, entry):
     missing = str(tmp_path / "no_such_dir")
-    proc = _run_cli(entry + ["--data", missing, "--steps", "1", "--no-progress"], 29641)
+    proc = _run_cli(entry + ["--data", missing, "--steps", "1", "--no-progress"], free_port())
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -242,7 +243,7 @@ def test_cli_resume_from_bad_latest_is_one_line(tmp_path):
     (ckpt / "latest").write_bytes(b"")   # DeepSpeed's own loader: a bare AssertionError
     proc = _run_cli(["trilemma_moe.train", "--deepspeed_config", str(ds), "--save-dir", str(ckpt), "--resume",
                      "--steps", "4", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2",
-                     "--seq-len", "16", "--no-progress", "--threads", "1"], 29643)
+                     "--seq-len", "16", "--no-progress", "--threads", "1"], free_port())
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
