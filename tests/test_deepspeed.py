@@ -100,6 +100,11 @@ class SubclassedGELU(nn.GELU):
     (lambda: TrilemmaMoE(D, GatedFFN(act=nn.functional.gelu), num_experts=8), "expert.act_fn is a function"),
     (lambda: TrilemmaMoE(D, nn.Sequential(nn.GELU(), nn.Linear(D, F), nn.Linear(F, D)), num_experts=8), "in this order"),
     (lambda: TrilemmaMoE(D, nn.Sequential(nn.Linear(D, F, bias=False), nn.Linear(F, D)), num_experts=8), "bias"),
+    # k against a config or knob that says otherwise; shapes no structure rule can serve
+    (lambda: TrilemmaMoE(D, ffn(), num_experts=8, k=1, config=small_config()), r"k=1 but config.top_k=2"),
+    (lambda: TrilemmaMoE(D, ffn(), num_experts=8, k=1, top_k=2), r"k=1 but top_k=2"),
+    (lambda: TrilemmaMoE(D, ffn(), num_experts=6, ep_size=4), r"ep_size \(4\) must divide num_experts \(6\)"),
+    (lambda: TrilemmaMoE(D, ffn(), num_experts=4, ep_size=4, k=2), r"k \(2\) must be <= num_experts / ep_size = 1"),
 ])
 def test_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
