@@ -3,18 +3,14 @@ defaults (top-1), a structure chosen from the shapes, and what DeepSpeed's own M
 (tests/unit/v1/moe/test_moe.py) in our words: tests/scripts/dropin_train.py trains DeepSpeed's
 SimpleMoEModel shape at world 2 and 4 and compares every gradient with an all-ranks float64
 reference (one spawn per world size runs every case)."""
-import json
 import logging
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
-from test_peer_matrix import free_port
+from test_peer_matrix import run_spawned
 from trilemma_moe import TrilemmaMoE, TrilemmaMoEConfig
 from trilemma_moe.config import dropin_structure
 
@@ -94,13 +90,7 @@ def test_chosen_structure_is_logged_once(caplog):
 @pytest.fixture(scope="module", params=sorted(CASES), ids=lambda w: f"world{w}")
 def trained(request, tmp_path_factory):
     world = request.param
-    out = tmp_path_factory.mktemp(f"dropin{world}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(world), str(free_port()), str(out), *CASES[world]],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    return world, {case: [json.loads((out / case.replace(":", "_") / f"rank{r}.json").read_text())
-                          for r in range(world)] for case in CASES[world]}
+    return world, run_spawned(SCRIPT, world, CASES[world], tmp_path_factory.mktemp(f"dropin{world}"), timeout=600)
 
 
 def test_trains_under_deepspeed_from_moe_arguments_alone(trained):

@@ -31,16 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_spawned(script, world, cases, out, timeout=900):
+    """``script WORLD PORT OUT CASE...`` (one spawn of WORLD gloo ranks runs every case, see
+    scripts/peer_matrix.py's spawn_cases): {case: [rank 0's result, rank 1's, ...]}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(script), str(world), str(free_port()), str(out), *cases],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
+    return {case: [json.loads((out / case.replace(":", "_") / f"rank{r}.json").read_text())
+                   for r in range(world)] for case in cases}
+
+
 @pytest.fixture(scope="module", params=sorted(MATRIX), ids=lambda w: f"world{w}")
 def matrix(request, tmp_path_factory):
     world = request.param
-    out = tmp_path_factory.mktemp(f"matrix{world}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(world), str(free_port()), str(out), *MATRIX[world]],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    return world, {case: [json.loads((out / case.replace(":", "_") / f"rank{r}.json").read_text())
-                          for r in range(world)] for case in MATRIX[world]}
+    return world, run_spawned(SCRIPT, world, MATRIX[world], tmp_path_factory.mktemp(f"matrix{world}"))
 
 
 def test_every_case_ran_on_every_rank(matrix):

@@ -22,23 +22,17 @@ MoE groups itself). Each rank reads its own data. Checked per case, in the worke
 Each rank writes OUT_DIR/<case>/rank<r>.json with what it measured; a failed check is a non-zero
 exit with the traceback.
 """
-import json
 import os
 import sys
-import time
-import traceback
-
-T0 = time.time()
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peer_matrix import global_loss  # noqa: E402
+from peer_matrix import global_loss, spawn_cases  # noqa: E402
 
 H, SEQ, BATCH, STEPS = 16, 8, 2, 10
 
@@ -155,38 +149,9 @@ def run_case(E, ep, zero):
     return {"losses": losses, "grad_rel_err": worst, "num_groups": c.num_groups, "rank": c.rank, "top_k": c.top_k}
 
 
-def worker(rank, world, port, out_dir, cases):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    import deepspeed
-    from deepspeed.utils import logger
-    logger.setLevel("WARNING")
-    deepspeed.init_distributed(dist_backend="gloo")
-    print(f"rank {rank}: started in {time.time() - T0:.1f} s", flush=True)
-    for case in cases:
-        t0 = time.time()
-        result = run_case(*(int(v) for v in case.split(":")))
-        result["seconds"] = time.time() - t0
-        case_dir = os.path.join(out_dir, case.replace(":", "_"))
-        os.makedirs(case_dir, exist_ok=True)
-        with open(os.path.join(case_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.barrier()
-    from trilemma_moe.parallel.topology import leave_process_group
-    leave_process_group()
-
-
-def _entry(rank, *args):
-    try:
-        worker(rank, *args)
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(1)   # no waiting on peers that are still inside a collective
+def run(case, out_dir):
+    return run_case(*(int(v) for v in case.split(":")))
 
 
 if __name__ == "__main__":
-    world, port, out_dir, cases = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-    os.makedirs(out_dir, exist_ok=True)
-    mp.start_processes(_entry, args=(world, port, out_dir, cases), nprocs=world, start_method="spawn")
+    spawn_cases(run)
