@@ -1,18 +1,20 @@
 """TrilemmaMoE as a DeepSpeed MoE drop-in: constructor, tags, errors, and training under
 ``deepspeed.initialize`` at ZeRO 0/1/2 across regroups that move experts (one process, gloo)."""
 
+import copy
+
+import deepspeed
 import pytest
 import torch
 import torch.nn as nn
+from deepspeed.moe.layer import MoE
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-deepspeed = pytest.importorskip("deepspeed")
-
-from deepspeed.moe.layer import MoE  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: E402
-
-from trilemma_moe import TrilemmaMoE, TrilemmaMoEConfig  # noqa: E402
-from trilemma_moe.integrations.deepspeed import (DeepSpeedParamIO, attach_engine, moe_param_groups,  # noqa: E402
+from trilemma_moe import TrilemmaMoE, TrilemmaMoEConfig
+from trilemma_moe.core.experts import spec_from_module
+from trilemma_moe.integrations.deepspeed import (DeepSpeedParamIO, attach_engine, moe_param_groups,
                                                  replace_moe_layers)
+from trilemma_moe.kernels import fused, reference
 
 D, F, V = 16, 32, 40
 
@@ -22,8 +24,10 @@ def _world(dist_world_1):  # conftest: a one-process gloo world for deepspeed.in
     yield
 
 
-def ffn(d=D, f=F):
-    return nn.Sequential(nn.Linear(d, f), nn.GELU(), nn.Linear(f, d))
+def ffn(d=D, f=F, act=None, bias=True):
+    """Linear -> act -> Linear (default GELU); ``act=nn.Identity()`` or ``"none"``: Linear -> Linear."""
+    mid = [] if act == "none" else [nn.GELU() if act is None else act]
+    return nn.Sequential(nn.Linear(d, f, bias=bias), *mid, nn.Linear(f, d, bias=bias))
 
 
 def small_config(**kw):
@@ -76,13 +80,31 @@ def test_experts_start_distinct_not_deep_copies():
         assert not torch.equal(w[0], w[i])
 
 
+class SubclassedGELU(nn.GELU):
+    """An activation module we cannot vouch for: its forward may compute anything."""
+
+
 @pytest.mark.parametrize("bad, match", [
-    (lambda: TrilemmaMoE(D, nn.Linear(D, D), num_experts=8, k=2, config=small_config()), "unsupported expert"),
+    (lambda: TrilemmaMoE(D, nn.Linear(D, D), num_experts=8, k=2, config=small_config()), "bare nn.Linear"),
     (lambda: TrilemmaMoE(D, nn.Conv1d(D, D, 1), num_experts=8, k=2, config=small_config()), "unsupported expert"),
     (lambda: TrilemmaMoE(D, ffn(d=D + 1), num_experts=8, k=2, config=small_config()), "hidden_size"),
     (lambda: TrilemmaMoE(D, ffn(), num_experts=8, ep_size=2, k=2, config=small_config()), "ep_size"),
     (lambda: TrilemmaMoE(D, ffn(), num_experts=6, k=2, num_groups=4), "num_experts"),
     (lambda: TrilemmaMoE(D, ffn(), num_experts=8, k=2, config=small_config(), use_residual=True), "use_residual"),
+    # activations we do not compute, or compute differently, are refused by name
+    (lambda: TrilemmaMoE(D, ffn(act=nn.LeakyReLU()), num_experts=8), r"LeakyReLU\(negative_slope"),
+    (lambda: TrilemmaMoE(D, ffn(act=nn.Softplus()), num_experts=8), r"activation Softplus"),
+    (lambda: TrilemmaMoE(D, ffn(act=nn.GELU(approximate="foo")), num_experts=8), r"GELU\(approximate='foo'\)"),
+    (lambda: TrilemmaMoE(D, ffn(act=SubclassedGELU()), num_experts=8), "SubclassedGELU"),
+    (lambda: TrilemmaMoE(D, GatedFFN(act=nn.Tanh()), num_experts=8), r"activation Tanh"),
+    (lambda: TrilemmaMoE(D, GatedFFN(act=nn.functional.gelu), num_experts=8), "expert.act_fn is a function"),
+    (lambda: TrilemmaMoE(D, nn.Sequential(nn.GELU(), nn.Linear(D, F), nn.Linear(F, D)), num_experts=8), "in this order"),
+    (lambda: TrilemmaMoE(D, nn.Sequential(nn.Linear(D, F, bias=False), nn.Linear(F, D)), num_experts=8), "bias"),
+    # k against a config or knob that says otherwise; shapes no structure rule can serve
+    (lambda: TrilemmaMoE(D, ffn(), num_experts=8, k=1, config=small_config()), r"k=1 but config.top_k=2"),
+    (lambda: TrilemmaMoE(D, ffn(), num_experts=8, k=1, top_k=2), r"k=1 but top_k=2"),
+    (lambda: TrilemmaMoE(D, ffn(), num_experts=6, ep_size=4), r"ep_size \(4\) must divide num_experts \(6\)"),
+    (lambda: TrilemmaMoE(D, ffn(), num_experts=4, ep_size=4, k=2), r"k \(2\) must be <= num_experts / ep_size = 1"),
 ])
 def test_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -205,30 +227,85 @@ def test_config_from_deepspeed_json_sets_accumulation(tmp_path):
 
 
 class DSModel(nn.Module):
-    def __init__(self, num_experts=8):
+    def __init__(self, num_experts=8, expert=None, k=2):
         super().__init__()
-        self.block = nn.ModuleDict({"moe": MoE(D, ffn(), num_experts=num_experts, k=2)})
+        self.block = nn.ModuleDict({"moe": MoE(D, expert or ffn(), num_experts=num_experts, k=k)})
 
     def forward(self, x):
         return self.block["moe"](x)
 
 
-def test_replace_moe_layers_uses_trained_expert_weights():
-    model = DSModel()
+# every activation module (and variant argument) an expert may hold -> the function we must compute;
+# "none": no activation module (Linear -> Linear; a gated module then applies SiLU in its forward)
+ACTS = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(inplace=True),
+        "silu": nn.SiLU(), "identity": nn.Identity(), "none": "none"}
+
+
+def expert_module(act, gated=False, bias=True, names=("gate_proj", "up_proj", "down_proj")):
+    a = ACTS[act] if act == "none" else copy.deepcopy(ACTS[act])
+    if gated:
+        return GatedFFN(act=None if a == "none" else a, bias=bias, names=names)
+    return ffn(act=a, bias=bias)
+
+
+def slot_function(layer, slot, x, compressed=False, use_fused=False):
+    """What slot ``slot`` of the layer computes for rows x, every row routed to it alone with weight
+    1: the per-slot compute stage, or (compressed) the fused path through the kernels' torch twins."""
+    slots = layer.moe.experts
+    T, group = x.shape[0], slot // slots.K
+    if use_fused:
+        return fused.fused_expert_forward(slots, x, torch.full((T, 1), group), torch.full((T, 1, 1), slot),
+                                          torch.ones(T, 1, 1, dtype=x.dtype), ops=reference)
+    pairs = [T if g == group else 0 for g in range(slots.G)]
+    rows = [T if s == slot else 0 for s in range(slots.num_experts)]
+    return slots(x, pairs, torch.arange(T), torch.ones(T, dtype=x.dtype), rows, compressed)
+
+
+def assert_slots_compute(layer, modules, x, compressed=False, use_fused=False, tol=1e-12):
+    """Expert e of the layer (wherever its slot is now) computes ``modules[e]`` on x."""
+    slot_of = layer.moe.slot_of_expert().tolist()
+    with torch.no_grad():
+        for e, m in enumerate(modules):
+            torch.testing.assert_close(slot_function(layer, slot_of[e], x, compressed, use_fused), m(x),
+                                       rtol=tol, atol=tol, msg=lambda msg: f"expert {e}: {msg}")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_converted_experts_compute_the_modules_function(act, gated, bias):
+    """A layer read from expert modules computes each module's own function (float64, fresh random
+    inputs): full weights in burn-in; after the first clustering at rank = min(d, d_ff) (exact
+    residuals, no gate) on the per-slot path and through the fused kernels."""
+    torch.manual_seed(11)
+    modules = [expert_module(act, gated, bias).double() for _ in range(4)]
+    layer = TrilemmaMoE(D, modules[0], num_experts=4, k=1, num_groups=2, rank=min(D, F), gamma=None).double()
+    want = {"none": "silu" if gated else "identity"}.get(act, act)
+    assert (layer.moe.spec.activation, layer.moe.spec.gated, layer.moe.spec.bias) == (want, gated, bias)
+    layer.moe.experts.load_expert_weights([spec_from_module(m, D)[1] for m in modules])
+    x = 2 * torch.randn(9, D, dtype=torch.float64)
+    assert_slots_compute(layer, modules, x)
+    assert layer.recluster(force=True) and layer.moe.compressed
+    assert_slots_compute(layer, modules, x, compressed=True, tol=1e-9)
+    assert_slots_compute(layer, modules, x, compressed=True, use_fused=True, tol=1e-9)
+
+
+@pytest.mark.parametrize("expert", ["gelu", "gelu_tanh", "relu", "none", "gated_silu"])
+def test_replace_moe_layers_uses_trained_expert_weights(expert):
+    gated = expert.startswith("gated")
+    model = DSModel(expert=expert_module(expert.split("_", 1)[1] if gated else expert, gated=gated)).double()
     experts = model.block["moe"].deepspeed_moe.experts.deepspeed_experts
     with torch.no_grad():  # make them distinct, as after training
         for i, e in enumerate(experts):
-            e[0].weight.add_(0.1 * (i + 1))
-            e[2].bias.add_(0.01 * i)
+            for j, p in enumerate(e.parameters()):
+                p.add_(0.1 * (i + 1) * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(j)))
     replaced = replace_moe_layers(model, small_config())
     assert replaced == 1
     new = model.block["moe"]
-    assert isinstance(new, TrilemmaMoE)
-    for i, e in enumerate(experts):
-        torch.testing.assert_close(new.moe.experts.full["w1"][i], e[0].weight.t())
-        torch.testing.assert_close(new.moe.experts.full["w2"][i], e[2].weight.t())
-        torch.testing.assert_close(new.moe.experts.bias["b2"][i], e[2].bias)
-    out, l_aux, counts = model(torch.randn(2, 3, D))
+    assert isinstance(new, TrilemmaMoE) and new.moe.spec.gated == gated
+    # every DeepSpeed expert's function, on fresh inputs, is what its slot computes now
+    assert_slots_compute(new, list(experts), torch.randn(7, D, dtype=torch.float64))
+    out, l_aux, counts = model(torch.randn(2, 3, D, dtype=torch.float64))
     assert out.shape == (2, 3, D) and counts.shape == (8,)
 
 
@@ -264,25 +341,33 @@ def test_deepspeed_accepts_a_config_holding_our_section():
 
 
 class GatedFFN(nn.Module):
-    """The LLaMA-style expert users pass: act(gate_proj x) * up_proj x, then down_proj."""
+    """The LLaMA-style expert users pass: act(gate_proj x) * up_proj x, then down_proj. ``act=None``
+    holds no activation child and applies SiLU in forward (what we then assume); a plain function
+    as ``act_fn`` cannot be read."""
 
-    def __init__(self, d=D, f=F):
+    def __init__(self, d=D, f=F, act=nn.SiLU(), bias=False, names=("gate_proj", "up_proj", "down_proj")):
         super().__init__()
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-        self.act = nn.SiLU()
+        self.names = names
+        for name, (i, o) in zip(names, ((d, f), (d, f), (f, d))):
+            setattr(self, name, nn.Linear(i, o, bias=bias))
+        self.act_fn = act
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = (getattr(self, n) for n in self.names)
+        act = self.act_fn if self.act_fn is not None else nn.functional.silu
+        return down(act(gate(x)) * up(x))
 
 
-def test_gated_expert_module_is_read_as_gated():
-    layer = TrilemmaMoE(D, GatedFFN(), num_experts=8, k=2, config=small_config())
+@pytest.mark.parametrize("names", [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")])
+def test_gated_expert_module_is_read_as_gated(names):
+    modules = [GatedFFN(names=names, act=nn.GELU(approximate="tanh")).double() for _ in range(8)]
+    layer = TrilemmaMoE(D, modules[0], num_experts=8, k=2, config=small_config()).double()
     spec = layer.moe.spec
-    assert spec.gated and spec.activation == "silu" and not spec.bias and spec.ffn_hidden_size == F
+    assert spec.gated and spec.activation == "gelu_tanh" and not spec.bias and spec.ffn_hidden_size == F
     assert set(layer.moe.experts.full.keys()) == {"w1", "w2", "w3"}
-    out, _, counts = layer(torch.randn(5, D))
+    layer.moe.experts.load_expert_weights([spec_from_module(m, D)[1] for m in modules])
+    assert_slots_compute(layer, modules, torch.randn(6, D, dtype=torch.float64))
+    out, _, counts = layer(torch.randn(5, D, dtype=torch.float64))
     assert out.shape == (5, D) and int(counts.sum()) == 10
 
 

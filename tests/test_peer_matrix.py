@@ -37,23 +37,29 @@ def _case_dir(out, case):
     return out / case.replace(":", "_")
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"matrix{WORLD}")
+def run_spawned(script, world, cases, out, timeout=900):
+    """``script WORLD PORT OUT CASE...`` (one spawn of WORLD gloo ranks runs every case, see
+    scripts/peer_matrix.py's spawn_cases): {case: [rank 0's result, rank 1's, ...]}, each result
+    keyed by the rank written inside it (not by the file's name)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(WORLD), str(free_port()), str(out), *CASES],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(script), str(world), str(free_port()), str(out), *cases],
+                          env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
-    # every file a rank wrote, keyed by the rank that wrote it (not by the file's name)
     results = {}
-    for case in CASES:
+    for case in cases:
         per_rank = {}
         for path in sorted(_case_dir(out, case).glob("rank*.json")):
             rec = json.loads(path.read_text())
             assert path.name == f"rank{rec['rank']}.json" and rec["rank"] not in per_rank, path
             per_rank[rec["rank"]] = rec
         results[case] = [per_rank[r] for r in sorted(per_rank)]
-    return WORLD, results, out
+    return results
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"matrix{WORLD}")
+    return WORLD, run_spawned(SCRIPT, WORLD, CASES, out), out
 
 
 def test_every_case_ran_on_every_rank(matrix):

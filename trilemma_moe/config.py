@@ -34,6 +34,38 @@ def check_placement(num_groups: int, ep_size: int) -> None:
                          f"each expert-parallel rank owns num_groups/ep_size whole groups")
 
 
+DROPIN_MAX_GROUPS, DROPIN_MAX_RANK = 8, 16   # the paper's G and r
+
+
+def dropin_structure(num_experts: int, ep_size: int, hidden_size: int, ffn_hidden_size: int,
+                     top_k: int = 1) -> tuple:
+    """``(num_groups, rank)`` for a layer built from DeepSpeed MoE's arguments alone (no
+    TrilemmaMoEConfig, no num_groups/rank knob), so that the shapes MoE accepts are served:
+
+    * G = the largest G <= max(8, ep_size) that divides E, is a multiple of ep_size (each
+      expert-parallel rank holds whole groups) and leaves K = E/G >= top_k experts per group (a
+      token's k experts sit in its group), preferring K >= 2 when some G gives it (a group of one
+      expert shares no base and its second routing stage has no choice). E=32 gets the paper's 8.
+    * r = min(16, max(1, min(d, d_ff) // 4)): the paper's 16 from d, d_ff >= 64 on, and always
+      below both sides of every expert matrix.
+
+    Raises one ValueError naming ``ep_size`` when it does not divide num_experts, or ``k`` when
+    top_k exceeds num_experts / ep_size (no G can serve either).
+    """
+    E, ep, k = num_experts, ep_size, top_k
+    if E % ep:
+        raise ValueError(f"ep_size ({ep}) must divide num_experts ({E}): each expert-parallel rank holds "
+                         f"whole groups of experts")
+    if k > E // ep:
+        raise ValueError(f"k ({k}) must be <= num_experts / ep_size = {E // ep}: a token's k experts sit in one "
+                         f"group, and a group holds at most num_experts / ep_size experts")
+    fits = [G for G in range(ep, max(DROPIN_MAX_GROUPS, ep) + 1, ep) if E % G == 0 and E // G >= k]
+    shared = [G for G in fits if E // G >= 2]
+    G = max(shared or fits)
+    rank = min(DROPIN_MAX_RANK, max(1, min(hidden_size, ffn_hidden_size) // 4))
+    return G, rank
+
+
 @dataclass
 class TrilemmaMoEConfig:
     # --- structure -------------------------------------------------------------------------

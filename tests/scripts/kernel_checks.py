@@ -152,7 +152,7 @@ def main(argv=None):
                    if untouched else float("inf"), dname)
 
         # (act, (P, G, K, r, k, f, bias), gated)
-        variants = [(act, shape, False) for act in ("gelu", "gelu_tanh", "relu", "silu")
+        variants = [(act, shape, False) for act in ("gelu", "gelu_tanh", "relu", "silu", "identity")
                     for shape in ((130, 4, 4, 4, 2, 72, True), (97, 3, 3, 5, 1, 40, False), (200, 2, 8, 16, 2, 64, True))]
         variants += [("silu", (130, 4, 4, 4, 2, 72, True), True), ("gelu", (97, 3, 3, 5, 1, 40, False), True),
                      ("silu", (120, 2, 8, 16, 2, 40, True), True)]

@@ -392,6 +392,16 @@ def run_parity(zero, out_dir):
     return report
 
 
+def run_case(case, out_dir):
+    parts = case.split(":")
+    if parts[0] == "train":
+        return run_train(int(parts[1]), int(parts[2]), "bf16" in parts, "ckpt" in parts,
+                         os.path.join(out_dir, case.replace(":", "_")), client="client" in parts)
+    if parts[0] == "parity":
+        return run_parity(int(parts[1]), out_dir)
+    raise ValueError(f"unknown case {case!r}")
+
+
 def record_ran(out_dir, rank, world, done):
     """This rank's own record of the cases it finished, rewritten after each one."""
     os.makedirs(os.path.join(out_dir, "ran"), exist_ok=True)
@@ -401,7 +411,10 @@ def record_ran(out_dir, rank, world, done):
     os.replace(path + ".tmp", path)
 
 
-def worker(rank, world, port, out_dir, cases):
+def serve_cases(rank, world, port, out_dir, cases, run):
+    """One gloo rank (DeepSpeed's CPU backend): ``run(case, out_dir) -> dict`` for every case in
+    turn, each result (with its seconds and the rank that wrote it) written to
+    OUT_DIR/<case>/rank<r>.json, and this rank's own record of the cases it finished to OUT_DIR/ran/."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -413,14 +426,7 @@ def worker(rank, world, port, out_dir, cases):
     done = []
     for case in cases:
         t0 = time.time()
-        parts = case.split(":")
-        if parts[0] == "train":
-            result = run_train(int(parts[1]), int(parts[2]), "bf16" in parts, "ckpt" in parts,
-                               os.path.join(out_dir, case.replace(":", "_")), client="client" in parts)
-        elif parts[0] == "parity":
-            result = run_parity(int(parts[1]), out_dir)
-        else:
-            raise ValueError(f"unknown case {case!r}")
+        result = run(case, out_dir)
         result["seconds"] = time.time() - t0
         result["rank"] = dist.get_rank()
         case_dir = os.path.join(out_dir, case.replace(":", "_"))
@@ -434,16 +440,22 @@ def worker(rank, world, port, out_dir, cases):
     leave_process_group()
 
 
-def _entry(rank, world, port, out_dir, cases):
+def _entry(rank, run, world, port, out_dir, cases):
     try:
-        worker(rank, world, port, out_dir, cases)
+        serve_cases(rank, world, port, out_dir, cases, run)
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush(), sys.stderr.flush()
         os._exit(1)   # no waiting on peers that are still inside a collective
 
 
-if __name__ == "__main__":
+def spawn_cases(run):
+    """``python SCRIPT WORLD PORT OUT_DIR CASE [CASE ...]``: WORLD spawned ranks run every CASE
+    through ``run`` (a module-level function of SCRIPT, so that the spawned ranks find it)."""
     world, port, out_dir, cases = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
     os.makedirs(out_dir, exist_ok=True)
-    mp.start_processes(_entry, args=(world, port, out_dir, cases), nprocs=world, start_method="spawn")
+    mp.start_processes(_entry, args=(run, world, port, out_dir, cases), nprocs=world, start_method="spawn")
+
+
+if __name__ == "__main__":
+    spawn_cases(run_case)

@@ -28,8 +28,25 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
+    "identity": lambda x: x,   # Linear -> Linear experts (DeepSpeed's own MoE tests use them)
 }
-_ACT_MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu"}
+_SUPPORTED_ACTS = "GELU(approximate='none' or 'tanh'), ReLU, SiLU, Identity, or none between the Linear layers"
+
+
+def activation_name(module: nn.Module) -> str:
+    """The name in ACTIVATIONS of an activation module, read with its arguments: GELU's
+    ``approximate`` picks the exact or the tanh form (``inplace`` changes nothing). Exact types
+    only: a subclass may compute something else. Anything else raises one ValueError naming it."""
+    kind = type(module)
+    if kind is nn.GELU and module.approximate in ("none", "tanh"):
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    if kind is nn.ReLU:
+        return "relu"
+    if kind is nn.SiLU:
+        return "silu"
+    if kind is nn.Identity:
+        return "identity"
+    raise ValueError(f"expert activation {module!r} is not supported; supported: {_SUPPORTED_ACTS}")
 
 
 def activation_fn(name: str):
@@ -72,57 +89,74 @@ class ExpertSpec:
         return out
 
 
-_SUPPORTED = ("an nn.Sequential or module whose children are Linear(d, f), an activation "
-              "(GELU/ReLU/SiLU), optional Dropout, Linear(f, d); or a gated FFN with Linear layers "
-              "named w1/w3/w2 or gate_proj/up_proj/down_proj (act(w1 x) * w3 x, then w2)")
+_SUPPORTED = ("an nn.Sequential (or a module with such children) of Linear(d, f), optionally an activation "
+              f"({_SUPPORTED_ACTS}) and Dropout, then Linear(f, d); or a gated FFN with Linear layers named "
+              "w1/w3/w2 or gate_proj/up_proj/down_proj and at most one activation child (SiLU when it has "
+              "none): act(w1 x) * w3 x, then w2")
 
 
 def spec_from_module(expert: nn.Module, hidden_size: int):
     """Read an expert FFN module as DeepSpeed users pass it.
 
     Returns ``(spec, weights)`` where weights maps matrix/bias names to tensors in our
-    ``(d_in, d_out)`` layout. Anything else raises one ValueError saying what is supported.
+    ``(d_in, d_out)`` layout. The spec computes the module's own function (activation variants
+    included); anything else raises one ValueError saying what is supported.
     """
     if not isinstance(expert, nn.Module):
         raise ValueError(f"expert must be an nn.Module FFN, got {type(expert).__name__}; supported: {_SUPPORTED}")
+    if isinstance(expert, nn.Linear):
+        # Every matrix of our experts is a group base plus rank-r residuals, and the kernels run
+        # two GEMMs around an activation; a one-matrix expert would need its own form throughout.
+        raise ValueError(f"a bare nn.Linear expert ({expert!r}) is not supported: experts are two-matrix FFNs; "
+                         f"pass nn.Sequential(nn.Linear(d, f), nn.Linear(f, d)) (activation optional) instead")
     named = dict(expert.named_children())
-    linears = [(n, m) for n, m in named.items() if isinstance(m, nn.Linear)]
-    acts = [m for m in named.values() if type(m) in _ACT_MODULES]
-    others = [m for m in named.values()
-              if not isinstance(m, (nn.Linear, nn.Dropout)) and type(m) not in _ACT_MODULES]
+    linears = [(n, m) for n, m in named.items() if type(m) is nn.Linear]
+    rest = [m for m in named.values() if type(m) is not nn.Linear and not isinstance(m, nn.Dropout)]
+    for attr in ("activation", "act_fn", "act"):
+        fn = getattr(expert, attr, None)
+        if callable(fn) and not isinstance(fn, nn.Module):
+            raise ValueError(f"expert.{attr} is a function ({fn!r}), which cannot be read; make it an activation "
+                             f"module ({_SUPPORTED_ACTS})")
     gate_names = [("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")]
     for g, u, dn in gate_names:
-        if all(n in named and isinstance(named[n], nn.Linear) for n in (g, u, dn)) and len(linears) == 3:
+        if all(type(named.get(n)) is nn.Linear for n in (g, u, dn)) and len(linears) == 3 and len(rest) <= 1:
             gate, up, down = named[g], named[u], named[dn]
-            act = getattr(expert, "activation", None) or (acts[0] if acts else nn.SiLU())
-            act_name = _ACT_MODULES.get(type(act))
-            if act_name is None:
-                raise ValueError(f"expert activation {type(act).__name__} is not supported; supported: {_SUPPORTED}")
+            # LLaMA-style modules that call F.silu in forward hold no activation child
+            act_name = activation_name(rest[0]) if rest else "silu"
             f = gate.out_features
             _check_linear(gate, hidden_size, f, g)
             _check_linear(up, hidden_size, f, u)
             _check_linear(down, f, hidden_size, dn)
-            bias = gate.bias is not None
+            bias = _same_bias(gate, up, down)
             spec = ExpertSpec(hidden_size, f, act_name, gated=True, bias=bias)
             weights = {"w1": gate.weight.t(), "w3": up.weight.t(), "w2": down.weight.t()}
             if bias:
                 weights.update(b1=gate.bias, b3=up.bias, b2=down.bias)
             return spec, weights
-    if len(linears) == 2 and len(acts) == 1 and not others:
+    if len(linears) == 2 and len(rest) <= 1:
+        if isinstance(expert, nn.Sequential):
+            # a Sequential's order is its function: Linear, [activation], Linear (Dropout anywhere)
+            order = [m for m in expert if not isinstance(m, nn.Dropout)]
+            if type(order[0]) is not nn.Linear or type(order[-1]) is not nn.Linear:
+                raise ValueError(f"expert {expert!r}: expected Linear, activation, Linear in this order")
         (n1, l1), (n2, l2) = linears
         f = l1.out_features
         _check_linear(l1, hidden_size, f, n1)
         _check_linear(l2, f, hidden_size, n2)
-        if (l1.bias is None) != (l2.bias is None):
-            raise ValueError("expert Linear layers must both have a bias or both have none")
-        bias = l1.bias is not None
-        spec = ExpertSpec(hidden_size, f, _ACT_MODULES[type(acts[0])], gated=False, bias=bias)
+        bias = _same_bias(l1, l2)
+        spec = ExpertSpec(hidden_size, f, activation_name(rest[0]) if rest else "identity", gated=False, bias=bias)
         weights = {"w1": l1.weight.t(), "w2": l2.weight.t()}
         if bias:
             weights.update(b1=l1.bias, b2=l2.bias)
         return spec, weights
     raise ValueError(f"unsupported expert module {type(expert).__name__} "
                      f"(children: {[type(m).__name__ for m in named.values()]}); supported: {_SUPPORTED}")
+
+
+def _same_bias(*layers: nn.Linear) -> bool:
+    if len({lin.bias is None for lin in layers}) != 1:
+        raise ValueError("expert Linear layers must all have a bias or all have none")
+    return layers[0].bias is not None
 
 
 def _check_linear(lin: nn.Linear, d_in: int, d_out: int, name: str) -> None:

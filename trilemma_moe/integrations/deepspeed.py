@@ -92,6 +92,9 @@ def replace_moe_layers(model: nn.Module, config: TrilemmaMoEConfig) -> int:
         hidden = gate.wg.in_features
         new = TrilemmaMoE(hidden, expert=ds_experts[0], num_experts=old.num_experts, k=gate.k,
                           config=config, layer_index=index)
+        ref = next(old.parameters())
+        # in the old layer's dtype before the copy: a float64 model must not pass through float32
+        new.to(device=ref.device, dtype=ref.dtype)
         weights = [spec_from_module(e, hidden)[1] for e in ds_experts]
         first = weights[0]
         identical = all(all(torch.equal(w[n], first[n]) for n in first) for w in weights[1:])
@@ -99,8 +102,6 @@ def replace_moe_layers(model: nn.Module, config: TrilemmaMoEConfig) -> int:
             warnings.warn(f"{name}: DeepSpeed experts are identical copies; initialising them from the seed instead")
         else:
             new.moe.experts.load_expert_weights(weights)
-        ref = next(old.parameters())
-        new.to(device=ref.device, dtype=ref.dtype)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -7,17 +7,20 @@ so that ``deepspeed.initialize`` finds it. DeepSpeed is imported only where it i
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from ..config import TrilemmaMoEConfig
+from ..config import TrilemmaMoEConfig, dropin_structure
 from ..core.experts import spec_from_module
 from ..core.layer import ClusteredMoE
 from .deepspeed_engine import DataParallelSync, DeepSpeedParamIO, _uses_deepspeed_partitions
 from .deepspeed_keys import register_slot_key_hooks
+
+logger = logging.getLogger(__name__)
 
 
 def require_deepspeed(what: str) -> None:
@@ -27,13 +30,42 @@ def require_deepspeed(what: str) -> None:
         raise ImportError(f"{what} needs DeepSpeed: pip install 'trilemma_moe[deepspeed]'") from None
 
 
+_reported = set()   # structure choices already logged by this process
+
+
+def _dropin_defaults(knobs: Dict[str, Any], hidden_size: int, ffn_hidden_size: int) -> Dict[str, Any]:
+    """The knobs of a layer built without a TrilemmaMoEConfig: MoE's signature defaults
+    (num_experts=1, k=1) where the caller gave neither, and num_groups/rank the caller did not
+    give chosen from the shapes by :func:`~trilemma_moe.config.dropin_structure` (logged once)."""
+    knobs = dict(knobs)
+    knobs.setdefault("num_experts", 1)
+    knobs.setdefault("top_k", 1)
+    if "num_groups" in knobs and "rank" in knobs:
+        return knobs
+    G, r = dropin_structure(knobs["num_experts"], knobs.get("ep_size", 1), hidden_size, ffn_hidden_size,
+                            knobs["top_k"])
+    chosen = {name: value for name, value in (("num_groups", G), ("rank", r)) if name not in knobs}
+    knobs.update(chosen)
+    message = (f"TrilemmaMoE without a TrilemmaMoEConfig: {', '.join(f'{n}={v}' for n, v in chosen.items())} "
+               f"chosen for num_experts={knobs['num_experts']}, ep_size={knobs.get('ep_size', 1)}, "
+               f"hidden {hidden_size}, ffn {ffn_hidden_size} (pass them, or a config, to set them)")
+    if message not in _reported:
+        _reported.add(message)
+        logger.warning(message)
+    return knobs
+
+
 class DeepSpeedStyleMoE(nn.Module):
     """``TrilemmaMoE`` without DeepSpeed's ``MoE`` base class: what a run that does not use
     DeepSpeed builds (``models.OursFFN`` when DeepSpeed is not imported), with the same
     parameters, state-dict keys and numbers.
 
     Accepts MoE's constructor arguments plus ``config=TrilemmaMoEConfig(...)`` (or our knobs as
-    keywords). ``num_experts`` and ``k`` set ``config.num_experts``/``config.top_k``.
+    keywords). ``num_experts`` and ``k`` set ``config.num_experts``/``config.top_k``; ``k`` and a
+    config (or ``top_k`` knob) that disagree are refused. Without a config, what the caller leaves
+    out keeps MoE's signature defaults (``num_experts=1``, ``k=1``: top-1 routing) and
+    ``num_groups``/``rank`` follow the shapes (:func:`~trilemma_moe.config.dropin_structure`,
+    logged once); a given config is used as it is.
     Routing is dropless: ``capacity_factor``, ``eval_capacity_factor``, ``min_capacity``,
     ``drop_tokens`` and ``use_rts`` are accepted for signature compatibility and do not apply
     (``config.capacity_factor`` turns on token dropping). ``ep_size > 1`` places
@@ -53,17 +85,27 @@ class DeepSpeedStyleMoE(nn.Module):
                  ffn_hidden_size: Optional[int] = None, activation: str = "gelu", gated: bool = False,
                  bias: bool = True, layer_index: int = 0, topology=None, **knobs: Any) -> None:
         nn.Module.__init__(self)  # not MoE.__init__: it would build DeepSpeed's own experts and gate
+        if expert is not None:
+            spec, _ = spec_from_module(expert, hidden_size)
+        else:
+            if ffn_hidden_size is None:
+                raise ValueError("pass an expert FFN module or ffn_hidden_size")
+            spec = None
         overrides = dict(knobs)
         if num_experts is not None:
             overrides["num_experts"] = num_experts
         if k is not None:
+            for where, top_k in (("top_k", knobs.get("top_k")), ("config.top_k", getattr(config, "top_k", None))):
+                if top_k is not None and top_k != k:
+                    raise ValueError(f"k={k} but {where}={top_k}: set one of them")
             overrides["top_k"] = k
         if ep_size != 1:
             if config is not None and config.ep_size not in (1, ep_size):
                 raise ValueError(f"ep_size={ep_size} but config.ep_size={config.ep_size}: set one of them")
             overrides["ep_size"] = ep_size
         if config is None:
-            config = TrilemmaMoEConfig.from_dict(overrides)
+            config = TrilemmaMoEConfig.from_dict(_dropin_defaults(
+                overrides, hidden_size, ffn_hidden_size or spec.ffn_hidden_size))
         elif overrides:
             config = config.replace(**overrides)
         ep_size = config.ep_size
@@ -76,12 +118,6 @@ class DeepSpeedStyleMoE(nn.Module):
                           "have no effect (token dropping is our config's capacity_factor/min_capacity knobs)")
         if use_tutel or enable_expert_tensor_parallelism:
             raise ValueError("use_tutel and enable_expert_tensor_parallelism are not supported by TrilemmaMoE")
-        if expert is not None:
-            spec, _ = spec_from_module(expert, hidden_size)
-        else:
-            if ffn_hidden_size is None:
-                raise ValueError("pass an expert FFN module or ffn_hidden_size")
-            spec = None
         # Experts start distinct (seed, layer, expert index), not as deep copies of `expert`:
         # identical experts would make every similarity 1.
         comm = None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import int4
 
-ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+ACT_CODES = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "identity": 4}
 
 
 def act_ref(x: torch.Tensor, act: str) -> torch.Tensor:
@@ -35,6 +35,8 @@ def act_ref(x: torch.Tensor, act: str) -> torch.Tensor:
         return F.relu(x)
     if act == "silu":
         return F.silu(x)
+    if act == "identity":
+        return x
     raise ValueError(f"activation must be one of {sorted(ACT_CODES)}, got {act!r}")
 
 

@@ -65,8 +65,10 @@ def _act(x, ACT: tl.constexpr):
         return 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
     elif ACT == 2:
         return tl.maximum(x, 0.0)
-    else:
+    elif ACT == 3:
         return x * tl.sigmoid(x)
+    else:
+        return x
 
 
 @triton.jit
@@ -81,9 +83,11 @@ def _act_grad(x, ACT: tl.constexpr):
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
     elif ACT == 2:
         return tl.where(x > 0, 1.0, 0.0)
-    else:
+    elif ACT == 3:
         s = tl.sigmoid(x)
         return s * (1.0 + x * (1.0 - s))
+    else:
+        return tl.zeros_like(x) + 1.0
 
 
 # --- grouped GEMMs -----------------------------------------------------------------------------
