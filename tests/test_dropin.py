@@ -99,7 +99,7 @@ def test_trains_under_deepspeed_from_moe_arguments_alone(trained):
         E, ep, _ = (int(v) for v in case.split(":"))
         assert len(ranks) == world, case
         r = ranks[0]
-        assert (r["num_groups"], r["rank"], r["top_k"]) == (*dropin_structure(E, ep, 16, 16), 1), case
+        assert (r["num_groups"], r["residual_rank"], r["top_k"]) == (*dropin_structure(E, ep, 16, 16), 1), case
         losses = r["losses"]
         assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-2:]) < 0.9 * sum(losses[:2]), (case, losses)
         assert all(other["losses"] == losses for other in ranks[1:]), case

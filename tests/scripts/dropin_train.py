@@ -146,7 +146,7 @@ def run_case(E, ep, zero):
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < 0.9 * first, f"loss did not fall: {losses}"
     c = model.moe_1.config
-    return {"losses": losses, "grad_rel_err": worst, "num_groups": c.num_groups, "rank": c.rank, "top_k": c.top_k}
+    return {"losses": losses, "grad_rel_err": worst, "num_groups": c.num_groups, "residual_rank": c.rank, "top_k": c.top_k}
 
 
 def run(case, out_dir):
