@@ -220,13 +220,17 @@ def load_lm_data(args: argparse.Namespace) -> tuple[TokenCorpus, Optional[TokenC
     """``--data`` and ``--shift-data`` on one vocabulary (the second ``None`` without a shift);
     a bad spec or directory is one error line naming its flag."""
     with input_errors("--data", args.data):
-        first = read_lm_source(parse_data_spec(args.data, "--data"), args.seed, test=args.test)
+        spec = parse_data_spec(args.data, "--data")
+    if args.shift_data is not None:   # both specs checked before either corpus is read
+        with input_errors("--shift-data", args.shift_data):
+            shift_spec = parse_data_spec(args.shift_data, "--shift-data")
+            check_shift_pair(spec, shift_spec)
+    with input_errors("--data", args.data):
+        first = read_lm_source(spec, args.seed, test=args.test)
     second = None
     if args.shift_data is not None:
         with input_errors("--shift-data", args.shift_data):
-            spec = parse_data_spec(args.shift_data, "--shift-data")
-            check_shift_pair(first.spec, spec)
-            second = read_lm_source(spec, args.seed)
+            second = read_lm_source(shift_spec, args.seed)
     return on_one_vocabulary(first, second, args.max_train_tokens)
 
 
