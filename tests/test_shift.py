@@ -263,3 +263,39 @@ def test_resume_after_the_shift_continues_on_the_second_corpus(tmp_path, monkeyp
     for key in ("pre_shift_valid_ppl", "post_shift_valid_ppl", "first_corpus_valid_ppl_end",
                 "post_shift_train_loss", "post_shift_load_cv"):
         assert resumed[key] == ref[key], key
+
+
+# --- the reproduce harness's shift preset (planned, not run) ------------------------------------
+def test_shift_preset_expands_to_the_scenarios_rules_and_seeds(tmp_path):
+    from trilemma_moe.reproduce import _check_data
+    from trilemma_moe.reproduce.presets import PRESETS
+    from trilemma_moe.reproduce.runner import plan
+    from trilemma_moe.training.args import check_shift_flags, resolve_task_defaults
+
+    root = tmp_path / "data"
+    runs = plan(PRESETS["shift"], str(tmp_path / "out"), str(root))
+    want_scenarios = {   # task -> (--data, --shift-data, --steps, --shift-step, --shift-ramp)
+        "topic": ("synthetic:topics=0-3", "synthetic:topics=4-7", 600, 300, 0),
+        "drift": ("synthetic:topics=0-3", "synthetic:topics=4-7", 600, 150, 300),
+        "domain": (f"{root}/wikitext-2", f"{root}/sst2", 480, 240, 0),
+    }
+    got = sorted((r.task, r.variant.name, r.seed) for r in runs)
+    assert got == sorted((t, v, s) for t in want_scenarios
+                         for v in ("static", "ours", "paper-regroup", "probe-free", "switch") for s in range(5))
+    for r in runs:
+        args = build_parser().parse_args(r.argv)
+        resolve_task_defaults(args)
+        check_shift_flags(args)   # the shift lies inside the run, the ramp ends by its last step
+        assert (args.data, args.shift_data, args.steps, args.shift_step, args.shift_ramp) == want_scenarios[r.task]
+        assert (args.ffn, args.seed) == (r.variant.name, r.seed)   # each rule is an --ffn kind of that name
+        assert args.summary_json == r.summary and args.num_experts == 32 and args.num_groups == 8
+    # the generated corpus needs no directory; the domain shift needs both of its directories
+    with pytest.raises(SystemExit, match="sst2") as exc:
+        _check_data(runs)
+    assert "synthetic" not in str(exc.value)
+    (root / "sst2").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="wikitext-2"):
+        _check_data(runs)
+    (root / "wikitext-2").mkdir()
+    _check_data(runs)
+    _check_data([r for r in runs if r.task != "domain"])

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ..data.shift import SYNTHETIC
 from . import analyse, plots, tables
 from .presets import PRESETS
 from .runner import plan, run_all
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs, raw JSON and figures go here")
     p.add_argument("--results", default=os.path.join("docs", "RESULTS.md"), help="the report")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
-    p.add_argument("--tasks", nargs="*", default=None, help="only these tasks (lm, sst2)")
+    p.add_argument("--tasks", nargs="*", default=None, help="only these tasks (lm, sst2, speed; --preset shift: topic, drift, domain)")
     p.add_argument("--variants", nargs="*", default=None, help="only these variants")
     p.add_argument("--report-only", action="store_true", help="no training: rebuild the report from runs on disk")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -43,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_data(runs) -> None:
-    """Every run's --data directory exists (one error naming --data-root and what is missing)."""
-    missing = sorted({r.argv[r.argv.index("--data") + 1] for r in runs
-                      if "--data" in r.argv and not os.path.isdir(r.argv[r.argv.index("--data") + 1])})
+    """Every run's --data and --shift-data directory exists (one error naming --data-root and what
+    is missing); the generated corpus (``synthetic[:...]``) needs none."""
+    named = {r.argv[r.argv.index(flag) + 1] for r in runs for flag in ("--data", "--shift-data") if flag in r.argv}
+    missing = sorted(d for d in named if not os.path.isdir(d) and d.split(":")[0] != SYNTHETIC)
     if missing:
         raise SystemExit(f"trilemma-moe reproduce: --data-root: missing {', '.join(missing)} (the preset reads "
                          f"WikiText (wiki.*.tokens, the word-level release) and GLUE SST-2 (train.tsv) from there)")

@@ -22,7 +22,10 @@ EP_SIZE, TOKENS_PER_GPU, ELEM_BYTES = 8, 4096, 2
 # metrics averaged over seeds (a missing one stays missing)
 METRICS = ("valid_ppl", "test_ppl", "dev_accuracy", "total_params", "expert_params", "tokens_per_s",
            "peak_memory_bytes", "load_cv", "a2a_bytes_per_token", "regroup_share", "regroups_applied",
-           "experts_moved", "train_time_s")
+           "experts_moved", "train_time_s",
+           # a distribution shift (the shift preset): issue 24's summary keys
+           "pre_shift_valid_ppl", "post_shift_valid_ppl", "first_corpus_valid_ppl_end", "post_shift_train_loss",
+           "post_shift_load_cv")
 AFTER_REGROUP_STEPS = 20   # a regroup's effect: the training loss over the next 20 steps against static's
 
 

@@ -9,10 +9,13 @@ A run is one ``python -m trilemma_moe.train`` command line; the flags below are 
   WikiText-103 and SST-2, for a GPU cluster (``--device cuda``): documented, not run on these
   machines (they have no GPU, and WikiText-103's training split is not here).
 * ``smoke``: seconds per run, for the tests of the harness itself.
+* ``shift``: issue 24's distribution shift at the ``cpu`` preset's model size: (i) a topic shift and
+  (ii) a gradual drift on the generated corpus, (iii) WikiText-2 then SST-2's phrases; static,
+  ours, the probe rule without move cost (λ=0) and the paper's rule, Switch beside, 5 seeds each.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Tuple
 
 
@@ -135,4 +138,28 @@ SMOKE = Preset(
     d_ff=32,
 )
 
-PRESETS: Dict[str, Preset] = {p.name: p for p in (CPU, PAPER, SMOKE)}
+# every shift task: the cpu preset's model; clustered at step 100, regroup checks every 50 steps, so
+# the dynamic rules check several times after the shift; both corpora evaluated every 50 steps
+_SHIFT = (*_MODEL_CPU, *_MOE_CPU, "--seq-len", "64", "--batch-size", "8", "--burn-in", "100",
+          "--recluster-interval", "50", "--eval-every", "50", "--eval-batches", "8", "--final-eval-batches", "64")
+_TOPICS = ("--data", "synthetic:topics=0-3", "--shift-data", "synthetic:topics=4-7")
+SHIFT_RULES = ("switch", "ours", "static", "probe-free", "paper-regroup")
+
+SHIFT = Preset(
+    name="shift",
+    description="a distribution shift mid-training (issue 24), the cpu preset's model: d=128, 2 blocks, E=32, G=8, r=8",
+    tasks={
+        # (i) topic shift: documents of topics 0-3, then of topics 4-7 from step 301 on
+        "topic": (*_TOPICS, "--steps", "600", "--shift-step", "300", *_SHIFT),
+        # (ii) gradual drift: the same bands, topics 4-7's share of every batch rising linearly
+        # over steps 151-450 (a 300-step ramp)
+        "drift": (*_TOPICS, "--steps", "600", "--shift-step", "150", "--shift-ramp", "300", *_SHIFT),
+        # (iii) domain shift: WikiText-2, then SST-2's phrases as text from step 241 on
+        "domain": ("--data", "{data}/wikitext-2", "--shift-data", "{data}/sst2", "--steps", "480",
+                   "--shift-step", "240", *_SHIFT),
+    },
+    variants=tuple(replace(v, seeds=5) for v in _variants(512, 2, 5) if v.name in SHIFT_RULES),
+    sequential=(),
+)
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (CPU, PAPER, SMOKE, SHIFT)}

@@ -185,6 +185,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
     pc_start = model.param_counts()
     if is_main:
         print("\n".join(report.start_lines(args, cfg, corpus, pc_start, backend, warmup, task_defaults or {})))
+        if shift_corpus is not None:   # both corpora share the vocabulary built from both training splits
+            print(f"shift after step {args.shift_step} (ramp {args.shift_ramp} steps) to {shift_corpus.describe()}")
     bar = _progress(total=args.steps, desc=f"train[{args.ffn}]") if show_progress else None
 
     def say(msg: str) -> None:
