@@ -177,6 +177,7 @@ def _plain_eval(model, stream, seq_len, batch, max_batches):
 def test_every_evaluation_scores_both_corpora(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     argv = TINY + ["--ffn", "switch", "--steps", "8", *TOPIC_SHIFT, "--shift-step", "4", "--eval-every", "3",
+                   "--eval-batches", "1", "--final-eval-batches", "2",
                    "--save-dir", str(tmp_path / "ck"), "--logdir", str(tmp_path / "tb")]
     s = train.main(argv)
     assert [h["step"] for h in s["history"]] == [3, 4, 6, 8]   # every 3 steps, the shift step, the end
@@ -196,6 +197,8 @@ def test_every_evaluation_scores_both_corpora(tmp_path):
     assert s["first_corpus_valid_ppl_end"] == s["valid_ppl"] == pytest.approx(math.exp(want_first), rel=1e-5)
     assert s["post_shift_valid_ppl"] == pytest.approx(math.exp(want_second), rel=1e-5)
     assert s["pre_shift_valid_ppl"] == s["history"][1]["valid_ppl"]    # the first corpus at step 4
+    assert s["history"][1]["valid_tokens"] == s["history"][-1]["valid_tokens"] == 2 * 8 * 16   # the final cap
+    assert s["history"][0]["valid_tokens"] == 1 * 8 * 16                                     # --eval-batches
     assert s["post_shift_train_loss"] == pytest.approx(sum(s["loss_curve"][4:]) / 4, rel=1e-12)
     ea = EventAccumulator(str(tmp_path / "tb"))
     ea.Reload()
@@ -217,9 +220,17 @@ def test_every_evaluation_scores_both_corpora(tmp_path):
     (["--shift-data", "synthetic", "--shift-step", "10"], ["--shift-step 10", "1..9"]),
     (["--shift-data", "synthetic"], ["--shift-step and --shift-data"]),
     (["--shift-data", "synthetic", "--shift-step", "6", "--shift-ramp", "5"], ["--shift-ramp 5"]),
+    (["--shift-ramp", "3"], ["--shift-ramp needs"]),
+    (["--task", "sst2", "--shift-data", "synthetic", "--shift-step", "4"], ["--task lm only"]),
+    (["--shift-data", "{tmp}", "--shift-step", "4"], ["--shift-data", "wiki.train.tokens", "train.tsv"]),
+    (["--data", "{tmp}/sst2", "--test"], ["--data", "SST-2", "--test"]),
 ], ids=["unknown_key", "reversed_range", "not_a_range", "topics_outside", "data_topics_outside",
-        "other_vocab", "missing_dir", "step_0", "step_at_end", "step_missing", "ramp_past_end"])
+        "other_vocab", "missing_dir", "step_0", "step_at_end", "step_missing", "ramp_past_end", "ramp_alone",
+        "sst2_task", "neither_format", "sst2_text_has_no_test"])
 def test_bad_spec_or_shift_step_is_one_error_line(tmp_path, capsys, extra, expect):
+    (tmp_path / "sst2").mkdir()   # a GLUE SST-2 directory: its phrases are text, but it has no test split
+    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\na good film\t1\n")
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\na bad film\t0\n")
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     with pytest.raises(SystemExit) as exc:
         train.main(["--steps", "10"] + extra + TINY)

@@ -218,6 +218,7 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
     if bar is not None and start_step:
         bar.update(start_step)
     loss_log = open(args.loss_log, "a") if args.loss_log and is_main else None
+    final_cap = args.eval_batches if args.final_eval_batches is None else args.final_eval_batches
     for step in range(start_step, args.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, args.steps, args.lr, warmup, args.min_lr_ratio)
@@ -263,7 +264,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
             bar.update(1)
         at_shift = shift is not None and step + 1 == args.shift_step   # pre_shift_valid_ppl
         if (at_shift or args.eval_every and (step + 1) % args.eval_every == 0) and step + 1 < args.steps:
-            last_eval = validate(f"valid[step {step + 1}]")
+            # at the shift, as many batches as at the end: pre- and post-shift perplexities compare
+            last_eval = validate(f"valid[step {step + 1}]", final_cap if at_shift else args.eval_batches)
             if at_shift:
                 shift.pre_shift(last_eval)
             logger.scalars(step + 1, last_eval, "valid")
@@ -283,7 +285,6 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
     if loss_log is not None:
         loss_log.close()
 
-    final_cap = args.eval_batches if args.final_eval_batches is None else args.final_eval_batches
     last_eval = validate("valid" if final_cap else "valid (whole split)", final_cap)
     logger.scalars(args.steps, last_eval, "valid")
     rec.history.append({"step": args.steps, "train_loss": rec.ema_loss, **last_eval})
