@@ -23,7 +23,7 @@ import torch
 from ..config import TrilemmaMoEConfig
 from ..data import (SentenceDataset, TokenCorpus, check_shift_pair, load_sst2, on_one_vocabulary, parse_data_spec,
                     read_lm_source)
-from ..models import FFN_KINDS
+from ..models import FFN_KINDS, OURS_VARIANTS, variant_config
 
 # Defaults of the no-argument CPU run.  Structure knobs that the
 # user neither passes as flags nor sets in --config fall back to these.
@@ -42,7 +42,8 @@ FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank
                  "top_k": "top_k", "burn_in": "burn_in",
                  "recluster_interval": "recluster_interval", "residual_bits": "residual_bits",
                  "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
-                 "offload_dir": "offload_dir", "ep_size": "ep_size"}
+                 "offload_dir": "offload_dir", "ep_size": "ep_size", "regroup_trigger": "regroup_trigger",
+                 "drift_threshold": "drift_threshold", "drift_every": "drift_every"}
 
 DATA_HELP = ("--task lm: a WikiText-2/-103 directory holding wiki.train.tokens, wiki.valid.tokens and "
              "wiki.test.tokens (the word-level release; download it, see README), a GLUE SST-2 directory "
@@ -104,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"T0 optimizer steps before the first clustering (default: {d['burn_in']})")
     g.add_argument("--recluster-interval", type=int, default=None,
                    help=f"T: steps between regroup checks (default: {d['recluster_interval']})")
+    g.add_argument("--regroup-trigger", choices=("period", "drift"), default=None,
+                   help="when regroup checks run after the first clustering: period, every T steps (the paper; "
+                        "default); drift, when the per-expert load distribution (an EMA over every rank) moved by "
+                        "more than --drift-threshold in total variation since the last check (T unused)")
+    g.add_argument("--drift-threshold", type=float, default=None,
+                   help="--regroup-trigger drift: total-variation distance in (0, 1] that triggers a check (default 0.1)")
+    g.add_argument("--drift-every", type=int, default=None,
+                   help="--regroup-trigger drift: steps between measurements, counted from the last check (default 10)")
     g.add_argument("--ep-size", type=int, default=None,
                    help="expert parallelism: ranks each layer's groups are spread over (needs "
                         "--deepspeed_config and a launcher with a multiple of this many ranks; default 1)")
@@ -289,6 +298,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             cfg = moe_config(args)
         with input_errors(None):   # its messages name the flag
             check_shift_flags(args)
+            if cfg.regroup_trigger == "drift" and args.ffn in OURS_VARIANTS and not variant_config(
+                    cfg.replace(regroup_trigger="period"), args.ffn).dynamic_regroup:
+                raise ValueError(f"--regroup-trigger drift: --ffn {args.ffn} clusters once and never checks again")
         shift_corpus = None
         if args.task == "lm":
             corpus, shift_corpus = load_lm_data(args)

@@ -170,6 +170,8 @@ def start_lines(args, cfg: TrilemmaMoEConfig, corpus, param_counts: Dict[str, in
         lines.append(f"moe: E={cfg.num_experts} G={cfg.num_groups} r={cfg.rank} k={cfg.top_k} "
                      f"burn_in={cfg.burn_in} recluster_interval={cfg.recluster_interval} "
                      f"dynamic_regroup={run_cfg.dynamic_regroup}"
+                     + (f" regroup_trigger=drift (threshold {run_cfg.drift_threshold:g}, every {run_cfg.drift_every} "
+                        f"steps)" if run_cfg.regroup_trigger == "drift" else "")
                      + "".join(f" {k}={getattr(run_cfg, k)}" for k in OURS_VARIANTS[args.ffn] if k != "dynamic_regroup"))
         if args.steps <= cfg.burn_in:
             lines.append(f"note: the run ends at step {args.steps}, before the burn-in ({cfg.burn_in} steps) "
