@@ -144,6 +144,10 @@ _SHIFT = (*_MODEL_CPU, *_MOE_CPU, "--seq-len", "64", "--batch-size", "8", "--bur
           "--recluster-interval", "50", "--eval-every", "50", "--eval-batches", "8", "--final-eval-batches", "64")
 _TOPICS = ("--data", "synthetic:topics=0-3", "--shift-data", "synthetic:topics=4-7")
 SHIFT_RULES = ("switch", "ours", "static", "probe-free", "paper-regroup")
+# the rule built for shifts: ours, with a regroup check whenever the per-expert load distribution moved
+# by more than the threshold since the last check (measured every 10 steps) instead of every T steps
+DRIFT_RULE = Variant("drift-trigger", "Ours, regroup check on load drift (TV > 0.3, core/drift.py)", "ours", 5,
+                     flags=("--regroup-trigger", "drift", "--drift-threshold", "0.3"))
 
 SHIFT = Preset(
     name="shift",
@@ -158,7 +162,7 @@ SHIFT = Preset(
         "domain": ("--data", "{data}/wikitext-2", "--shift-data", "{data}/sst2", "--steps", "480",
                    "--shift-step", "240", *_SHIFT),
     },
-    variants=tuple(replace(v, seeds=5) for v in _variants(512, 2, 5) if v.name in SHIFT_RULES),
+    variants=tuple(replace(v, seeds=5) for v in _variants(512, 2, 5) if v.name in SHIFT_RULES) + (DRIFT_RULE,),
     sequential=(),
 )
 
