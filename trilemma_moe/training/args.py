@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default); drift, when the per-expert load distribution (an EMA over every rank) moved by "
                         "more than --drift-threshold in total variation since the last check (T unused)")
     g.add_argument("--drift-threshold", type=float, default=None,
-                   help="--regroup-trigger drift: total-variation distance in (0, 1] that triggers a check (default 0.1)")
+                   help="--regroup-trigger drift: total-variation distance in (0, 1] that triggers a check (default 0.25)")
     g.add_argument("--drift-every", type=int, default=None,
                    help="--regroup-trigger drift: steps between measurements, counted from the last check (default 10)")
     g.add_argument("--ep-size", type=int, default=None,
