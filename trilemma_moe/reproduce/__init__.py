@@ -203,24 +203,23 @@ def shift_section(preset, runs, done, failed, records, figures, raw, args, wall)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def splice_section(text: str, section: str) -> str:
-    """``text`` (a report) with the section of ``section``'s heading (to the next heading of that
-    level) replaced by ``section``, or ``section`` appended when it has none."""
-    heading = section.split("\n", 1)[0]
-    start = text.find(heading + "\n")
-    body = section.rstrip() + "\n"
-    if start < 0:
-        return (text.rstrip() + "\n\n" if text.strip() else "") + body
-    end = text.find("\n" + heading.split(" ")[0] + " ", start + len(heading))
-    return text[:start] + body + ("" if end < 0 else "\n" + text[end + 1:])
-
-
 def section_of(text: str, heading: str) -> Optional[str]:
+    """The ``heading`` section of ``text`` (to the next heading of that level), None if absent."""
     start = text.find(heading + "\n")
     if start < 0:
         return None
     end = text.find("\n" + heading.split(" ")[0] + " ", start + len(heading))
     return text[start:] if end < 0 else text[start:end + 1]
+
+
+def splice_section(text: str, section: str) -> str:
+    """``text`` (a report) with its section of ``section``'s heading replaced by ``section``, or
+    ``section`` appended when it has none."""
+    old = section_of(text, section.split("\n", 1)[0])
+    body = section.rstrip() + "\n"
+    if old is None:
+        return (text.rstrip() + "\n\n" if text.strip() else "") + body
+    return text.replace(old, body + ("\n" if old.endswith("\n\n") else ""), 1)
 
 
 def argv_of(args) -> List[str]:
