@@ -286,9 +286,9 @@ def test_shift_preset_expands_to_the_scenarios_rules_and_seeds(tmp_path):
     root = tmp_path / "data"
     runs = plan(PRESETS["shift"], str(tmp_path / "out"), str(root))
     want_scenarios = {   # task -> (--data, --shift-data, --steps, --shift-step, --shift-ramp)
-        "topic": ("synthetic:topics=0-3", "synthetic:topics=4-7", 600, 300, 0),
-        "drift": ("synthetic:topics=0-3", "synthetic:topics=4-7", 600, 150, 300),
-        "domain": (f"{root}/wikitext-2", f"{root}/sst2", 480, 240, 0),
+        "topic": ("synthetic:topics=0-3", "synthetic:topics=4-7", 360, 180, 0),
+        "drift": ("synthetic:topics=0-3", "synthetic:topics=4-7", 360, 100, 180),
+        "domain": (f"{root}/wikitext-2", f"{root}/sst2", 260, 140, 0),
     }
     got = sorted((r.task, r.variant.name, r.seed) for r in runs)
     assert got == sorted((t, v, s) for t in want_scenarios

@@ -139,10 +139,14 @@ SMOKE = Preset(
     d_ff=32,
 )
 
-# every shift task: the cpu preset's model; clustered at step 100, regroup checks every 50 steps, so
-# the dynamic rules check several times after the shift; both corpora evaluated every 50 steps
-_SHIFT = (*_MODEL_CPU, *_MOE_CPU, "--seq-len", "64", "--batch-size", "8", "--burn-in", "100",
-          "--recluster-interval", "50", "--eval-every", "50", "--eval-batches", "8", "--final-eval-batches", "64")
+# every shift task: the cpu preset's model; clustered at step 60, regroup checks every 40 steps, so the
+# dynamic rules check three times before the shift and at least three times after it; both corpora
+# evaluated every 40 steps. Sized so the 90 runs fit about 3 hours with --jobs 2 on 2 cores (timed
+# 2026-12-06 on a shared, loaded machine, one run at a time: topic 600 steps 158 s, drift 295 s,
+# WikiText-2 -> SST-2 480 steps 987 s (its 35k-word output layer is most of a step): 12 h for the
+# 90 runs one at a time. The sizes below take about half of that)
+_SHIFT = (*_MODEL_CPU, *_MOE_CPU, "--seq-len", "64", "--batch-size", "8", "--burn-in", "60",
+          "--recluster-interval", "40", "--eval-every", "40", "--eval-batches", "4", "--final-eval-batches", "32")
 _TOPICS = ("--data", "synthetic:topics=0-3", "--shift-data", "synthetic:topics=4-7")
 SHIFT_RULES = ("switch", "ours", "static", "probe-free", "paper-regroup")
 # the rule built for shifts: ours, with a regroup check whenever the per-expert load distribution moved
@@ -154,14 +158,14 @@ SHIFT = Preset(
     name="shift",
     description="a distribution shift mid-training (issue 24), the cpu preset's model: d=128, 2 blocks, E=32, G=8, r=8",
     tasks={
-        # (i) topic shift: documents of topics 0-3, then of topics 4-7 from step 301 on
-        "topic": (*_TOPICS, "--steps", "600", "--shift-step", "300", *_SHIFT),
+        # (i) topic shift: documents of topics 0-3, then of topics 4-7 from step 181 on
+        "topic": (*_TOPICS, "--steps", "360", "--shift-step", "180", *_SHIFT),
         # (ii) gradual drift: the same bands, topics 4-7's share of every batch rising linearly
-        # over steps 151-450 (a 300-step ramp)
-        "drift": (*_TOPICS, "--steps", "600", "--shift-step", "150", "--shift-ramp", "300", *_SHIFT),
-        # (iii) domain shift: WikiText-2, then SST-2's phrases as text from step 241 on
-        "domain": ("--data", "{data}/wikitext-2", "--shift-data", "{data}/sst2", "--steps", "480",
-                   "--shift-step", "240", *_SHIFT),
+        # over steps 101-280 (a 180-step ramp)
+        "drift": (*_TOPICS, "--steps", "360", "--shift-step", "100", "--shift-ramp", "180", *_SHIFT),
+        # (iii) domain shift: WikiText-2, then SST-2's phrases as text from step 141 on
+        "domain": ("--data", "{data}/wikitext-2", "--shift-data", "{data}/sst2", "--steps", "260",
+                   "--shift-step", "140", *_SHIFT),
     },
     variants=tuple(replace(v, seeds=5) for v in _variants(512, 2, 5) if v.name in SHIFT_RULES) + (DRIFT_RULE,),
     sequential=(),
