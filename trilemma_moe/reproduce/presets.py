@@ -141,10 +141,11 @@ SMOKE = Preset(
 
 # every shift task: the cpu preset's model; clustered at step 60, regroup checks every 40 steps, so the
 # dynamic rules check three times before the shift and at least three times after it; both corpora
-# evaluated every 40 steps. Sized so the 90 runs fit about 3 hours with --jobs 2 on 2 cores (timed
-# 2026-12-06 on a shared, loaded machine, one run at a time: topic 600 steps 158 s, drift 295 s,
-# WikiText-2 -> SST-2 480 steps 987 s (its 35k-word output layer is most of a step): 12 h for the
-# 90 runs one at a time. The sizes below take about half of that)
+# evaluated every 40 steps. Sized for 2 cores (timed 2026-12-06 on a shared, loaded machine, one run at a
+# time, so upper bounds): at the first sizes (burn-in 100, T 50, 600/600/480 steps) one run of each
+# scenario took 158 s + 295 s + 987 s (WikiText-2 -> SST-2: its 35k-word output layer is most of a step;
+# 411 s when rerun under less load), 5-12 h for the 90 runs one at a time; at these sizes 40 s + 37 s +
+# 153 s, about 2 h one at a time
 _SHIFT = (*_MODEL_CPU, *_MOE_CPU, "--seq-len", "64", "--batch-size", "8", "--burn-in", "60",
           "--recluster-interval", "40", "--eval-every", "40", "--eval-batches", "4", "--final-eval-batches", "32")
 _TOPICS = ("--data", "synthetic:topics=0-3", "--shift-data", "synthetic:topics=4-7")
