@@ -126,3 +126,73 @@ def test_paper_preset_refuses_without_gpu(tmp_path):
     with pytest.raises(SystemExit, match="GPU cluster"):
         main(["--preset", "paper", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
               "--results", str(tmp_path / "R.md"), "--no-progress"])
+
+
+# --- the shift preset's report --------------------------------------------------------------------
+def _t975_by_integration(df):
+    """t(0.975; df) from Student's density: Simpson's rule for the CDF, bisection for the quantile."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+
+    def cdf_above_zero(x, n=4000):
+        h = x / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+    lo, hi = 0.0, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf_above_zero(mid) < 0.475 else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 30])
+def test_t_quantile_matches_the_density(df):
+    assert analyse.t975(df) == pytest.approx(_t975_by_integration(df), abs=2e-3)
+
+
+def _fake_shift_run(out, run, rng):
+    """A run's files as the trainer and runner write them; the numbers are test inputs."""
+    s = {"ffn": run.variant.ffn, "train_time_s": 100.0, "config": {"num_groups": 8}, "shift_step": 300,
+         "shift_ramp": 0, "valid_ppl": rng.uniform(20, 30),
+         "history": [{"step": k * 50, "valid_ppl": rng.uniform(20, 40), "shift_valid_ppl": rng.uniform(20, 90)}
+                     for k in range(1, 13)],
+         "load_history": [{"step": k * 10, "counts": [[rng.randint(0, 50) for _ in range(32)]] * 2} for k in range(60)]}
+    for key in analyse.SHIFT_METRICS:
+        s[key] = rng.uniform(0.5, 40)
+    import os
+    os.makedirs(os.path.dirname(run.summary), exist_ok=True)
+    json.dump(s, open(run.summary, "w"))
+    json.dump({"argv": run.argv, "wall_s": 60.0}, open(run.sidecar, "w"))
+    return s
+
+
+def test_shift_report_pairs_seeds_against_static_with_t_intervals(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## Main comparison\n\nkept\n\n## Distribution shift\n\nstale\n\n## Seeds\n\nkept too\n")
+    runs = [r for r in plan(PRESETS["shift"], str(out), str(tmp_path)) if r.task in ("topic", "domain")]
+    rng = random.Random(5)
+    summaries = {(r.task, r.variant.name, r.seed): _fake_shift_run(out, r, rng) for r in runs}
+    main(["--preset", "shift", "--report-only", "--out", str(out), "--results", str(results), "--data-root", str(tmp_path),
+          "--no-progress"])
+    text = results.read_text()
+    # the shift section replaces the stale one; the rest of the report stays
+    assert "kept\n" in text and "kept too" in text and "stale" not in text and text.count("## Distribution shift") == 1
+    section = text[text.index("## Distribution shift"):text.index("## Seeds")]
+    for task in ("topic", "domain"):
+        part = section[section.index(f"({'i' if task == 'topic' else 'iii'})"):]
+        for v in ("ours", "drift-trigger", "switch"):
+            label = next(x.label for x in PRESETS["shift"].variants if x.name == v)
+            row = next(line for line in part.splitlines() if line.startswith(f"| {label} |"))
+            cells = [c.strip() for c in row.split("|")[2:-1]]
+            for cell, (key, digits) in zip(cells, ((k, d) for k, _, d in (
+                    ("post_shift_valid_ppl", 0, 2), ("first_corpus_valid_ppl_end", 0, 2),
+                    ("post_shift_train_loss", 0, 4), ("post_shift_load_cv", 0, 3)))):
+                diffs = [summaries[(task, v, s)][key] - summaries[(task, "static", s)][key] for s in range(5)]
+                ref = torch.tensor(diffs, dtype=torch.float64)
+                half = 2.776 * float(ref.std(unbiased=True)) / math.sqrt(5)   # t(0.975; 4), from a printed table
+                m = float(ref.mean())
+                assert cell == f"{m:+.{digits}f} [{m - half:+.{digits}f}, {m + half:+.{digits}f}]", (task, v, key)
+            per_seed = [summaries[(task, v, s)]["post_shift_valid_ppl"] - summaries[(task, "static", s)]["post_shift_valid_ppl"]
+                        for s in range(5)]
+            assert cells[4] == ", ".join(f"{d:+.2f}" for d in per_seed) and cells[5] == "5"
+    for fig in ("shift_topic_valid_ppl", "shift_topic_expert_load", "shift_domain_valid_ppl"):
+        assert (out / f"{fig}.png").stat().st_size > 5000 and f"{fig}.png)" in section

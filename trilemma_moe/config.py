@@ -23,6 +23,7 @@ _ROUTINGS = ("hierarchical", "flat")
 _REGROUP_SIMILARITIES = ("weights", "probe")
 SVD_METHODS = ("exact", "randomized")
 _MIGRATIONS = ("movers", "redecompose")
+_TRIGGERS = ("period", "drift")
 
 
 def check_placement(num_groups: int, ep_size: int) -> None:
@@ -83,6 +84,14 @@ class TrilemmaMoEConfig:
     recluster_interval: Optional[int] = None  # T; None -> 100 when E <= 256, else 200 (Eq. 11)
     burn_in: int = 200             # T0: steps with full experts before the first clustering
     dynamic_regroup: bool = True   # False = cluster once after burn-in, never again (static baseline)
+    # --- when a regroup check runs after the first clustering (ours; built for distribution shifts) ------
+    regroup_trigger: str = "period"  # "period": every recluster_interval steps (the paper); "drift": when the
+    #   per-expert load distribution (an EMA, reduced over every replica) has moved by more than drift_threshold
+    #   in total variation from the one measured at the last check (core/drift.py); recluster_interval is unused
+    drift_threshold: float = 0.25  # total-variation distance in (0, 1] that triggers a check (regroup_trigger="drift");
+    #   measured (shift preset, topic scenario, E=32, beta 0.03): 0.13-0.22 while the data stay put, 0.29-0.51 after a shift
+    drift_beta: float = 0.03       # EMA rate of the per-expert load counts, per training forward (0.1: too noisy there)
+    drift_every: int = 10          # steps between drift measurements, counted from the last check (its shortest interval)
     # --- ablations (paper Table 3); the defaults are the method -------------------------------
     grouping: str = "similarity"   # "random": a fixed random balanced grouping instead of clustering (w/o online clustering)
     low_rank: bool = True          # False: experts stay full after clustering (w/o low-rank compression)
@@ -195,6 +204,14 @@ class TrilemmaMoEConfig:
         self._check_int("param_sketch_size", 1)
         if not isinstance(self.low_rank, bool):
             raise ValueError(f"low_rank must be True or False, got {self.low_rank!r}")
+        if self.regroup_trigger not in _TRIGGERS:
+            raise ValueError(f"regroup_trigger must be one of {_TRIGGERS}, got {self.regroup_trigger!r}")
+        self._check_range("drift_threshold", 0.0, 1.0, low_open=True)
+        self._check_range("drift_beta", 0.0, 1.0, low_open=True)
+        self._check_int("drift_every", 1)
+        if self.regroup_trigger == "drift" and not self.dynamic_regroup:
+            raise ValueError("regroup_trigger='drift' decides when regroup checks run: it needs dynamic_regroup=True "
+                             "(static clustering never checks)")
         if self.grouping == "random" and self.dynamic_regroup:
             raise ValueError("grouping='random' is a fixed grouping drawn once after burn-in: set "
                              "dynamic_regroup=False with it (regroups need the similarity clustering)")

@@ -353,6 +353,62 @@ def mode_mismatch(rank, world, out):
     raise AssertionError("no error for different configs")
 
 
+def _drift_run(rank, world, out, layer, expert_parallel=None, steps=30):
+    """Train ``layer`` on this rank's own data (skewed differently per rank; rank 1's shifts at
+    step 12) with regroup_trigger="drift"; record its counts, the checks after the first
+    clustering, the distance at each measurement and the grouping (the test recomputes the checks
+    from both ranks' counts)."""
+    opt = torch.optim.AdamW(layer.parameters(), lr=2e-2)
+    layer.attach_optimizer(opt)
+    g = torch.Generator().manual_seed(300 + rank)
+    means = torch.randn(3, D, generator=torch.Generator().manual_seed(41))
+    counts, checks, distances, moved = [], [], {}, 0
+    cfg = layer.config
+    for step in range(steps):
+        mean = means[rank] if rank == 0 or step < 12 else means[2]
+        x = torch.randn(16 + 8 * rank, D, generator=g) * 0.7 + mean     # unequal batches, too
+        st = layer.stats()
+        n = st["reclusters"] + st["skipped_reclusters"]
+        y, l_aux, c = layer(x)
+        (y.square().mean() + l_aux).backward()
+        if expert_parallel is not None:
+            average_gradients(layer, expert_parallel)
+        else:   # plain data parallelism: which gradients exist depends on the phase only
+            for p in layer.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        opt.step()
+        opt.zero_grad()
+        counts.append(c.tolist())
+        st = layer.stats()
+        if step > cfg.burn_in and st["reclusters"] + st["skipped_reclusters"] > n:
+            checks.append(step)
+            distances[step] = st["load_drift"]
+        moved = max(moved, st["experts_moved"])
+    json.dump({"counts": counts, "checks": checks, "distances": distances, "moved": moved,
+               "assignment": layer.group_assignment().tolist(), "every": cfg.drift_every,
+               "threshold": cfg.drift_threshold, "beta": cfg.drift_beta, "burn_in": cfg.burn_in}, open(os.path.join(out, f"rank{rank}.json"), "w"))
+
+
+DRIFT = dict(burn_in=4, regroup_trigger="drift", drift_every=2, drift_threshold=0.2, drift_beta=0.3, delta=0.0,
+             regroup_similarity="probe", alpha=0.5)
+
+
+def mode_drift_dp(rank, world, out):
+    """Replicas (ep_size 1) kept in step by DataParallelSync: each rank's own load statistics."""
+    from trilemma_moe.integrations.deepspeed_engine import DataParallelSync
+    layer = ClusteredMoE(D, F, make_config(1, **DRIFT))
+    layer.sync = DataParallelSync()
+    _drift_run(rank, world, out, layer)
+
+
+def mode_drift_ep(rank, world, out):
+    """Expert parallelism at ep_size = world: the counts are reduced over the ranks every forward."""
+    topo, ep, _ = pair(world, **DRIFT)
+    _drift_run(rank, world, out, ep, topo)
+
+
 def _worker(rank, world, port, modes, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..config import TrilemmaMoEConfig
 from ..kernels import fused
-from . import clustering, regroup, serving
+from . import clustering, drift, regroup, serving
 from .compression import compression_ratio, held_compression_ratio
 from .dispatch import DispatchPlan, ExpertParallelDispatcher, LocalDispatcher, owner_compute
 from .experts import ExpertSlots, ExpertSpec
@@ -85,9 +85,10 @@ class ClusteredMoE(nn.Module):
         self.register_buffer("centroids", torch.zeros(E, hidden_size))
         self.register_buffer("centroid_seen", torch.zeros(E, dtype=torch.bool))
         self.register_buffer("counters", torch.zeros(len(StepSchedule.NAMES), dtype=torch.long))
-        self.schedule = StepSchedule(self.counters, cfg.gradient_accumulation_steps,
-                                     snapshot=lambda: (self.centroids.clone(), self.centroid_seen.clone()),
-                                     restore=self._restore_statistics)
+        self.drift = drift.DriftTrigger.for_config(cfg)   # regroup_trigger="drift": what decides when checks run
+        self.schedule = StepSchedule(self.counters, cfg.gradient_accumulation_steps, restore=self._restore_statistics,
+                                     snapshot=lambda: (self.centroids.clone(), self.centroid_seen.clone(),
+                                                       None if self.drift is None else self.drift.ema.clone()))
         # training tokens seen and those of them that were finite (the others are left out of the
         # centroids; stats()['nonfinite_tokens']); counted on the device, not checkpointed
         self.register_buffer("finite_tokens", torch.zeros((), dtype=torch.long), persistent=False)
@@ -141,9 +142,8 @@ class ClusteredMoE(nn.Module):
         self.schedule.optimizer_step(applied)
 
     def attach_optimizer(self, optimizer: Optional[torch.optim.Optimizer], io: Optional[ParamIO] = None) -> None:
-        """Let regroups rewrite this optimizer's state (``state_io``; ``io``: a ParamIO of an
-        integration that wraps it), and take this optimizer's steps as the layer's step
-        boundaries (a torch step hook)."""
+        """Let regroups rewrite this optimizer's state (``state_io``; ``io``: a ParamIO of an integration
+        that wraps it), and take this optimizer's steps as the layer's step boundaries (a torch step hook)."""
         self.io = io if io is not None else TorchParamIO(optimizer)
         if self._step_hook is not None:
             self._step_hook.remove()
@@ -162,6 +162,8 @@ class ClusteredMoE(nn.Module):
     def _restore_statistics(self, saved) -> None:
         self.centroids.copy_(saved[0])
         self.centroid_seen.copy_(saved[1])
+        if saved[2] is not None:
+            self.drift.ema.copy_(saved[2])
 
     def idle_parameters(self) -> List[nn.Parameter]:
         """Parameters that get no gradient in the current phase, on every rank whatever its data:
@@ -192,12 +194,6 @@ class ClusteredMoE(nn.Module):
         """Cluster now (first call: compress the full experts; ``regroup.py``); True if a regroup was
         applied. ``force``: even below delta; ``probe``: tokens [n, d] (default: recent training ones)."""
         return regroup.recluster(self, force, probe)
-
-    def _maybe_recluster(self) -> None:
-        due = self.schedule.clustering_due(self.config.burn_in, self.config.dynamic_regroup,
-                                           self.config.recluster_interval)
-        if due is not None:
-            self.recluster(force=due == "first")
 
     # --- public state --------------------------------------------------------------------
     def slot_of_expert(self) -> torch.Tensor:
@@ -230,6 +226,7 @@ class ClusteredMoE(nn.Module):
             "compression_ratio": self.measured_compression_ratio(),
             "nonfinite_tokens": self._tokens_observed - int(self.finite_tokens),
             "regroup_seconds": self.regroup_seconds,
+            **({} if self.drift is None else {"load_drift": self.drift.distance}),
         }
         s.update(self.last_regroup)
         s["experts_moved"] = int(s.get("experts_moved", 0))
@@ -290,7 +287,7 @@ class ClusteredMoE(nn.Module):
             raise RuntimeError("this layer released its master weights (release_masters): inference only")
         if learning:
             self.schedule.sync_skipped_steps()
-            self._maybe_recluster()
+            drift.maybe_recluster(self)
             self.schedule.forward_starts()
         # An empty batch (or an all-False used_token) takes the same path with zero rows: the
         # autograd graph, hence which parameters get a gradient and in which order, depends on the
@@ -365,7 +362,8 @@ class ClusteredMoE(nn.Module):
         check decides on the same tokens) travel with ``state_dict``, as tensors and numbers only."""
         probe = self.probe.detach().clone() if self.probe is not None else torch.zeros(0, self.hidden_size)
         return {"sim_cache": self.sim_cache.state_dict(), "ep_size": self.config.ep_size,
-                "last_regroup": {k: float(v) for k, v in self.last_regroup.items()}, "probe": probe}
+                "last_regroup": {k: float(v) for k, v in self.last_regroup.items()}, "probe": probe,
+                **({} if self.drift is None else {"drift": self.drift.state_dict()})}
 
     def set_extra_state(self, state) -> None:
         saved = state.get("ep_size")
@@ -379,6 +377,8 @@ class ClusteredMoE(nn.Module):
         self.last_regroup = dict(state.get("last_regroup", {}))
         probe = state.get("probe")   # absent in checkpoints older than the probe rule
         self.probe = probe.to(self.centroids.device) if probe is not None and probe.numel() else None
+        if self.drift is not None and "drift" in state:   # (a checkpoint of a period run starts it afresh)
+            self.drift.load_state_dict(state["drift"])
         self.schedule.reloaded()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -68,6 +68,8 @@ def observe(layer, x: torch.Tensor, hits: torch.Tensor, slot_counts: torch.Tenso
     if layer.ep is not None:
         # centroids follow the tokens of every rank: identical everywhere, as at ep_size 1
         by_expert = layer.ep.reduce_stats(by_expert)
+    if layer.drift is not None:   # every rank's counts under expert parallelism; averaged over replicas when measured
+        layer.drift.observe(by_expert[:, -1])
     c, seen = clustering.update_centroids(layer.centroids, layer.centroid_seen, by_expert[:, :-2].to(layer.centroids.dtype),
                                           by_expert[:, -2].to(layer.centroids.dtype), layer.config.beta)
     layer.centroids.copy_(c)

@@ -73,19 +73,27 @@ class SyntheticTopicCorpus(TokenCorpus):
 
     Deterministic under ``seed``.  The streams are made by running all documents in parallel,
     one position at a time, so 440k tokens take well under a second.
+
+    ``topics=(a, b)``: documents draw their topic only from ``a..b`` (inclusive). The topic tables
+    are drawn first, so they (and the vocabulary) are those of the unrestricted corpus of the same
+    seed: two such corpora are topic bands of one generator (a topic shift). ``None``: all topics,
+    the stream bit-identical to what it was before the option existed.
     """
 
     def __init__(self, vocab_size: int = 512, num_topics: int = 8, seed: int = 0,
                  train_tokens: int = 400_000, valid_tokens: int = 40_000,
                  test_tokens: Optional[int] = None, doc_len: Tuple[int, int] = (64, 512),
-                 p_function: float = 0.2, p_markov: float = 0.5):
+                 p_function: float = 0.2, p_markov: float = 0.5,
+                 topics: Optional[Tuple[int, int]] = None):
         n_fn = max(1, vocab_size // 8)
         band = (vocab_size - 1 - n_fn) // num_topics
         if band < 4:
             raise ValueError(f"vocab_size {vocab_size} too small for {num_topics} topics")
         if not (0 <= p_function <= 1 and 0 <= p_markov <= 1 and p_function + p_markov <= 1):
             raise ValueError("p_function and p_markov must be probabilities with sum <= 1")
-        self.num_topics, self.seed = num_topics, seed
+        if topics is not None and not 0 <= topics[0] <= topics[1] < num_topics:
+            raise ValueError(f"topics={topics[0]}-{topics[1]} is outside the generator's topics 0-{num_topics - 1}")
+        self.num_topics, self.seed, self.topics = num_topics, seed, topics
         self.n_function, self.band = n_fn, band
         rng = np.random.Generator(np.random.PCG64(seed))
 
@@ -107,15 +115,20 @@ class SyntheticTopicCorpus(TokenCorpus):
         for t in range(num_topics):
             vocab += [f"t{t}_{j}" for j in range(band)]
         vocab += [f"x{j}" for j in range(vocab_size - len(vocab))]  # unused rounding leftovers
+        band_text = "" if topics is None else f",only={topics[0]}-{topics[1]}"
         super().__init__(train=train, valid=valid, test=test, vocab=vocab,
-                         name=f"synthetic-topics(V={vocab_size},topics={num_topics},seed={seed})",
+                         name=f"synthetic-topics(V={vocab_size},topics={num_topics},seed={seed}{band_text})",
                          stoi={w: i for i, w in enumerate(vocab)})
 
     def _generate(self, rng: np.random.Generator, n_tokens: int) -> Tensor:
         lo, hi = self._doc_len
         mean_len = (lo + hi) / 2 + 1
         n_docs = int(n_tokens / mean_len * 1.15) + 8
-        topics = rng.integers(0, self.num_topics, size=n_docs)
+        if self.topics is None:
+            topics = rng.integers(0, self.num_topics, size=n_docs)
+        else:
+            lo_t, hi_t = self.topics
+            topics = lo_t + rng.integers(0, hi_t - lo_t + 1, size=n_docs)
         lengths = rng.integers(lo, hi + 1, size=n_docs)
         L = int(lengths.max())
         out = np.empty((n_docs, L), dtype=np.int64)
@@ -185,24 +198,31 @@ def load_wikitext(directory: str, max_train_tokens: Optional[int] = None) -> Tok
                 f"{', '.join(WIKITEXT_FILES)} (the word-level release, e.g. wikitext-2-v1.zip "
                 f"unpacked; the -raw release's .raw files are not read), or leave --data out "
                 f"to use the synthetic corpus")
-    train_words = _read_split(directory, WIKITEXT_FILES[0])
+    splits = [_read_split(directory, name) for name in WIKITEXT_FILES]
+    return words_corpus(splits, word_vocab(splits[0]), f"wikitext({os.path.basename(os.path.normpath(directory))})",
+                        max_train_tokens)
+
+
+def word_vocab(train_words: List[str]) -> List[str]:
+    """``<eos>`` (id 0), the training words by descending frequency (ties in first-seen order),
+    ``<unk>`` last unless the text has it."""
     counts = Counter(train_words)
     vocab = [EOS] + [w for w, _ in counts.most_common() if w != EOS]
     if UNK not in counts:
         vocab.append(UNK)
+    return vocab
+
+
+def words_corpus(splits: List[List[str]], vocab: List[str], name: str,
+                 max_train_tokens: Optional[int] = None) -> TokenCorpus:
+    """The train / valid / test word lists encoded with ``vocab`` (words outside it: ``<unk>``,
+    which ``vocab`` must hold); ``max_train_tokens`` truncates the train stream."""
     stoi = {w: i for i, w in enumerate(vocab)}
     unk = stoi[UNK]
-
-    def encode(words) -> Tensor:
-        return torch.tensor([stoi.get(w, unk) for w in words], dtype=torch.long)
-
-    train = encode(train_words)
+    train, valid, test = (torch.tensor([stoi.get(w, unk) for w in words], dtype=torch.long) for words in splits)
     if max_train_tokens is not None:
         train = train[:max_train_tokens]
-    valid = encode(_read_split(directory, WIKITEXT_FILES[1]))
-    test = encode(_read_split(directory, WIKITEXT_FILES[2]))
-    return TokenCorpus(train=train, valid=valid, test=test, vocab=vocab,
-                       name=f"wikitext({os.path.basename(os.path.normpath(directory))})", stoi=stoi)
+    return TokenCorpus(train=train, valid=valid, test=test, vocab=vocab, name=name, stoi=stoi)
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,7 +242,11 @@ class BatchSampler:
         return self
 
     def __next__(self) -> Tuple[Tensor, Tensor]:
-        starts = torch.randint(0, self.data.numel() - self.seq_len - 1, (self.batch_size,),
+        return self.draw(self.batch_size)
+
+    def draw(self, n: int) -> Tuple[Tensor, Tensor]:
+        """``n`` windows (a shift's ramp draws part of a batch from each corpus)."""
+        starts = torch.randint(0, self.data.numel() - self.seq_len - 1, (n,),
                                generator=self.generator)
         win = self.data[starts[:, None] + self._offsets[None, :]]
         return win[:, :-1], win[:, 1:]

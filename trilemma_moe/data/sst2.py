@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .lm import UNK
+from .lm import EOS, UNK
 
 PAD = "<pad>"
 SST2_HELDOUT = 872             # GLUE SST-2's dev set size
@@ -112,7 +112,9 @@ class SentenceDataset:
                 f"dev {len(self.dev_y):,} phrases ({self.dev_source}), seq_len {self.train_x.shape[1]}")
 
 
-def load_sst2(directory: str, seq_len: int = 64, min_count: int = 2) -> SentenceDataset:
+def sst2_splits(directory: str) -> tuple[list[str], list[int], list[str], list[int], str]:
+    """Train phrases and labels, evaluation phrases and labels, and where the latter came from
+    (``dev.tsv``, else the fixed stratified held-out slice of train)."""
     directory = os.fspath(directory)
     train_path = os.path.join(directory, "train.tsv")
     sentences, labels = read_labelled_tsv(train_path)
@@ -130,6 +132,19 @@ def load_sst2(directory: str, seq_len: int = 64, min_count: int = 2) -> Sentence
         train_rows = [i for i in train_rows if sentences[i] not in held_text]
         tr_s, tr_l = [sentences[i] for i in train_rows], [labels[i] for i in train_rows]
         source = f"fixed stratified {SST2_HELDOUT}-row slice of train.tsv"
+    return tr_s, tr_l, dev_s, dev_l, source
+
+
+def sst2_lm_words(directory: str) -> tuple[list[str], list[str], str]:
+    """SST-2's phrases as language-model text: the train and evaluation phrases' words (the
+    tokens of :func:`tokenize`), an ``<eos>`` after each phrase, as WikiText ends its lines;
+    and where the evaluation phrases came from."""
+    tr_s, _, dev_s, _, source = sst2_splits(directory)
+    return [w for s in tr_s for w in tokenize(s) + [EOS]], [w for s in dev_s for w in tokenize(s) + [EOS]], source
+
+
+def load_sst2(directory: str, seq_len: int = 64, min_count: int = 2) -> SentenceDataset:
+    tr_s, tr_l, dev_s, dev_l, source = sst2_splits(directory)
     tr_tok = [tokenize(s) for s in tr_s]
     counts = Counter(w for toks in tr_tok for w in toks)
     vocab = [PAD, UNK] + [w for w, c in counts.most_common() if c >= min_count and w not in (PAD, UNK)]

@@ -22,8 +22,18 @@ EP_SIZE, TOKENS_PER_GPU, ELEM_BYTES = 8, 4096, 2
 # metrics averaged over seeds (a missing one stays missing)
 METRICS = ("valid_ppl", "test_ppl", "dev_accuracy", "total_params", "expert_params", "tokens_per_s",
            "peak_memory_bytes", "load_cv", "a2a_bytes_per_token", "regroup_share", "regroups_applied",
-           "experts_moved", "train_time_s")
+           "experts_moved", "train_time_s",
+           # a distribution shift (the shift preset): issue 24's summary keys
+           "pre_shift_valid_ppl", "post_shift_valid_ppl", "first_corpus_valid_ppl_end", "post_shift_train_loss",
+           "post_shift_load_cv")
 AFTER_REGROUP_STEPS = 20   # a regroup's effect: the training loss over the next 20 steps against static's
+# the shift preset's comparison: each rule minus static clustering, paired by seed
+SHIFT_METRICS = ("post_shift_valid_ppl", "first_corpus_valid_ppl_end", "post_shift_train_loss", "post_shift_load_cv")
+# two-sided 95 % quantiles of Student's t, t(0.975; df) (scipy.stats.t.ppf, tabulated: scipy is not a
+# dependency); a df between rows takes the next smaller row's value, which is wider (conservative)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 
 
 SERIES = ("history", "load_history", "group_history", "loss_curve")   # per-step series a record carries for the figures
@@ -84,7 +94,36 @@ def record(run: Run) -> Dict[str, Any]:
     out["loss_curve"] = s.get("loss_curve", [])
     out["regroup_events"] = s.get("regroup_events", [])
     out["num_groups"] = s["config"]["num_groups"]
+    if "shift_step" in s:
+        out["shift_step"], out["shift_ramp"] = s["shift_step"], s.get("shift_ramp", 0)
     return out
+
+
+def t975(df: int) -> float:
+    """t(0.975; df): scipy's when it is installed, else the table's."""
+    try:
+        from scipy.stats import t
+        return float(t.ppf(0.975, df))
+    except ImportError:
+        return T975[max(k for k in T975 if k <= df)]
+
+
+def paired_differences(records: List[Dict[str, Any]], task: str, variant: str, key: str,
+                       base: str = "static") -> Optional[Dict[str, Any]]:
+    """``key`` of ``variant`` minus ``base``'s, per seed both ran (same data, same first grouping),
+    with the mean and its 95 % t-interval over seeds (NaN bounds below two seeds); None without a pair."""
+    def by_seed(v):
+        return {r["seed"]: float(r[key]) for r in records if r["task"] == task and r["variant"] == v
+                and r.get(key) is not None}
+    ours, theirs = by_seed(variant), by_seed(base)
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        return None
+    diffs = [ours[s] - theirs[s] for s in seeds]
+    m = mean_std(diffs)
+    half = t975(len(diffs) - 1) * m["std"] / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return {"seeds": seeds, "diffs": diffs, "mean": m["mean"], "std": m["std"], "n": len(diffs),
+            "low": m["mean"] - half, "high": m["mean"] + half}
 
 
 def mean_std(values: List[float]) -> Dict[str, float]:

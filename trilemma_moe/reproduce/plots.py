@@ -133,6 +133,41 @@ def params_vs_quality(agg: Dict[str, Dict[str, Dict[str, Any]]], path: str) -> b
     return _save(plt, fig, path)
 
 
+SHIFT_ORDER = ("static", "ours", "drift-trigger", "probe-free", "paper-regroup", "switch")
+
+
+def shift_curves(records: List[Dict[str, Any]], task: str, path: str) -> bool:
+    """Both corpora's validation perplexity vs step, one line per rule (mean over seeds), the shift
+    (and the end of its ramp) marked."""
+    runs = _by(records, task)
+    if not runs or all(r.get("shift_step") is None for r in runs):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    for ax, key, title in zip(axes[0], ("valid_ppl", "shift_valid_ppl"), ("first corpus", "second corpus")):
+        for v in SHIFT_ORDER:
+            by_step: Dict[int, List[float]] = {}
+            for r in _by(records, task, v):
+                for h in r["history"]:
+                    if key in h:
+                        by_step.setdefault(h["step"], []).append(h[key])
+            if by_step:
+                xs = sorted(by_step)
+                ax.plot(xs, [sum(by_step[x]) / len(by_step[x]) for x in xs], label=v,
+                        lw=2 if v in ("static", "ours", "drift-trigger") else 1.2, ls="--" if v == "static" else "-")
+        shift = next(r["shift_step"] for r in runs if r.get("shift_step") is not None)
+        ramp = next((r.get("shift_ramp") or 0 for r in runs if r.get("shift_step") is not None), 0)
+        ax.axvline(shift, color="k", lw=0.8)
+        if ramp:
+            ax.axvline(shift + ramp, color="k", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_title(f"{task}: {title} valid PPL (mean over seeds)", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
 def make_all(records, agg, fig_dir: str) -> Dict[str, str]:
     """Every figure that has data; returns {name: path}."""
     os.makedirs(fig_dir, exist_ok=True)
@@ -144,6 +179,9 @@ def make_all(records, agg, fig_dir: str) -> Dict[str, str]:
         "group_membership": lambda p: group_membership(records, "lm", ["ours"], p),
         "params_vs_quality": lambda p: params_vs_quality(agg, p),
     }
+    for task in sorted({r["task"] for r in records if r.get("shift_step") is not None}):   # the shift preset
+        jobs[f"shift_{task}_valid_ppl"] = lambda p, t=task: shift_curves(records, t, p)
+        jobs[f"shift_{task}_expert_load"] = lambda p, t=task: expert_load(records, t, ["static", "ours", "drift-trigger"], p)
     for name, fn in jobs.items():
         path = os.path.join(fig_dir, f"{name}.png")
         if fn(path):

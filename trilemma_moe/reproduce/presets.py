@@ -9,10 +9,14 @@ A run is one ``python -m trilemma_moe.train`` command line; the flags below are 
   WikiText-103 and SST-2, for a GPU cluster (``--device cuda``): documented, not run on these
   machines (they have no GPU, and WikiText-103's training split is not here).
 * ``smoke``: seconds per run, for the tests of the harness itself.
+* ``shift``: issue 24's distribution shift at the ``cpu`` preset's model size: (i) a topic shift and
+  (ii) a gradual drift on the generated corpus, (iii) WikiText-2 then SST-2's phrases; static,
+  ours, the probe rule without move cost (λ=0), the paper's rule and ours with the regroup check
+  triggered by load drift (``regroup_trigger="drift"``), Switch beside, 5 seeds each.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Tuple
 
 
@@ -135,4 +139,37 @@ SMOKE = Preset(
     d_ff=32,
 )
 
-PRESETS: Dict[str, Preset] = {p.name: p for p in (CPU, PAPER, SMOKE)}
+# every shift task: the cpu preset's model; clustered at step 60, regroup checks every 40 steps, so the
+# dynamic rules check three times before the shift and at least three times after it; both corpora
+# evaluated every 40 steps. Sized for 2 cores (timed 2026-12-06 on a shared, loaded machine, one run at a
+# time, so upper bounds): at the first sizes (burn-in 100, T 50, 600/600/480 steps) one run of each
+# scenario took 158 s + 295 s + 987 s (WikiText-2 -> SST-2: its 35k-word output layer is most of a step;
+# 411 s when rerun under less load), 5-12 h for the 90 runs one at a time; at these sizes 40 s + 37 s +
+# 153 s, about 2 h one at a time
+_SHIFT = (*_MODEL_CPU, *_MOE_CPU, "--seq-len", "64", "--batch-size", "8", "--burn-in", "60",
+          "--recluster-interval", "40", "--eval-every", "40", "--eval-batches", "4", "--final-eval-batches", "32")
+_TOPICS = ("--data", "synthetic:topics=0-3", "--shift-data", "synthetic:topics=4-7")
+SHIFT_RULES = ("switch", "ours", "static", "probe-free", "paper-regroup")
+# the rule built for shifts: ours, with a regroup check whenever the per-expert load distribution moved
+# by more than the threshold since the last check (measured every 10 steps) instead of every T steps
+DRIFT_RULE = Variant("drift-trigger", "Ours, regroup check on load drift (TV > 0.25, core/drift.py)", "ours", 5,
+                     flags=("--regroup-trigger", "drift", "--drift-threshold", "0.25", "--drift-every", "10"))
+
+SHIFT = Preset(
+    name="shift",
+    description="a distribution shift mid-training (issue 24), the cpu preset's model: d=128, 2 blocks, E=32, G=8, r=8",
+    tasks={
+        # (i) topic shift: documents of topics 0-3, then of topics 4-7 from step 181 on
+        "topic": (*_TOPICS, "--steps", "360", "--shift-step", "180", *_SHIFT),
+        # (ii) gradual drift: the same bands, topics 4-7's share of every batch rising linearly
+        # over steps 101-280 (a 180-step ramp)
+        "drift": (*_TOPICS, "--steps", "360", "--shift-step", "100", "--shift-ramp", "180", *_SHIFT),
+        # (iii) domain shift: WikiText-2, then SST-2's phrases as text from step 141 on
+        "domain": ("--data", "{data}/wikitext-2", "--shift-data", "{data}/sst2", "--steps", "260",
+                   "--shift-step", "140", *_SHIFT),
+    },
+    variants=tuple(replace(v, seeds=5) for v in _variants(512, 2, 5) if v.name in SHIFT_RULES) + (DRIFT_RULE,),
+    sequential=(),
+)
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (CPU, PAPER, SMOKE, SHIFT)}

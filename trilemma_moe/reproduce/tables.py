@@ -185,3 +185,45 @@ def regroup_effects_table(rows: List[Dict[str, Any]], labels) -> List[str]:
         lines.append(f"| {labels.get(variant, variant)} | {task} | {len(rs)} | {f([r['moved'] for r in rs], 1)} "
                      f"| {f([r['movers_error'] for r in rs], 2)} | {f(firsts, 4)} | {f(alls, 4)} |")
     return lines
+
+
+# --- distribution shift (the shift preset) ---------------------------------------------------------
+SHIFT_ROWS = ("ours", "drift-trigger", "probe-free", "paper-regroup", "switch")
+SHIFT_COLUMNS = (("post_shift_valid_ppl", "second corpus valid PPL, end", 2),
+                 ("first_corpus_valid_ppl_end", "first corpus valid PPL, end", 2),
+                 ("post_shift_train_loss", "train loss after the shift", 4),
+                 ("post_shift_load_cv", "load CV after the shift", 3))
+
+
+def _diff(d: Optional[Dict[str, Any]], digits: int) -> str:
+    if d is None:
+        return "–"
+    if d["n"] < 2:
+        return f"{d['mean']:+.{digits}f} (n=1)"
+    # the interval's sign says whether the rule beat static by more than seed noise
+    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+
+
+def shift_table(records: List[Dict[str, Any]], labels: Dict[str, str], task: str) -> List[str]:
+    """One scenario: static's values (mean ± sd over seeds), then each rule's paired per-seed
+    difference to static with its 95 % t-interval, and the per-seed differences of the second
+    corpus's perplexity."""
+    from .analyse import paired_differences
+
+    head = "| Rule | " + " | ".join(f"{name}: Δ vs static [95 % CI]" for _, name, _ in SHIFT_COLUMNS)
+    lines = [head + " | per-seed Δ second corpus PPL | seeds |", "|" + "---|" * (len(SHIFT_COLUMNS) + 3)]
+    static = [r for r in records if r["task"] == task and r["variant"] == "static"]
+    if static:
+        vals = [[float(r[k]) for r in static if r.get(k) is not None] for k, _, _ in SHIFT_COLUMNS]
+        lines.append(f"| {labels.get('static', 'static')} (its values, mean ± sd) | "
+                     + " | ".join(_fmt(mean_std(v), c[2]) if v else "–" for v, c in zip(vals, SHIFT_COLUMNS))
+                     + f" | – | {len(static)} |")
+    for v in SHIFT_ROWS:
+        diffs = {k: paired_differences(records, task, v, k) for k, _, _ in SHIFT_COLUMNS}
+        main = diffs[SHIFT_COLUMNS[0][0]]
+        if main is None:
+            continue
+        per_seed = ", ".join(f"{d:+.2f}" for d in main["diffs"])
+        lines.append(f"| {labels.get(v, v)} | " + " | ".join(_diff(diffs[k], digits) for k, _, digits in SHIFT_COLUMNS)
+                     + f" | {per_seed} | {main['n']} |")
+    return lines

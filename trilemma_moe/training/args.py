@@ -21,8 +21,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from ..config import TrilemmaMoEConfig
-from ..data import SentenceDataset, SyntheticTopicCorpus, TokenCorpus, load_sst2, load_wikitext
-from ..models import FFN_KINDS
+from ..data import (SentenceDataset, TokenCorpus, check_shift_pair, load_sst2, on_one_vocabulary, parse_data_spec,
+                    read_lm_source)
+from ..models import FFN_KINDS, OURS_VARIANTS, variant_config
 
 # Defaults of the no-argument CPU run.  Structure knobs that the
 # user neither passes as flags nor sets in --config fall back to these.
@@ -41,11 +42,14 @@ FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank
                  "top_k": "top_k", "burn_in": "burn_in",
                  "recluster_interval": "recluster_interval", "residual_bits": "residual_bits",
                  "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
-                 "offload_dir": "offload_dir", "ep_size": "ep_size"}
+                 "offload_dir": "offload_dir", "ep_size": "ep_size", "regroup_trigger": "regroup_trigger",
+                 "drift_threshold": "drift_threshold", "drift_every": "drift_every"}
 
 DATA_HELP = ("--task lm: a WikiText-2/-103 directory holding wiki.train.tokens, wiki.valid.tokens and "
-             "wiki.test.tokens (the word-level release; download it, see README); default: the "
-             "built-in synthetic topic corpus. --task sst2 (required): a GLUE SST-2 directory holding "
+             "wiki.test.tokens (the word-level release; download it, see README), a GLUE SST-2 directory "
+             "(its phrases as text), or synthetic[:key=value,...] (the built-in topic corpus; keys seed= "
+             "(default --seed), topics=a-b (documents only from those topics), vocab= (512), num_topics= (8)); "
+             "default: synthetic. --task sst2 (required): a GLUE SST-2 directory holding "
              "train.tsv and optionally dev.tsv (else a fixed stratified 872-row slice of train is held out)")
 
 
@@ -101,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"T0 optimizer steps before the first clustering (default: {d['burn_in']})")
     g.add_argument("--recluster-interval", type=int, default=None,
                    help=f"T: steps between regroup checks (default: {d['recluster_interval']})")
+    g.add_argument("--regroup-trigger", choices=("period", "drift"), default=None,
+                   help="when regroup checks run after the first clustering: period, every T steps (the paper; "
+                        "default); drift, when the per-expert load distribution (an EMA over every rank) moved by "
+                        "more than --drift-threshold in total variation since the last check (T unused)")
+    g.add_argument("--drift-threshold", type=float, default=None,
+                   help="--regroup-trigger drift: total-variation distance in (0, 1] that triggers a check (default 0.25)")
+    g.add_argument("--drift-every", type=int, default=None,
+                   help="--regroup-trigger drift: steps between measurements, counted from the last check (default 10)")
     g.add_argument("--ep-size", type=int, default=None,
                    help="expert parallelism: ranks each layer's groups are spread over (needs "
                         "--deepspeed_config and a launcher with a multiple of this many ranks; default 1)")
@@ -152,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert parallelism: write every rank's per-layer byte counters (JSON) here")
     g.add_argument("--record-routing", default=None,
                    help="save the routing of the last 20 steps (torch file) for `trilemma-moe profile-comm`")
+    g = p.add_argument_group("distribution shift (--task lm)")
+    g.add_argument("--shift-step", type=int, default=None,
+                   help="train on --data up to and including optimizer step N, then on --shift-data "
+                        "(1 <= N < --steps; every evaluation scores both corpora)")
+    g.add_argument("--shift-data", default=None,
+                   help="the corpus after the shift, in --data's forms (synthetic: the same vocab= and "
+                        "num_topics= as --data); the vocabulary is built from both training splits")
+    g.add_argument("--shift-ramp", type=int, default=0,
+                   help="mix the corpora over K steps after --shift-step: step N+j takes round(j/K x batch) "
+                        "rows of each batch (half up) from --shift-data, spread evenly (0: switch at once)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save-dir", default=None,
                    help="checkpoint directory (DeepSpeed: engine.save_checkpoint layout; otherwise "
@@ -185,6 +207,42 @@ def resolve_task_defaults(args: argparse.Namespace) -> Dict[str, Any]:
     return filled
 
 
+def check_shift_flags(args: argparse.Namespace) -> None:
+    """The shift flags against each other and the run (a ``ValueError`` naming the flag)."""
+    if args.shift_step is None and args.shift_data is None:
+        if args.shift_ramp:
+            raise ValueError("--shift-ramp needs --shift-step and --shift-data")
+        return
+    if args.task != "lm":
+        raise ValueError(f"--shift-step / --shift-data apply to --task lm only, not --task {args.task}")
+    if args.shift_step is None or args.shift_data is None:
+        raise ValueError("--shift-step and --shift-data go together: give both or neither")
+    if not 1 <= args.shift_step < args.steps:
+        raise ValueError(f"--shift-step {args.shift_step}: must lie in 1..{args.steps - 1}, inside the run's "
+                         f"--steps {args.steps}")
+    if args.shift_ramp < 0 or args.shift_step + args.shift_ramp > args.steps:
+        raise ValueError(f"--shift-ramp {args.shift_ramp}: must be >= 0 and end by the last step "
+                         f"(--shift-step {args.shift_step} + ramp <= --steps {args.steps})")
+
+
+def load_lm_data(args: argparse.Namespace) -> tuple[TokenCorpus, Optional[TokenCorpus]]:
+    """``--data`` and ``--shift-data`` on one vocabulary (the second ``None`` without a shift);
+    a bad spec or directory is one error line naming its flag."""
+    with input_errors("--data", args.data):
+        spec = parse_data_spec(args.data, "--data")
+    if args.shift_data is not None:   # both specs checked before either corpus is read
+        with input_errors("--shift-data", args.shift_data):
+            shift_spec = parse_data_spec(args.shift_data, "--shift-data")
+            check_shift_pair(spec, shift_spec)
+    with input_errors("--data", args.data):
+        first = read_lm_source(spec, args.seed, test=args.test)
+    second = None
+    if args.shift_data is not None:
+        with input_errors("--shift-data", args.shift_data):
+            second = read_lm_source(shift_spec, args.seed)
+    return on_one_vocabulary(first, second, args.max_train_tokens)
+
+
 def load_data(args: argparse.Namespace) -> TokenCorpus | SentenceDataset:
     if args.task == "sst2":
         if args.data is None:
@@ -193,16 +251,7 @@ def load_data(args: argparse.Namespace) -> TokenCorpus | SentenceDataset:
             raise FileNotFoundError(f"--data {args.data!r}: no such directory (expected a GLUE SST-2 "
                                     f"directory with train.tsv and optionally dev.tsv)")
         return load_sst2(args.data, seq_len=args.seq_len)
-    if args.data is None:
-        corpus = SyntheticTopicCorpus(seed=args.seed)
-        if args.max_train_tokens is not None:
-            corpus.train = corpus.train[:args.max_train_tokens]
-        return corpus
-    if not os.path.isdir(args.data):
-        raise FileNotFoundError(f"--data {args.data!r}: no such directory (expected a WikiText "
-                                f"directory with wiki.train.tokens, wiki.valid.tokens, "
-                                f"wiki.test.tokens; leave --data out for the synthetic corpus)")
-    return load_wikitext(args.data, max_train_tokens=args.max_train_tokens)
+    return load_lm_data(args)[0]
 
 
 @contextlib.contextmanager
@@ -247,10 +296,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         config_flag = "--deepspeed_config" if args.deepspeed_config else "--config" if args.config else None
         with input_errors(config_flag, args.deepspeed_config or args.config):  # None: knobs from flags only
             cfg = moe_config(args)
-        with input_errors("--data", args.data):
-            corpus = load_data(args)
+        with input_errors(None):   # its messages name the flag
+            check_shift_flags(args)
+            if cfg.regroup_trigger == "drift" and args.ffn in OURS_VARIANTS and not variant_config(
+                    cfg.replace(regroup_trigger="period"), args.ffn).dynamic_regroup:
+                raise ValueError(f"--regroup-trigger drift: --ffn {args.ffn} clusters once and never checks again")
+        shift_corpus = None
+        if args.task == "lm":
+            corpus, shift_corpus = load_lm_data(args)
+        else:
+            with input_errors("--data", args.data):
+                corpus = load_data(args)
         if cfg.ep_size > 1 and not args.deepspeed_config:
             raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
-        return run(args, cfg, corpus, task_defaults)
+        return run(args, cfg, corpus, task_defaults, shift_corpus)
     finally:
         torch.set_num_threads(previous_threads)  # main() is also called in-process (tests, notebooks)

@@ -12,11 +12,11 @@ import torch
 
 from ..config import TrilemmaMoEConfig
 from ..core.layer import clustered_layers
-from ..data import (BatchSampler, RowSampler, SentenceDataset, TokenCorpus, eval_batches, num_eval_batches,
-                    sentence_batches)
+from ..data import (BatchSampler, RowSampler, SentenceDataset, ShiftSampler, TokenCorpus, eval_batches,
+                    num_eval_batches, sentence_batches)
 from ..models import GPT, GPTClassifier
 from . import report
-from .measure import PeakMemory, RunTrace
+from .measure import PeakMemory, RunTrace, ShiftTrack
 from ..parallel.comm import named_comm_failure, set_collective_timeout
 from .args import input_errors
 from .backend import Backend, TorchBackend, param_groups
@@ -101,6 +101,10 @@ class RankShare:
     def generator(self) -> torch.Generator:   # checkpoints save and restore the data position
         return self.sampler.generator
 
+    def set_step(self, step: int) -> None:   # a shift's schedule (ShiftSampler) follows the step
+        if isinstance(self.sampler, ShiftSampler):
+            self.sampler.set_step(step)
+
     def __next__(self):
         x, y = next(self.sampler)
         return x[self.lo:self.hi], y[self.lo:self.hi]
@@ -125,10 +129,15 @@ def build_model(args, corpus: TokenCorpus | SentenceDataset, cfg: TrilemmaMoECon
     return GPT(corpus.vocab_size, **kwargs)
 
 
-def make_sampler(args, corpus: TokenCorpus | SentenceDataset, global_batch: int):
+def make_sampler(args, corpus: TokenCorpus | SentenceDataset, global_batch: int,
+                 shift_corpus: Optional[TokenCorpus] = None):
     if isinstance(corpus, SentenceDataset):
         return RowSampler(corpus.train_x, corpus.train_y, global_batch, seed=args.seed + 1, pad_id=corpus.pad_id)
-    return BatchSampler(corpus.train, args.seq_len, global_batch, seed=args.seed + 1)
+    first = BatchSampler(corpus.train, args.seq_len, global_batch, seed=args.seed + 1)
+    if shift_corpus is None:
+        return first
+    return ShiftSampler(first, BatchSampler(shift_corpus.train, args.seq_len, global_batch, seed=args.seed + 2),
+                        args.shift_step, args.shift_ramp)
 
 
 def make_backend(args, cfg: TrilemmaMoEConfig) -> Backend:
@@ -139,7 +148,9 @@ def make_backend(args, cfg: TrilemmaMoEConfig) -> Backend:
 
 
 def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
-        task_defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        task_defaults: Optional[Dict[str, Any]] = None, shift_corpus: Optional[TokenCorpus] = None) -> Dict[str, Any]:
+    """``shift_corpus``: trained on after ``args.shift_step`` (``args.shift_ramp``), scored at every
+    evaluation beside ``corpus`` (keys ``shift_valid_*``)."""
     backend = make_backend(args, cfg)
     backend.prepare()
     model = build_model(args, corpus, cfg)
@@ -152,7 +163,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
         set_collective_timeout(cfg.comm_timeout_s)
     # One global batch of batch x world windows per micro-step, rank r takes its share: the same
     # data as a one-process run with --batch-size batch x world (identical at world 1).
-    sampler = RankShare(make_sampler(args, corpus, batch * world), rank, batch)
+    sampler = RankShare(make_sampler(args, corpus, batch * world, shift_corpus), rank, batch)
+    shift = ShiftTrack(args.shift_step) if shift_corpus is not None else None
     is_main = rank == 0
     show_progress = is_main and not args.no_progress
     logger = report.Logger(args.logdir if is_main else None)
@@ -162,12 +174,19 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
             client = backend.load(args.save_dir)
             sampler.generator.set_state(client["sampler_state"])
             start_step = int(client["step"])
+            if shift is not None:   # the second corpus's data position and the shift's running sums
+                if "shift" not in client:
+                    raise ValueError("the checkpoint has no shift state (saved by a run without --shift-step)")
+                sampler.sampler.second.generator.set_state(client["shift"]["sampler_state"])
+                shift.load_state(client["shift"]["track"])
         if is_main:
             print(f"resumed from {args.save_dir} at step {start_step}")
 
     pc_start = model.param_counts()
     if is_main:
         print("\n".join(report.start_lines(args, cfg, corpus, pc_start, backend, warmup, task_defaults or {})))
+        if shift_corpus is not None:   # both corpora share the vocabulary built from both training splits
+            print(f"shift after step {args.shift_step} (ramp {args.shift_ramp} steps) to {shift_corpus.describe()}")
     bar = _progress(total=args.steps, desc=f"train[{args.ffn}]") if show_progress else None
 
     def say(msg: str) -> None:
@@ -182,7 +201,12 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
         if isinstance(corpus, SentenceDataset):
             return evaluate_classifier(model, corpus, batch, cap, progress=show_progress,
                                        desc=desc.replace("valid", "dev"))
-        return evaluate(model, corpus.valid, args.seq_len, batch, cap, progress=show_progress, desc=desc)
+        out = evaluate(model, corpus.valid, args.seq_len, batch, cap, progress=show_progress, desc=desc)
+        if shift_corpus is not None:
+            second = evaluate(model, shift_corpus.valid, args.seq_len, batch, cap, progress=show_progress,
+                              desc=desc.replace("valid", "shift valid"))
+            out.update({f"shift_{k}": v for k, v in second.items()})
+        return out
 
     model.train()
     rec = report.Record()
@@ -194,12 +218,14 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
     if bar is not None and start_step:
         bar.update(start_step)
     loss_log = open(args.loss_log, "a") if args.loss_log and is_main else None
+    final_cap = args.eval_batches if args.final_eval_batches is None else args.final_eval_batches
     for step in range(start_step, args.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, args.steps, args.lr, warmup, args.min_lr_ratio)
         backend.set_lr(lr)
         step_loss, step_aux, tokens = 0.0, 0.0, 0
         profiled = args.measure_memory and step + 1 == args.steps
+        sampler.set_step(step + 1)
         with probe.step(profiled):
             for _ in range(ga):
                 x, y = next(sampler)
@@ -217,12 +243,11 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
         if loss_log is not None:
             loss_log.write(json.dumps({"step": step + 1, "loss": step_loss}) + "\n")
             loss_log.flush()
-        if args.save_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
-            with named_comm_failure(f"step {step + 1}: checkpoint save", cfg.comm_timeout_s):
-                backend.save(args.save_dir, step + 1, {"step": step + 1, "sampler_state": sampler.generator.get_state()})
         stats = report.layer_stats(model)
         st = report.moe_stats(stats)
         rec.add(step_loss, seconds, tokens, st["load_cv"])
+        if shift is not None:
+            shift.after_step(step + 1, step_loss, st["load_cv"])
         trace.after_step(step + 1)
         for line in events.lines(step + 1, st, stats, lambda: model.param_counts()["expert"]):
             say(line)
@@ -237,18 +262,29 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
         if bar is not None:
             bar.set_postfix(report.bar_postfix(rec.ema_loss, st, num_layers), refresh=False)
             bar.update(1)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            last_eval = validate(f"valid[step {step + 1}]")
+        at_shift = shift is not None and step + 1 == args.shift_step   # pre_shift_valid_ppl
+        if (at_shift or args.eval_every and (step + 1) % args.eval_every == 0) and step + 1 < args.steps:
+            # at the shift, as many batches as at the end: pre- and post-shift perplexities compare
+            last_eval = validate(f"valid[step {step + 1}]", final_cap if at_shift else args.eval_batches)
+            if at_shift:
+                shift.pre_shift(last_eval)
             logger.scalars(step + 1, last_eval, "valid")
             rec.history.append({"step": step + 1, "train_loss": rec.ema_loss, **last_eval})
             say(f"[step {step + 1}] train loss {rec.ema_loss:.4f} | {report.eval_text(last_eval)} "
                 f"| load cv {st['load_cv']:.3f}")
+        # last: the state saved holds this step's loss and evaluation (a shift's running sums)
+        if args.save_dir and ((args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps):
+            with named_comm_failure(f"step {step + 1}: checkpoint save", cfg.comm_timeout_s):
+                client = {"step": step + 1, "sampler_state": sampler.generator.get_state()}
+                if shift is not None:
+                    client["shift"] = {"sampler_state": sampler.sampler.second.generator.get_state(),
+                                       "track": shift.state()}
+                backend.save(args.save_dir, step + 1, client)
     if bar is not None:
         bar.close()
     if loss_log is not None:
         loss_log.close()
 
-    final_cap = args.eval_batches if args.final_eval_batches is None else args.final_eval_batches
     last_eval = validate("valid" if final_cap else "valid (whole split)", final_cap)
     logger.scalars(args.steps, last_eval, "valid")
     rec.history.append({"step": args.steps, "train_loss": rec.ema_loss, **last_eval})
@@ -258,6 +294,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
     summary.update(report.memory_and_offload(model, cfg))
     summary.update(trace.summary())
     summary.update(probe.result())
+    if shift is not None:
+        summary.update(shift.summary(last_eval, shift_corpus.name, args.shift_ramp))
     if args.test:
         test = evaluate(model, corpus.test, args.seq_len, batch, final_cap,
                         progress=show_progress, desc="test")

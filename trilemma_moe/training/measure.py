@@ -8,6 +8,7 @@
 - :class:`RunTrace`: per-expert token counts every ``every`` steps, the group of every expert
   at the start and after each clustering (group membership over time), and every regroup after
   the first clustering that moved experts (``regroup_events``).
+- :class:`ShiftTrack`: the summary keys of a distribution shift (``--shift-step``, issue 24).
 """
 from __future__ import annotations
 
@@ -104,3 +105,41 @@ class RunTrace:
             # per layer: each regroup after the first clustering that moved experts
             out["regroup_events"] = [dict(e, layer=i) for i, m in enumerate(self.clustered) for e in m.regroup_events]
         return out
+
+
+class ShiftTrack:
+    """What a run with ``--shift-step N`` adds to its summary. "After the shift" is steps N+1 on
+    (the ramp included); the load CV is the one the summary's ``load_cv`` averages (the mean over
+    MoE layers of each step's per-expert load CV, ``report.moe_stats``). ``state()`` travels with
+    the checkpoint, so a run resumed after the shift reports the same numbers."""
+
+    def __init__(self, shift_step: int):
+        self.shift_step = shift_step
+        self.pre_eval: Optional[Dict[str, float]] = None
+        self.loss_sum, self.cv_sum, self.steps = 0.0, 0.0, 0
+
+    def pre_shift(self, evaluation: Dict[str, float]) -> None:
+        self.pre_eval = dict(evaluation)
+
+    def after_step(self, step: int, loss: float, load_cv: float) -> None:
+        if step > self.shift_step:
+            self.loss_sum += loss
+            self.cv_sum += load_cv
+            self.steps += 1
+
+    def state(self) -> Dict[str, Any]:
+        return {"pre_eval": self.pre_eval, "loss_sum": self.loss_sum, "cv_sum": self.cv_sum, "steps": self.steps}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self.pre_eval, self.loss_sum = state["pre_eval"], state["loss_sum"]
+        self.cv_sum, self.steps = state["cv_sum"], state["steps"]
+
+    def summary(self, final_eval: Dict[str, float], shift_data: str, ramp: int) -> Dict[str, Any]:
+        n = max(1, self.steps)
+        return {"shift_step": self.shift_step, "shift_ramp": ramp, "shift_data": shift_data,
+                "pre_shift_valid_ppl": (self.pre_eval or {}).get("valid_ppl"),   # the first corpus at step N
+                "post_shift_valid_ppl": final_eval["shift_valid_ppl"],            # the second corpus at the end
+                "first_corpus_valid_ppl_end": final_eval["valid_ppl"],            # what was forgotten
+                "post_shift_valid_loss": final_eval["shift_valid_loss"],
+                "post_shift_train_loss": self.loss_sum / n,
+                "post_shift_load_cv": self.cv_sum / n}

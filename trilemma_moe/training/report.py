@@ -170,6 +170,8 @@ def start_lines(args, cfg: TrilemmaMoEConfig, corpus, param_counts: Dict[str, in
         lines.append(f"moe: E={cfg.num_experts} G={cfg.num_groups} r={cfg.rank} k={cfg.top_k} "
                      f"burn_in={cfg.burn_in} recluster_interval={cfg.recluster_interval} "
                      f"dynamic_regroup={run_cfg.dynamic_regroup}"
+                     + (f" regroup_trigger=drift (threshold {run_cfg.drift_threshold:g}, every {run_cfg.drift_every} "
+                        f"steps)" if run_cfg.regroup_trigger == "drift" else "")
                      + "".join(f" {k}={getattr(run_cfg, k)}" for k in OURS_VARIANTS[args.ffn] if k != "dynamic_regroup"))
         if args.steps <= cfg.burn_in:
             lines.append(f"note: the run ends at step {args.steps}, before the burn-in ({cfg.burn_in} steps) "
@@ -246,7 +248,10 @@ def eval_text(ev: Dict[str, float]) -> str:
     """One evaluation in a progress line."""
     if "dev_accuracy" in ev:
         return f"dev loss {ev['dev_loss']:.4f} acc {ev['dev_accuracy']:.4f}"
-    return f"valid loss {ev['valid_loss']:.4f} ppl {ev['valid_ppl']:.2f}"
+    text = f"valid loss {ev['valid_loss']:.4f} ppl {ev['valid_ppl']:.2f}"
+    if "shift_valid_loss" in ev:   # a shift run scores both corpora
+        text += f" | shift data: valid loss {ev['shift_valid_loss']:.4f} ppl {ev['shift_valid_ppl']:.2f}"
+    return text
 
 
 def table(s: Dict[str, Any], num_layers: int) -> str:
@@ -258,6 +263,10 @@ def table(s: Dict[str, Any], num_layers: int) -> str:
                  ("dev examples", s["dev_examples"])]
     else:
         rows += [("valid loss", s["valid_loss"]), ("valid ppl", s["valid_ppl"])]
+    if "shift_step" in s:
+        rows += [(f"shift at step {s['shift_step']} to", s["shift_data"]),
+                 ("pre-shift valid ppl", s["pre_shift_valid_ppl"]), ("post-shift valid ppl", s["post_shift_valid_ppl"]),
+                 ("post-shift train loss", s["post_shift_train_loss"]), ("post-shift load CV", s["post_shift_load_cv"])]
     if clustered:
         rows += [("total params at start", s["total_params_start"]),
                  ("total params at end" + (" (compressed)" if s["compressed"] else " (not compressed)"),
