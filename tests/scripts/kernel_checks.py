@@ -151,11 +151,16 @@ def main(argv=None):
             report(f"gmm_rows into a column range P={P}", rel(wide[:, 20:20 + f], ref.gmm_rows(x.float(), w.float(), off, x_rows=perm))
                    if untouched else float("inf"), dname)
 
-        # (act, (P, G, K, r, k, f, bias), gated)
-        variants = [(act, shape, False) for act in ("gelu", "gelu_tanh", "relu", "silu", "identity")
-                    for shape in ((130, 4, 4, 4, 2, 72, True), (97, 3, 3, 5, 1, 40, False), (200, 2, 8, 16, 2, 64, True))]
-        variants += [("silu", (130, 4, 4, 4, 2, 72, True), True), ("gelu", (97, 3, 3, 5, 1, 40, False), True),
-                     ("silu", (120, 2, 8, 16, 2, 40, True), True)]
+        # (act, (P, G, K, r, k, f, bias), gated). A covering set, not the activations x shapes product:
+        # each activation and each shape at least once, each tile bucket (K*r <= 64 or <= 128, plain
+        # or gated), with and without bias, k = 1 and 2, K*r a power of two and not. The activation
+        # is one constexpr branch applied elementwise, so its pairing with a shape adds no kernel path.
+        shapes = ((130, 4, 4, 4, 2, 72, True),     # K*r = 16, k = 2, bias
+                  (97, 3, 3, 5, 1, 40, False),     # K*r = 15: not a power of two; k = 1, no bias
+                  (200, 2, 8, 16, 2, 64, True))    # K*r = 128: the larger tile bucket
+        acts = ("gelu", "gelu_tanh", "relu", "silu", "identity")
+        variants = [(act, shapes[i % len(shapes)], False) for i, act in enumerate(acts)]
+        variants += [("silu", shapes[0], True), ("gelu", shapes[1], True), ("silu", (120, 2, 8, 16, 2, 40, True), True)]
         if args.quick:
             variants = [("gelu", (700, 8, 4, 16, 2, 200, True), False), ("relu", (97, 3, 3, 5, 1, 40, False), False),
                         ("silu", (300, 3, 4, 4, 2, 80, True), True)]   # the gated layer check's constexprs
@@ -209,8 +214,9 @@ def main(argv=None):
     for dname in args.dtypes.split(","):
         # the whole layer on the kernels (glue included) against its per-slot path, float32
         if dname == "fp32":
-            for bias, gated, act, bits, g1 in ((True, False, "gelu", 16, 1), (False, False, "gelu", 16, 1),
-                                               (True, True, "silu", 16, 1), (True, False, "gelu", 4, 1),
+            # each of bias, gated, INT4 and g1 = 2 on and off at least once (the kernels' own
+            # variants are swept above; this is the glue around them)
+            for bias, gated, act, bits, g1 in ((True, True, "silu", 16, 1), (True, False, "gelu", 4, 1),
                                                (False, False, "relu", 16, 2)):
                 errs = layer_check(dev, gen, bias, gated, act, bits, g1)
                 for label, err in errs.items():
