@@ -86,7 +86,6 @@ def test_implementations_fit_their_interfaces(cls, protocol):
 
 
 def test_deepspeed_collaborators_fit_their_interfaces():
-    pytest.importorskip("deepspeed")
     from trilemma_moe.integrations.aio import AioTier
     from trilemma_moe.integrations.deepspeed import DataParallelSync, DeepSpeedParamIO
     assert _conforms(DataParallelSync, interfaces.ReplicaSync) == []

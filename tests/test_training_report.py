@@ -119,7 +119,6 @@ def test_evaluation_shows_a_bar_unless_asked_not_to(capsys):
 
 
 def test_deepspeed_section_must_agree_with_deepspeeds_own_keys(tmp_path, capsys, dist_world_1):
-    pytest.importorskip("deepspeed")
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 9,
                               "trilemma_moe": {"num_experts": 4, "num_groups": 2, "rank": 4,
