@@ -16,8 +16,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("deepspeed")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "ep_deepspeed.py")
 LAUNCHER = [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -34,25 +32,49 @@ def check(proc):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+def _start_ep_runs(out, world, ep, stage, dtypes, *extra):
+    """One process group per world size running every dtype of ep_deepspeed.py in turn (starting
+    the ranks costs more than their steps). World 1 is the reference and runs without the launcher."""
+    cmd = [SCRIPT, str(ep), str(stage), str(out), dtypes, *extra]
+    if world == 1:
+        env = dict(ENV, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        cmd = [sys.executable, *cmd]
+    else:
+        env, cmd = ENV, LAUNCHER + ["--num_gpus", str(world), "--master_port", str(free_port()), *cmd]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(procs, timeout=300):
+    """Wait for every {name: Popen} (killing them all if one overruns); each must exit with 0."""
+    outs = {}
+    try:
+        for name, p in procs.items():
+            outs[name] = p.communicate(timeout=timeout)[0]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for name, p in procs.items():
+        assert p.returncode == 0, f"{name}:\n{outs[name][-6000:]}"
+
+
 def test_regroup_moves_experts_and_adam_state_through_zero(tmp_path):
+    # world: (ep_size, ZeRO stage, dtypes[, save]). The one-rank reference and the 2-rank run go side
+    # by side (both spend most of their time starting up), then the 4-rank run.
+    runs = {1: (1, 2, "fp32,bf16"), 2: (2, 2, "fp32,bf16", "save"), 4: (2, 1, "fp32")}
+    _finish({f"world {w}": _start_ep_runs(tmp_path / f"w{w}", w, *runs[w]) for w in (1, 2)})
+    _finish({"world 4": _start_ep_runs(tmp_path / "w4", 4, *runs[4])})
     curves = {}
-    for world, ep, stage, dtype in [(1, 1, 2, "fp32"), (2, 2, 2, "fp32"), (4, 2, 1, "fp32"),
-                                    (1, 1, 2, "bf16"), (2, 2, 2, "bf16")]:
-        out = tmp_path / f"w{world}{dtype}"
-        out.mkdir()
-        save = ["save"] if (world, dtype) == (2, "fp32") else []
-        cmd = LAUNCHER + ["--num_gpus", str(world), "--master_port", str(free_port()), SCRIPT, str(ep), str(stage),
-                          str(out), dtype, *save]
-        check(subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300))
-        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-        first = ranks[0]
-        assert first["reclusters"] == 2 and first["moved"] > 0
-        if ep > 1:
-            assert first["local_groups"] == 1                        # G=2 over 2 ranks
-            assert sum(r["migration_bytes"] for r in ranks) > 0      # experts changed rank
-        curves[world, dtype] = first["curve"]
-        if save:
-            saved = (out / "ckpt", first["eval_loss"])
+    for world, (ep, _, dtypes, *_) in runs.items():
+        for dtype in dtypes.split(","):
+            ranks = [json.loads((tmp_path / f"w{world}" / dtype / f"rank{r}.json").read_text()) for r in range(world)]
+            first = ranks[0]
+            assert first["reclusters"] == 2 and first["moved"] > 0 and first["dtype"] == dtype
+            if ep > 1:
+                assert first["local_groups"] == 1                        # G=2 over 2 ranks
+                assert sum(r["migration_bytes"] for r in ranks) > 0      # experts changed rank
+            curves[world, dtype] = first["curve"]
     for world in (2, 4):
         assert max(abs(a - b) for a, b in zip(curves[world, "fp32"], curves[1, "fp32"])) < 1e-5, (world, curves)
     # bf16 (DeepSpeed's bf16 optimizer, fp32 masters): the same curve up to bf16 rounding of the loss
@@ -65,7 +87,8 @@ def test_regroup_moves_experts_and_adam_state_through_zero(tmp_path):
 
     from trilemma_moe import TrilemmaMoE
     from trilemma_moe.integrations.checkpoint import consolidate
-    ckpt, eval_loss = saved
+    ckpt = tmp_path / "w2" / "fp32" / "ckpt"
+    eval_loss = json.loads((tmp_path / "w2" / "fp32" / "rank0.json").read_text())["eval_loss"]
     model = TinyLM(TrilemmaMoE(16, ffn(), num_experts=8, k=2,
                                config=small_config(alpha=0.0, burn_in=2, recluster_interval=100, comm_timeout_s=60)))
     model.load_state_dict(consolidate(str(ckpt)))
@@ -96,17 +119,18 @@ def ds_config(tmp_path, name, world, ep):
 
 
 def test_main_job_with_expert_parallelism_matches_one_process(tmp_path):
+    # the one-process reference and the 2-rank launcher side by side (mostly start-up), then 4 ranks
     one = tmp_path / "one.json"
     env1 = dict(ENV, MASTER_PORT=str(free_port()))
-    check(subprocess.run([sys.executable, "-m", "trilemma_moe.train", "--deepspeed_config",
-                          ds_config(tmp_path, "one", 1, 1), *TRAIN, "--summary-json", str(one)],
-                         env=env1, cwd=ROOT, capture_output=True, text=True, timeout=300))
-
+    one_proc = subprocess.Popen([sys.executable, "-m", "trilemma_moe.train", "--deepspeed_config",
+                                 ds_config(tmp_path, "one", 1, 1), *TRAIN, "--summary-json", str(one)],
+                                env=env1, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     two = tmp_path / "two.json"
     cmd = LAUNCHER + ["--num_gpus", "2", "--master_port", str(free_port()), "--module", "trilemma_moe.train",
                       "--deepspeed_config", ds_config(tmp_path, "two", 2, 2), *TRAIN, "--summary-json", str(two),
                       "--comm-log", str(tmp_path / "comm2.json"), "--logdir", str(tmp_path / "tb")]
-    check(subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300))
+    two_proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _finish({"one process": one_proc, "2 ranks": two_proc})
 
     # 4 ranks as two nodes of 2 on localhost: the multi-node example, one launcher per node
     hosts = tmp_path / "hostfile"
