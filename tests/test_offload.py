@@ -11,12 +11,19 @@ import torch
 from trilemma_moe.config import TrilemmaMoEConfig
 from trilemma_moe.core.layer import ClusteredMoE
 from trilemma_moe.core.offload import CPUTier, GroupStore, OffloadIntegrityError, pack_group, unpack_group
-
-aio = pytest.importorskip("trilemma_moe.integrations.aio")
-AIO, WHY = aio.load_aio()
-needs_aio = pytest.mark.skipif(AIO is None, reason=f"DeepSpeed async_io unavailable: {WHY}")
+from trilemma_moe.integrations import aio
 
 D, F = 12, 20
+
+
+@pytest.fixture(scope="module")
+def aio_op():
+    """DeepSpeed's async_io op, built on first use (minutes the first time). CI installs libaio-dev,
+    so an op that cannot be built here fails the tests that need it instead of skipping them."""
+    module, why = aio.load_aio()
+    if module is None:
+        pytest.fail(f"the NVMe tier needs DeepSpeed's async_io op: {why}", pytrace=False)
+    return module
 
 
 def _trained(bits=4, idle=2, lookahead=2, seed=0, dtype=torch.float64):
@@ -53,20 +60,16 @@ def _eval(layer, batches):
         return [layer(x)[0] for x in batches]
 
 
-def _tier(kind, tmp_path):
-    return aio.AioTier(str(tmp_path / "nvme"), {"block_size": 65536, "queue_depth": 4}, AIO) if kind == "aio" \
-        else CPUTier()
-
-
-@pytest.mark.parametrize("kind", [pytest.param("aio", marks=needs_aio), "cpu"])
+@pytest.mark.parametrize("kind", ["aio", "cpu"])
 @pytest.mark.parametrize("bits", [4, 16])
-def test_offload_round_trip_is_bit_exact(tmp_path, kind, bits):
+def test_offload_round_trip_is_bit_exact(request, tmp_path, kind, bits):
     layer = _trained(bits)
     batches = _skewed_batches(layer, 24)
     layer.config.offload_idle_steps = None
     ref = _eval(layer, batches)
     layer.config.offload_idle_steps = 2
-    layer.offload_tier = _tier(kind, tmp_path)
+    layer.offload_tier = CPUTier() if kind == "cpu" else \
+        aio.AioTier(str(tmp_path / "nvme"), {"block_size": 65536, "queue_depth": 4}, request.getfixturevalue("aio_op"))
     got = _eval(layer, batches)
     for a, b in zip(ref, got):
         assert torch.equal(a, b)
@@ -151,9 +154,9 @@ def test_pack_unpack_detects_corruption():
         unpack_group(buf, meta, 2, 6, "here")
 
 
-def _offloaded_layer(tmp_path):
+def _offloaded_layer(tmp_path, aio_op):
     layer = _trained(4)
-    layer.offload_tier = aio.AioTier(str(tmp_path / "nvme"), None, AIO)
+    layer.offload_tier = aio.AioTier(str(tmp_path / "nvme"), None, aio_op)
     batches = _skewed_batches(layer, 8)
     _eval(layer, batches[:3])              # phase on group 0: the others go out
     store = layer._store
@@ -162,9 +165,8 @@ def _offloaded_layer(tmp_path):
     return layer, store, victim, layer.offload_tier.path((0, victim))
 
 
-@needs_aio
-def test_corrupt_missing_or_truncated_file_names_group_and_path(tmp_path):
-    layer, store, g, path = _offloaded_layer(tmp_path)
+def test_corrupt_missing_or_truncated_file_names_group_and_path(tmp_path, aio_op):
+    layer, store, g, path = _offloaded_layer(tmp_path, aio_op)
     with open(path, "rb") as f:
         data = bytearray(f.read())
     data[200] ^= 0xFF
@@ -173,18 +175,17 @@ def test_corrupt_missing_or_truncated_file_names_group_and_path(tmp_path):
     with pytest.raises(OffloadIntegrityError, match=f"group {g} of layer 0: checksum mismatch in {path}"):
         store.step([1 if i == g else 0 for i in range(4)])
     assert os.path.exists(path) and g in store.offloaded and not store.inflight   # nothing lost or dangling
-    layer, store, g, path = _offloaded_layer(tmp_path / "b")
+    layer, store, g, path = _offloaded_layer(tmp_path / "b", aio_op)
     os.unlink(path)
     with pytest.raises(FileNotFoundError, match=f"group {g} of layer 0: file {path} is missing"):
         store.step([1 if i == g else 0 for i in range(4)])
-    layer, store, g, path = _offloaded_layer(tmp_path / "c")
+    layer, store, g, path = _offloaded_layer(tmp_path / "c", aio_op)
     os.truncate(path, 4096)
     with pytest.raises(RuntimeError, match=f"group {g} of layer 0: file {path} is truncated"):
         store.step([1 if i == g else 0 for i in range(4)])
 
 
-@needs_aio
-def test_failed_write_keeps_the_group_in_cpu_memory_with_a_warning(tmp_path):
+def test_failed_write_keeps_the_group_in_cpu_memory_with_a_warning(tmp_path, aio_op):
     layer = _trained(4)
     batches = _skewed_batches(layer, 16)
     layer.config.offload_idle_steps = None
@@ -194,7 +195,7 @@ def test_failed_write_keeps_the_group_in_cpu_memory_with_a_warning(tmp_path):
     nvme.mkdir()
     for g in range(4):   # every group file is a device that refuses writes
         os.symlink("/dev/full", nvme / f"layer0_group{g}.bin")
-    layer.offload_tier = aio.AioTier(str(nvme), None, AIO)
+    layer.offload_tier = aio.AioTier(str(nvme), None, aio_op)
     with pytest.warns(UserWarning, match="keeping it in CPU memory"):
         got = _eval(layer, batches)
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
@@ -202,8 +203,7 @@ def test_failed_write_keeps_the_group_in_cpu_memory_with_a_warning(tmp_path):
     assert st["write_failures"] > 0 and st["offloaded_bytes"] == 0 and st["resident_groups"] == 4
 
 
-@needs_aio
-def test_full_disk_falls_back_to_cpu_memory(tmp_path):
+def test_full_disk_falls_back_to_cpu_memory(tmp_path, aio_op):
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mnt)], capture_output=True).returncode:
@@ -214,7 +214,7 @@ def test_full_disk_falls_back_to_cpu_memory(tmp_path):
         layer.config.offload_idle_steps = None
         ref = _eval(layer, batches)
         layer.config.offload_idle_steps = 2
-        layer.offload_tier = aio.AioTier(str(mnt), None, AIO)
+        layer.offload_tier = aio.AioTier(str(mnt), None, aio_op)
         with pytest.warns(UserWarning, match="No space left|no space left"):
             got = _eval(layer, batches)
         assert all(torch.equal(a, b) for a, b in zip(ref, got))
