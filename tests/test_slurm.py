@@ -15,7 +15,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("deepspeed")
 from slurm_cluster import SlurmCluster  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
