@@ -26,24 +26,15 @@ def dist_world_1():
 # skips while the run stays green. So every skip must give one of these reasons, word for word, and
 # the fact behind it must hold on this machine; any other skip, and any xfail or xpass, fails the
 # run at its end, naming each test and its reason. Active in every run, not only under CI=true: a
-# developer sees the verdict CI will give (CI runs on machines without a GPU, whose CPUs refuse fp16
-# in DeepSpeed).
+# developer sees the verdict CI will give (CI runs on machines without a GPU).
 def _no_cuda() -> bool:
     return not torch.cuda.is_available()
-
-
-def _no_fp16() -> bool:
-    from deepspeed.accelerator import get_accelerator
-    return not get_accelerator().is_fp16_supported()
 
 
 ALLOWED_SKIPS = {
     "needs a CUDA device": _no_cuda,
     # test_reproduce: only a machine without a GPU can see the paper preset refuse to run
     "a GPU is present: the paper preset would run": lambda: not _no_cuda(),
-    # test_peer_matrix: fp16 loss scaling, where DeepSpeed's accelerator has no fp16
-    ("DeepSpeed's accelerator refuses fp16 on this machine (on a CPU: torch.ops.mkldnn._is_mkldnn_fp16_supported() "
-     "is False); the skipped-step contract is tested above through ZeRO-1/2's non-finite-gradient skip"): _no_fp16,
 }
 
 
