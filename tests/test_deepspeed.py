@@ -84,6 +84,17 @@ class SubclassedGELU(nn.GELU):
     """An activation module we cannot vouch for: its forward may compute anything."""
 
 
+class FunctionalFFN(nn.Module):
+    """Two Linears and GELU applied in forward: nothing in the module says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, F), nn.Linear(F, D)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda: TrilemmaMoE(D, nn.Linear(D, D), num_experts=8, k=2, config=small_config()), "bare nn.Linear"),
     (lambda: TrilemmaMoE(D, nn.Conv1d(D, D, 1), num_experts=8, k=2, config=small_config()), "unsupported expert"),
@@ -100,6 +111,7 @@ class SubclassedGELU(nn.GELU):
     (lambda: TrilemmaMoE(D, GatedFFN(act=nn.functional.gelu), num_experts=8), "expert.act_fn is a function"),
     (lambda: TrilemmaMoE(D, nn.Sequential(nn.GELU(), nn.Linear(D, F), nn.Linear(F, D)), num_experts=8), "in this order"),
     (lambda: TrilemmaMoE(D, nn.Sequential(nn.Linear(D, F, bias=False), nn.Linear(F, D)), num_experts=8), "bias"),
+    (lambda: TrilemmaMoE(D, FunctionalFFN(), num_experts=8), "FunctionalFFN holds two Linear layers and no activation"),
     # k against a config or knob that says otherwise; shapes no structure rule can serve
     (lambda: TrilemmaMoE(D, ffn(), num_experts=8, k=1, config=small_config()), r"k=1 but config.top_k=2"),
     (lambda: TrilemmaMoE(D, ffn(), num_experts=8, k=1, top_k=2), r"k=1 but top_k=2"),

@@ -139,6 +139,12 @@ def spec_from_module(expert: nn.Module, hidden_size: int):
             order = [m for m in expert if not isinstance(m, nn.Dropout)]
             if type(order[0]) is not nn.Linear or type(order[-1]) is not nn.Linear:
                 raise ValueError(f"expert {expert!r}: expected Linear, activation, Linear in this order")
+        elif not rest:
+            # a custom module's forward may apply F.gelu & co. between its Linears: only a
+            # Sequential says that nothing is there
+            raise ValueError(f"expert {type(expert).__name__} holds two Linear layers and no activation module, so "
+                             f"what its forward applies between them cannot be read; hold the activation as a child "
+                             f"module ({_SUPPORTED_ACTS}) or pass an nn.Sequential")
         (n1, l1), (n2, l2) = linears
         f = l1.out_features
         _check_linear(l1, hidden_size, f, n1)
