@@ -168,12 +168,16 @@ def _fake_shift_run(out, run, rng):
 def test_shift_report_pairs_seeds_against_static_with_t_intervals(tmp_path):
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Main comparison\n\nkept\n\n## Distribution shift\n\nstale\n\n## Seeds\n\nkept too\n")
+    out.mkdir()
+    (out / "results.json").write_text('{"preset": "cpu"}')   # the cpu report's raw numbers: left alone
     runs = [r for r in plan(PRESETS["shift"], str(out), str(tmp_path)) if r.task in ("topic", "domain")]
     rng = random.Random(5)
     summaries = {(r.task, r.variant.name, r.seed): _fake_shift_run(out, r, rng) for r in runs}
     main(["--preset", "shift", "--report-only", "--out", str(out), "--results", str(results), "--data-root", str(tmp_path),
           "--no-progress"])
     text = results.read_text()
+    assert (out / "results.json").read_text() == '{"preset": "cpu"}'
+    assert json.loads((out / "results_shift.json").read_text())["preset"] == "shift"
     # the shift section replaces the stale one; the rest of the report stays
     assert "kept\n" in text and "kept too" in text and "stale" not in text and text.count("## Distribution shift") == 1
     section = text[text.index("## Distribution shift"):text.index("## Seeds")]

@@ -78,7 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     agg = analyse.aggregate(records)
     figures = plots.make_all(records, agg, args.out)
     wall = sum(r.wall_s() for r in done)
-    raw = os.path.join(args.out, "results.json")
+    # the shift preset keeps its own raw file: the cpu report beside it links results.json
+    raw = os.path.join(args.out, "results_shift.json" if preset.name == SHIFT_PRESET else "results.json")
     with open(raw + ".tmp", "w") as f:
         # per run: its numbers; the curves and histories stay in the run's own summary JSON
         slim = [{k: v for k, v in r.items() if k not in analyse.SERIES} for r in records]
