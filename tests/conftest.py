@@ -1,4 +1,5 @@
 import os
+import pathlib
 
 # Two cores, several processes (pytest, gloo ranks, helpers): OpenMP spin-waiting threads
 # slow tiny CPU kernels by 100x when oversubscribed. One thread per process.
@@ -26,15 +27,29 @@ def dist_world_1():
 # skips while the run stays green. So every skip must give one of these reasons, word for word, and
 # the fact behind it must hold on this machine; any other skip, and any xfail or xpass, fails the
 # run at its end, naming each test and its reason. Active in every run, not only under CI=true: a
-# developer sees the verdict CI will give (CI runs on machines without a GPU).
+# developer sees the verdict CI will give (CI runs on machines without a GPU), but for the data
+# sets below, which only CI is sure to have.
 def _no_cuda() -> bool:
     return not torch.cuda.is_available()
+
+
+# The real data sets are not shipped: they sit beside the checkout, in ../shared/data, in this
+# project's layout and in CI. A clone elsewhere may lack them; under CI=true they must be there.
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+NO_WIKITEXT2 = "no WikiText-2 beside the checkout (../shared/data/wikitext-2)"
+NO_SST2 = "no GLUE SST-2 beside the checkout (../shared/data/sst2)"
+
+
+def _outside_ci_without(path: str):
+    return lambda: os.environ.get("CI") != "true" and not (SHARED_DATA / path).exists()
 
 
 ALLOWED_SKIPS = {
     "needs a CUDA device": _no_cuda,
     # test_reproduce: only a machine without a GPU can see the paper preset refuse to run
     "a GPU is present: the paper preset would run": lambda: not _no_cuda(),
+    NO_WIKITEXT2: _outside_ci_without("wikitext-2/wiki.train.tokens"),
+    NO_SST2: _outside_ci_without("sst2/train.tsv"),
 }
 
 

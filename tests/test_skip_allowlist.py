@@ -57,3 +57,25 @@ def test_a_failing_test_and_a_bad_skip_are_both_reported(pytester):
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.assert_outcomes(failed=1, skipped=1)
     assert "test_inner.py::test_b: later" in result.stdout.str()
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_missing_data_is_allowed_outside_ci_only(pytester, monkeypatch, ci):
+    """WikiText-2 and SST-2 are not shipped: a clone without ../shared/data (as the inner run's
+    directory is) may skip their tests, but under CI=true, where shared/ is laid beside the
+    checkout, the same skip fails the run."""
+    monkeypatch.setenv("CI", ci)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_inner="import pytest\n"
+                                   "@pytest.mark.skipif(True, reason='no WikiText-2 beside the checkout "
+                                   "(../shared/data/wikitext-2)')\ndef test_a(): pass\n"
+                                   "@pytest.mark.skipif(True, reason='no GLUE SST-2 beside the checkout "
+                                   "(../shared/data/sst2)')\ndef test_b(): pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=2)
+    if ci:
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        assert "test_inner.py::test_a: no WikiText-2" in result.stdout.str()
+        assert "test_inner.py::test_b: no GLUE SST-2" in result.stdout.str()
+    else:
+        assert result.ret == 0, result.stdout.str()

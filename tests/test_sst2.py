@@ -85,7 +85,7 @@ def test_cli_input_error_exits_2(tmp_path, capsys):
     assert exc.value.code == 2 and "needs --data" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason=f"no GLUE SST-2 at {SST2}")
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="no GLUE SST-2 beside the checkout (../shared/data/sst2)")
 def test_real_sst2_heldout():
     d = load_sst2(str(SST2), seq_len=64)
     if d.dev_source == "dev.tsv":

@@ -262,7 +262,7 @@ def test_train_config_yaml(tmp_path):
     assert summary["config"]["burn_in"] == 100
 
 
-@pytest.mark.skipif(not os.path.isdir(WIKITEXT2), reason="WikiText-2 not present")
+@pytest.mark.skipif(not os.path.isdir(WIKITEXT2), reason="no WikiText-2 beside the checkout (../shared/data/wikitext-2)")
 def test_train_wikitext2_short(tmp_path):
     out = tmp_path / "s.json"
     summary = train.main(["--data", WIKITEXT2, "--ffn", "switch", *LEARNS,
