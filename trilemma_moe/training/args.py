@@ -243,15 +243,17 @@ def load_lm_data(args: argparse.Namespace) -> tuple[TokenCorpus, Optional[TokenC
     return on_one_vocabulary(first, second, args.max_train_tokens)
 
 
-def load_data(args: argparse.Namespace) -> TokenCorpus | SentenceDataset:
-    if args.task == "sst2":
+def load_data(args: argparse.Namespace) -> tuple[TokenCorpus | SentenceDataset, Optional[TokenCorpus]]:
+    """The task's data and, for a shift, the second corpus (else ``None``); errors name their flag."""
+    if args.task == "lm":
+        return load_lm_data(args)
+    with input_errors("--data", args.data):
         if args.data is None:
             raise ValueError("--task sst2 needs --data DIR, a GLUE SST-2 directory holding train.tsv")
         if not os.path.isdir(args.data):
             raise FileNotFoundError(f"--data {args.data!r}: no such directory (expected a GLUE SST-2 "
                                     f"directory with train.tsv and optionally dev.tsv)")
-        return load_sst2(args.data, seq_len=args.seq_len)
-    return load_lm_data(args)[0]
+        return load_sst2(args.data, seq_len=args.seq_len), None
 
 
 @contextlib.contextmanager
@@ -301,12 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             if cfg.regroup_trigger == "drift" and args.ffn in OURS_VARIANTS and not variant_config(
                     cfg.replace(regroup_trigger="period"), args.ffn).dynamic_regroup:
                 raise ValueError(f"--regroup-trigger drift: --ffn {args.ffn} clusters once and never checks again")
-        shift_corpus = None
-        if args.task == "lm":
-            corpus, shift_corpus = load_lm_data(args)
-        else:
-            with input_errors("--data", args.data):
-                corpus = load_data(args)
+        corpus, shift_corpus = load_data(args)
         if cfg.ep_size > 1 and not args.deepspeed_config:
             raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
         return run(args, cfg, corpus, task_defaults, shift_corpus)
