@@ -12,9 +12,12 @@ D, F = 6, 10
 
 
 def _cfg(**kw):
-    # the paper's similarity: these references force groupings through the activation centroids
+    # the paper's similarity: these references force groupings through the activation centroids.
+    # dynamic_regroup=True: these tests follow the layer through regroup checks (the library's
+    # default clusters once); a test about clustering once passes dynamic_regroup=False itself
     base = dict(num_experts=8, num_groups=2, rank=3, top_k=2, group_top_k=1, burn_in=10 ** 6,
-                gamma=None, router_temperature_steps=1000, regroup_similarity="weights", regroup_move_cost=0.0)
+                gamma=None, router_temperature_steps=1000, regroup_similarity="weights", regroup_move_cost=0.0,
+                dynamic_regroup=True)
     base.update(kw)
     return TrilemmaMoEConfig(**base)
 

@@ -31,9 +31,10 @@ def ffn(d=D, f=F, act=None, bias=True):
 
 
 def small_config(**kw):
-    # the paper's similarity without move cost: these tests force groupings through the centroids
+    # the paper's similarity without move cost: these tests force groupings through the centroids;
+    # dynamic_regroup=True (the library's default clusters once): they train through regroup checks
     base = dict(num_experts=8, num_groups=2, rank=4, burn_in=2, recluster_interval=2, delta=0.0, seed=3,
-                regroup_similarity="weights", regroup_move_cost=0.0)
+                regroup_similarity="weights", regroup_move_cost=0.0, dynamic_regroup=True)
     base.update(kw)
     return TrilemmaMoEConfig(**base)
 

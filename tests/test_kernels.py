@@ -229,7 +229,8 @@ def test_fused_forward_keeps_bf16_base_weights_in_place():
 
 
 def test_fused_and_slot_paths_train_the_same_through_regroups():
-    cfg = TrilemmaMoEConfig(num_experts=16, num_groups=4, rank=4, burn_in=2, recluster_interval=2, delta=0.0)
+    cfg = TrilemmaMoEConfig(num_experts=16, num_groups=4, rank=4, burn_in=2, recluster_interval=2, delta=0.0,
+                            dynamic_regroup=True)   # through regroups: the library's default clusters once
     slow = ClusteredMoE(16, 32, cfg).double()
     fast = copy.deepcopy(slow)
     fast.fused = True

@@ -11,8 +11,9 @@ D, F = 10, 16
 
 
 def layer(**kw):
+    # dynamic_regroup=True: the schedule under test includes the regroup checks after the first clustering
     base = dict(num_experts=8, num_groups=2, rank=3, top_k=2, burn_in=3, recluster_interval=2, delta=0.0,
-                seed=7, router_freeze_steps=1, gamma=None)
+                seed=7, router_freeze_steps=1, gamma=None, dynamic_regroup=True)
     base.update(kw)
     return ClusteredMoE(D, F, TrilemmaMoEConfig(**base)).double().train()
 

@@ -10,8 +10,10 @@ D, F = 10, 16
 
 
 def layer(**kw):
+    # dynamic_regroup=True: the regroup schedule after the first clustering is part of what a skip
+    # must leave untouched (the library's default clusters once)
     base = dict(num_experts=8, num_groups=2, rank=3, top_k=2, burn_in=3, recluster_interval=2, delta=0.0,
-                seed=7, router_freeze_steps=1, gamma=None)
+                seed=7, router_freeze_steps=1, gamma=None, dynamic_regroup=True)
     base.update(kw)
     return ClusteredMoE(D, F, TrilemmaMoEConfig(**base)).double()
 

@@ -97,12 +97,19 @@ def test_drift_needs_dynamic_regroup():
         TrilemmaMoEConfig(regroup_trigger="drift", dynamic_regroup=False)
 
 
-@pytest.mark.parametrize("extra,expect", [(["--ffn", "static"], "--regroup-trigger drift: --ffn static"),
-                                          (["--drift-threshold", "2"], "drift_threshold")])
-def test_trainer_refuses_drift_flags_that_cannot_work(capsys, extra, expect):
+@pytest.mark.parametrize("config,extra,expect", [
+    # the config asks for regroup checks (the default clusters once) and --ffn static overrides it:
+    # the trainer's own check names the flag and says which ffn checks
+    ("dynamic_regroup: true\n", ["--ffn", "static"], ("--regroup-trigger drift: --ffn static", "--ffn dynamic")),
+    (None, ["--ffn", "dynamic", "--drift-threshold", "2"], ("drift_threshold",))])
+def test_trainer_refuses_drift_flags_that_cannot_work(capsys, tmp_path, config, extra, expect):
+    if config is not None:
+        (tmp_path / "moe.yaml").write_text(config)
+        extra = ["--config", str(tmp_path / "moe.yaml"), *extra]
     with pytest.raises(SystemExit) as exc:
         train.main(["--regroup-trigger", "drift", "--steps", "2", *extra, "--no-progress"])
-    assert exc.value.code == 2 and expect in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and all(e in err for e in expect), err
 
 
 def test_a_skipped_step_leaves_no_trace_in_the_load_average():

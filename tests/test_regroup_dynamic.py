@@ -117,7 +117,8 @@ def test_weight_chunks_are_the_effective_weights(gated):
 # ------------------------------------------------------------------ regroups that move experts ----
 def _trained_layer(sim, move_cost, steps=40, seed=0):
     cfg = TrilemmaMoEConfig(num_experts=16, num_groups=4, rank=4, burn_in=5, recluster_interval=5,
-                            regroup_similarity=sim, regroup_move_cost=move_cost, seed=seed)
+                            regroup_similarity=sim, regroup_move_cost=move_cost, seed=seed,
+                            dynamic_regroup=True)   # regroup checks every 5 steps (the default clusters once)
     torch.manual_seed(seed)
     layer = ClusteredMoE(32, 64, cfg)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)

@@ -54,7 +54,9 @@ def test_run_that_ends_in_burn_in_says_so(tmp_path, capsys):
 
 
 def test_first_clustering_regroups_and_skipped_checks_are_named_apart(tmp_path, capsys):
-    summary = train.main(["--steps", "8"] + TINY)   # burn-in 3, checks at steps 6 and 8
+    # the main job as a user runs it, with regroup checks asked for (--ffn dynamic): the default
+    # clusters once, and this report must name first clusterings, regroups and skipped checks apart
+    summary = train.main(["--ffn", "dynamic", "--steps", "8"] + TINY)   # burn-in 3, checks at steps 6 and 8
     stdout = capsys.readouterr().out
     assert summary["first_clusterings"] == 2 and summary["compressed"] is True
     assert summary["reclusters"] == summary["first_clusterings"] + summary["regroups_applied"]
@@ -70,7 +72,7 @@ def test_first_clustering_regroups_and_skipped_checks_are_named_apart(tmp_path, 
 
     cfg = tmp_path / "moe.yaml"   # delta 0: every check regroups (the flags set the rest)
     cfg.write_text("delta: 0.0\n")
-    summary = train.main(["--steps", "8", "--config", str(cfg)] + TINY)
+    summary = train.main(["--ffn", "dynamic", "--steps", "8", "--config", str(cfg)] + TINY)
     stdout = capsys.readouterr().out
     assert summary["regroups_applied"] == 4 and summary.get("skipped_reclusters", 0) == 0
     assert "[step 6] regroup applied in 2 layer(s) (2 so far):" in stdout

@@ -27,9 +27,11 @@ D, F = 16, 24
 
 
 def make_config(ep_size, **kw):
-    # the paper's similarity by default: these checks force regroups through the centroids
+    # the paper's similarity by default: these checks force regroups through the centroids;
+    # dynamic_regroup=True (the library's default clusters once): they follow ranks through regroups
     base = dict(num_experts=16, num_groups=4, rank=3, top_k=2, burn_in=10_000, delta=0.0, seed=5, alpha=0.3,
-                router_freeze_steps=0, gamma=None, ep_size=ep_size, regroup_similarity="weights", regroup_move_cost=0.0)
+                router_freeze_steps=0, gamma=None, ep_size=ep_size, regroup_similarity="weights", regroup_move_cost=0.0,
+                dynamic_regroup=True)
     base.update(kw)
     return TrilemmaMoEConfig(**base)
 

@@ -37,9 +37,10 @@ from trilemma_moe.integrations.megatron_train import (
 )
 
 SEQ, VOCAB, GLOBAL_BATCH, STEPS, SAVE_AFTER, FORCE_AFTER = 16, 64, 8, 9, 5, 7
-# the paper's similarity without move cost: force_regroup steers groupings through the centroids
+# the paper's similarity without move cost: force_regroup steers groupings through the centroids;
+# dynamic_regroup: the regroup checks every 3 steps above (the library's default clusters once)
 KNOBS = {"rank": 4, "burn_in": 3, "recluster_interval": 3, "delta": 0.0, "seed": 7, "alpha": 0.0,
-         "regroup_similarity": "weights", "regroup_move_cost": 0.0}
+         "regroup_similarity": "weights", "regroup_move_cost": 0.0, "dynamic_regroup": True}
 
 
 def init_parallel(world: int, rank: int, port: int, ep: int) -> None:
