@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from layer_reference import D, _cfg, _layer, _temp, _ref_forward, _force_new_grouping, _partition, _x
+from trilemma_moe import TrilemmaMoEConfig
 
 
 # ------------------------------------------------------------------ protocol -------------------
@@ -78,6 +79,34 @@ def test_static_grouping_clusters_once():
         _fwd(layer, x)
     s = layer.stats()
     assert s["reclusters"] == 1 and s["skipped_reclusters"] == 0 and layer.compressed
+
+
+def _check_steps(layer, x, steps):
+    """The training forwards at which a clustering or regroup check ran (applied or skipped)."""
+    attempts = []
+    for step in range(steps):
+        s = layer.stats()
+        n0 = s["reclusters"] + s["skipped_reclusters"]
+        _fwd(layer, x)
+        s = layer.stats()
+        if s["reclusters"] + s["skipped_reclusters"] > n0:
+            attempts.append(step)
+    return attempts
+
+
+def test_the_default_config_clusters_once_and_dynamic_regroup_checks_after():
+    """The library's default (no dynamic_regroup given): clustered once at the end of burn-in, no
+    regroup check at the later recluster_interval steps; the same config with dynamic_regroup=True
+    checks at each of them (_cfg is not used: it asks for regroups)."""
+    knobs = dict(num_experts=8, num_groups=2, rank=3, top_k=2, burn_in=2, recluster_interval=3, delta=0.0,
+                 gamma=None)
+    x = _x((16, D), 7)
+    static = _layer(TrilemmaMoEConfig(**knobs))
+    assert _check_steps(static, x, 15) == [2]
+    s = static.stats()
+    assert s["reclusters"] == 1 and s["skipped_reclusters"] == 0 and static.compressed
+    dynamic = _layer(TrilemmaMoEConfig(**knobs, dynamic_regroup=True))
+    assert _check_steps(dynamic, x, 15) == [2, 5, 8, 11, 14]
 
 
 def test_gradient_accumulation_reclusters_on_step_boundaries():
