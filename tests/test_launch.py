@@ -17,8 +17,10 @@ DS_CONFIG = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_ste
              "steps_per_print": 10 ** 9,
              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}},
              "zero_optimization": {"stage": 2},
+             # the main job as README launches it, kept through regroups: dynamic_regroup asks for the
+             # checks every 3 steps (the default clusters once)
              "trilemma_moe": {"num_experts": 8, "num_groups": 2, "rank": 4, "burn_in": 3,
-                              "recluster_interval": 3, "delta": 0.0}}
+                              "recluster_interval": 3, "delta": 0.0, "dynamic_regroup": True}}
 TRAIN = ["--steps", "8", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2", "--seq-len", "16",
          "--eval-batches", "2", "--no-progress"]
 # |launcher - one process| per step, relative: the two runs see the same data but reduce in another

@@ -102,8 +102,10 @@ DS_CONFIG = {"gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_
              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
                                                        "torch_adam": True}},
              "zero_optimization": {"stage": 2},
+             # the main job as README launches it, kept through regroups (also test_netns's): dynamic_regroup
+             # asks for the checks every 2 steps (the default clusters once)
              "trilemma_moe": {"num_experts": 8, "num_groups": 4, "rank": 4, "burn_in": 3, "recluster_interval": 2,
-                              "delta": 0.0, "comm_timeout_s": 120}}
+                              "delta": 0.0, "comm_timeout_s": 120, "dynamic_regroup": True}}
 TRAIN = ["--steps", "8", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2", "--seq-len", "16",
          "--eval-batches", "2", "--no-progress"]
 GLOBAL_BATCH = 8

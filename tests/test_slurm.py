@@ -28,8 +28,10 @@ DS_CONFIG = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps":
              "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
                                                        "torch_adam": True}},
              "zero_optimization": {"stage": 2},
+             # the main job as README submits it, kept through regroups: dynamic_regroup asks for the
+             # checks every 4 steps (the default clusters once)
              "trilemma_moe": {"num_experts": 8, "num_groups": 4, "rank": 4, "burn_in": 4, "recluster_interval": 4,
-                              "delta": 0.0, "ep_size": 2, "comm_timeout_s": 120}}
+                              "delta": 0.0, "ep_size": 2, "comm_timeout_s": 120, "dynamic_regroup": True}}
 TRAIN = ["--steps", "12", "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2", "--seq-len", "16",
          "--eval-batches", "2", "--seed", "3", "--no-progress"]
 
