@@ -205,7 +205,9 @@ def test_safe_load_names_a_corrupt_file_and_never_suggests_unsafe_loading(tmp_pa
 
 
 def _train_cmd(tmp_path, steps, extra=(), use_deepspeed=True):
-    knobs = {"num_experts": 8, "num_groups": 2, "rank": 4, "burn_in": 6, "recluster_interval": 5, "delta": 0.0}
+    # dynamic_regroup: the run goes through regroup checks every 5 steps (the default clusters once)
+    knobs = {"num_experts": 8, "num_groups": 2, "rank": 4, "burn_in": 6, "recluster_interval": 5, "delta": 0.0,
+             "dynamic_regroup": True}
     if use_deepspeed:
         cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
                "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 9, "trilemma_moe": knobs}

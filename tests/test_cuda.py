@@ -13,8 +13,10 @@ D, F = 32, 64
 
 
 def _pair(dtype=torch.float64, gated=False):
+    # dynamic_regroup=True: training runs through the first clustering and a regroup (the library's
+    # default clusters once)
     cfg = TrilemmaMoEConfig(num_experts=16, num_groups=4, rank=4, burn_in=2, recluster_interval=2,
-                            delta=0.0, gamma=None)
+                            delta=0.0, gamma=None, dynamic_regroup=True)
     cpu = ClusteredMoE(D, F, cfg, gated=gated).to(dtype)
     gpu = copy.deepcopy(cpu).cuda()
     return cpu, gpu

@@ -292,15 +292,15 @@ def test_shift_preset_expands_to_the_scenarios_rules_and_seeds(tmp_path):
     }
     got = sorted((r.task, r.variant.name, r.seed) for r in runs)
     assert got == sorted((t, v, s) for t in want_scenarios
-                         for v in ("static", "ours", "paper-regroup", "probe-free", "switch", "drift-trigger")
+                         for v in ("static", "dynamic", "paper-regroup", "probe-free", "switch", "drift-trigger")
                          for s in range(5))
     for r in runs:
         args = build_parser().parse_args(r.argv)
         resolve_task_defaults(args)
         check_shift_flags(args)   # the shift lies inside the run, the ramp ends by its last step
         assert (args.data, args.shift_data, args.steps, args.shift_step, args.shift_ramp) == want_scenarios[r.task]
-        # each rule is an --ffn kind of that name, but the rule built for shifts: ours with its trigger
-        assert (args.ffn, args.seed) == ("ours" if r.variant.name == "drift-trigger" else r.variant.name, r.seed)
+        # each rule is an --ffn kind of that name, but the rule built for shifts: dynamic with its trigger
+        assert (args.ffn, args.seed) == ("dynamic" if r.variant.name == "drift-trigger" else r.variant.name, r.seed)
         assert (args.regroup_trigger == "drift") == (r.variant.name == "drift-trigger")
         assert args.summary_json == r.summary and args.num_experts == 32 and args.num_groups == 8
     # the generated corpus needs no directory; the domain shift needs both of its directories
