@@ -24,20 +24,20 @@ def _tiny_wikitext(root):
     return root
 
 
-def test_cpu_preset_plans_every_variant_with_three_seeds_for_ours_static_switch():
+def test_cpu_preset_plans_every_variant_with_three_seeds_for_static_dynamic_switch():
     runs = plan(PRESETS["cpu"], "/out", "/data")
     per = {}
     for r in runs:
         per.setdefault((r.task, r.variant.name), []).append(r.seed)
     for task in ("lm", "sst2"):
-        for v in ("ours", "static", "switch"):
+        for v in ("static", "dynamic", "switch"):   # static: our default; dynamic: the paper's "ours"
             assert per[(task, v)] == [0, 1, 2]
         for v in ("dense", "int4", "random-groups", "full-experts", "flat-routing"):
             assert per[(task, v)] == [0]
         assert ((task, "deepspeed") in per) == available(PRESETS["cpu"].variants[2])
     speed = sorted((r.variant.name, r.seed) for r in runs if r.task == "speed")
     assert speed == sorted((v.name, 0) for v in PRESETS["cpu"].variants if available(v))
-    lm = next(r for r in runs if r.task == "lm" and r.variant.name == "ours")
+    lm = next(r for r in runs if r.task == "lm" and r.variant.name == "dynamic")
     assert "/data/wikitext-2" in lm.argv and "--test" in lm.argv and "--measure-memory" in lm.argv
     dense = next(r for r in runs if r.variant.name == "dense")
     assert dense.argv[dense.argv.index("--ffn") + 1:][:3] == ["dense", "--d-ff", "1024"]   # k * d_ff
@@ -68,16 +68,17 @@ def test_switch_bytes_are_one_copy_per_remote_expert(tmp_path):
 def test_smoke_preset_runs_resumes_and_reports_traceable_numbers(tmp_path, capsys):
     data = _tiny_wikitext(tmp_path / "data")
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
-    argv = ["--preset", "smoke", "--tasks", "lm", "--variants", "ours", "switch", "--data-root", str(data),
+    # dynamic: the runs regroup, so the group-membership figure has something to draw
+    argv = ["--preset", "smoke", "--tasks", "lm", "--variants", "dynamic", "switch", "--data-root", str(data),
             "--out", str(out), "--results", str(results), "--jobs", "2", "--no-progress"]
     res = main(argv)
     assert not res["failed"]
     summaries = sorted(p for p in out.glob("runs/lm/*/seed*.json") if p.name.count(".") == 1)
     assert len(summaries) == 4
     text = results.read_text()
-    # the report's valid PPL of ours is the mean of the two runs' JSON values, to its printed digits
-    vals = [json.load(open(out / "runs" / "lm" / "ours" / f"seed{s}.json"))["valid_ppl"] for s in (0, 1)]
-    row = next(line for line in text.splitlines() if line.startswith("| Ours (dynamic"))
+    # the report's valid PPL of dynamic is the mean of the two runs' JSON values, to its printed digits
+    vals = [json.load(open(out / "runs" / "lm" / "dynamic" / f"seed{s}.json"))["valid_ppl"] for s in (0, 1)]
+    row = next(line for line in text.splitlines() if line.startswith("| Ours, dynamic regrouping"))
     cells = [c.strip() for c in row.split("|")]
     assert cells[4].startswith(f"{sum(vals) / 2:,.1f} ± ")
     for fig in ("ppl_vs_step", "expert_load", "group_membership", "params_vs_quality"):
@@ -94,24 +95,24 @@ def test_smoke_preset_runs_resumes_and_reports_traceable_numbers(tmp_path, capsy
     assert "3 of 4 runs already done" in capsys.readouterr().out
     assert lost.exists()
     # the routing files stay out of the repository: the report rebuilt without them keeps the bytes
-    before = [line for line in results.read_text().splitlines() if line.startswith("| Ours (dynamic")]
+    before = [line for line in results.read_text().splitlines() if line.startswith("| Ours, dynamic regrouping")]
     for p in out.glob("runs/lm/*/*.routing.pt"):
         p.unlink()
     main(argv + ["--report-only"])
-    after = [line for line in results.read_text().splitlines() if line.startswith("| Ours (dynamic")]
+    after = [line for line in results.read_text().splitlines() if line.startswith("| Ours, dynamic regrouping")]
     assert after == before and "(×0." in after[0].split("|")[10]
 
 
 @pytest.mark.timeout(300)
 def test_speed_pass_runs_after_the_others_one_at_a_time(tmp_path, capsys):
     data = _tiny_wikitext(tmp_path / "data")
-    res = main(["--preset", "smoke", "--tasks", "speed", "lm", "--variants", "ours", "--data-root", str(data),
+    res = main(["--preset", "smoke", "--tasks", "speed", "lm", "--variants", "dynamic", "--data-root", str(data),
                 "--out", str(tmp_path / "out"), "--results", str(tmp_path / "R.md"), "--jobs", "2", "--no-progress"])
     assert not res["failed"]
     done = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("done ")]
-    assert done[-1] == "speed/ours/seed0" and len(done) == 3
-    speed = json.load(open(tmp_path / "out" / "runs" / "speed" / "ours" / "seed0.json"))
-    assert res["aggregate"]["speed"]["ours"]["tokens_per_s"]["mean"] == speed["tokens_per_s_second_half"]
+    assert done[-1] == "speed/dynamic/seed0" and len(done) == 3
+    speed = json.load(open(tmp_path / "out" / "runs" / "speed" / "dynamic" / "seed0.json"))
+    assert res["aggregate"]["speed"]["dynamic"]["tokens_per_s"]["mean"] == speed["tokens_per_s_second_half"]
 
 
 def test_missing_data_names_the_flag(tmp_path):
@@ -183,7 +184,7 @@ def test_shift_report_pairs_seeds_against_static_with_t_intervals(tmp_path):
     section = text[text.index("## Distribution shift"):text.index("## Seeds")]
     for task in ("topic", "domain"):
         part = section[section.index(f"({'i' if task == 'topic' else 'iii'})"):]
-        for v in ("ours", "drift-trigger", "switch"):
+        for v in ("dynamic", "drift-trigger", "switch"):
             label = next(x.label for x in PRESETS["shift"].variants if x.name == v)
             row = next(line for line in part.splitlines() if line.startswith(f"| {label} |"))
             cells = [c.strip() for c in row.split("|")[2:-1]]
