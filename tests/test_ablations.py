@@ -113,7 +113,7 @@ def test_random_grouping_ignores_the_similarity():
 
 
 @pytest.mark.parametrize("knobs,match", [
-    (dict(grouping="random"), "dynamic_regroup=False"),
+    (dict(grouping="random", dynamic_regroup=True), "dynamic_regroup=False"),
     (dict(grouping="kmeans"), "grouping"),
     (dict(routing="topk"), "routing"),
     (dict(low_rank=0), "low_rank"),

@@ -213,11 +213,12 @@ def test_ours_and_static_in_gpt():
 
     cfg = TrilemmaMoEConfig(num_experts=4, num_groups=2, rank=4, burn_in=2, recluster_interval=2,
                             delta=0.0)
-    for kind in ("ours", "static"):
+    # ours takes the config's default: clustered once (static), as measured best (docs/RESULTS.md)
+    for kind in ("ours", "static", "dynamic"):
         model = _small_gpt(kind, cfg=cfg)
         layers = model.moe_layers()
         assert len(layers) == 2 and all(isinstance(m, OursFFN) for m in layers)
-        assert layers[0].layer.config.dynamic_regroup is (kind == "ours")
+        assert layers[0].layer.config.dynamic_regroup is (kind == "dynamic")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for m in clustered_layers(model):
             m.attach_optimizer(opt)
@@ -231,6 +232,9 @@ def test_ours_and_static_in_gpt():
             opt.zero_grad(set_to_none=True)
         st = layers[0].stats()
         assert st["compressed"] and st["reclusters"] >= 1 and "load_cv" in st
+        # clustered at step 2; regroup checks at steps 4 and 6 only when dynamic
+        checks = st["reclusters"] - 1 + st["skipped_reclusters"]
+        assert checks == (2 if kind == "dynamic" else 0), (kind, st)
         pc = model.param_counts()
         assert pc["expert"] == sum(m.expert_parameter_count() for m in layers)
         assert pc["expert"] < full["expert"]           # compressed form in use after clustering

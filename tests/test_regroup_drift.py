@@ -3,6 +3,8 @@ distribution has moved by more than drift_threshold (total variation) since the 
 firing steps are checked against a plain float64 recomputation from the counts the layer returned;
 "period" ignores the drift knobs; the knobs' errors; skipped steps and checkpoints; and, on 2 gloo
 ranks with differently skewed data, replicas and expert-parallel ranks fire at the same steps."""
+import json
+
 import pytest
 import torch
 
@@ -98,9 +100,12 @@ def test_drift_needs_dynamic_regroup():
 
 
 @pytest.mark.parametrize("config,extra,expect", [
-    # the config asks for regroup checks (the default clusters once) and --ffn static overrides it:
-    # the trainer's own check names the flag and says which ffn checks
-    ("dynamic_regroup: true\n", ["--ffn", "static"], ("--regroup-trigger drift: --ffn static", "--ffn dynamic")),
+    # a static ffn with a drift trigger: the flag named, and the ffn that checks
+    (None, ["--ffn", "static"], ("--regroup-trigger drift: --ffn static", "--ffn dynamic")),
+    # the config's default clusters once: the config's own error, pointing at --ffn dynamic
+    (None, ["--ffn", "ours"], ("regroup_trigger='drift'", "--ffn dynamic")),
+    # a config that asks for regroup checks, overridden by --ffn static
+    ("dynamic_regroup: true\n", ["--ffn", "static"], ("--ffn static", "--ffn dynamic")),
     (None, ["--ffn", "dynamic", "--drift-threshold", "2"], ("drift_threshold",))])
 def test_trainer_refuses_drift_flags_that_cannot_work(capsys, tmp_path, config, extra, expect):
     if config is not None:
@@ -154,3 +159,14 @@ def test_ranks_fire_at_the_same_steps_and_end_with_one_grouping(tmp_path):
         assert any(_plain_schedule(r["counts"], r0["burn_in"], r0["every"], r0["beta"], r0["threshold"])[0] != fired
                    for r in (r0, r1)), mode
     assert res["drift_ep"][0]["moved"] > 0 or res["drift_dp"][0]["moved"] > 0
+
+
+def test_the_trainer_runs_the_drift_trigger_from_flags_alone(tmp_path):
+    """`--ffn dynamic --regroup-trigger drift` (the shift preset's drift rule) needs no config file:
+    the ffn's regroup switch is part of the config the trigger is validated against."""
+    out = tmp_path / "s.json"
+    train.main(["--ffn", "dynamic", "--regroup-trigger", "drift", "--steps", "3", "--burn-in", "1", "--d-model", "16",
+                "--d-ff", "32", "--layers", "1", "--seq-len", "8", "--batch-size", "2", "--eval-every", "0",
+                "--eval-batches", "1", "--no-progress", "--summary-json", str(out)])
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["regroup_trigger"] == "drift" and cfg["dynamic_regroup"] is True

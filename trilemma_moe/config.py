@@ -83,7 +83,9 @@ class TrilemmaMoEConfig:
     delta: float = 0.01            # skip a regroup whose mean intra-group similarity gain < delta
     recluster_interval: Optional[int] = None  # T; None -> 100 when E <= 256, else 200 (Eq. 11)
     burn_in: int = 200             # T0: steps with full experts before the first clustering
-    dynamic_regroup: bool = True   # False = cluster once after burn-in, never again (static baseline)
+    dynamic_regroup: bool = False  # True: regroup checks after the first clustering (every recluster_interval steps,
+    #   or on load drift). Off by default: no regroup rule beat clustering once, on stationary data or after a
+    #   distribution shift (docs/RESULTS.md, README "Dynamic regrouping: what we measured")
     # --- when a regroup check runs after the first clustering (ours; built for distribution shifts) ------
     regroup_trigger: str = "period"  # "period": every recluster_interval steps (the paper); "drift": when the
     #   per-expert load distribution (an EMA, reduced over every replica) has moved by more than drift_threshold
@@ -211,7 +213,7 @@ class TrilemmaMoEConfig:
         self._check_int("drift_every", 1)
         if self.regroup_trigger == "drift" and not self.dynamic_regroup:
             raise ValueError("regroup_trigger='drift' decides when regroup checks run: it needs dynamic_regroup=True "
-                             "(static clustering never checks)")
+                             "(static clustering never checks; in the main job: --ffn dynamic)")
         if self.grouping == "random" and self.dynamic_regroup:
             raise ValueError("grouping='random' is a fixed grouping drawn once after burn-in: set "
                              "dynamic_regroup=False with it (regroups need the similarity clustering)")

@@ -13,11 +13,14 @@ Kinds (``build_ffn``):
 ``dense``      one GELU FFN.
 ``switch``     dropless top-k softmax router over E independent experts (Switch/GShard style).
 ``deepspeed``  ``deepspeed.moe.layer.MoE`` (ep_size 1, top-k gating, no token dropping).
-``ours``       the clustered layer ``trilemma_moe.core.layer.ClusteredMoE`` (dynamic regroup).
-``static``     the same layer, clustered once after burn-in (``dynamic_regroup=False``).
+``ours``       the clustered layer ``trilemma_moe.core.layer.ClusteredMoE`` with the run's config
+               (by default clustered once after burn-in: ``dynamic_regroup=False``).
+``static``     the same layer, clustered once after burn-in whatever the config says.
+``dynamic``    the same layer with regroup checks after the first clustering (``dynamic_regroup=True``:
+               probe similarity, move cost, movers-only migration).
 ``int4``       ours with INT4 residual factors (``residual_bits=4``).
-Regroup rules ours is measured against (docs/REGROUP.md):
-``probe-free``     ours without the move cost (``regroup_move_cost=0``);
+Regroup rules compared with clustering once (docs/REGROUP.md), all dynamic:
+``probe-free``     dynamic without the move cost (``regroup_move_cost=0``);
 ``paper-regroup``  the paper's rule: S_param of the weights, S_task of the routed tokens'
                    centroids, changed groups decomposed afresh.
 The ablations of the paper's Table 3 (``OURS_VARIANTS`` lists each one's config knobs):
@@ -42,9 +45,12 @@ from ..core.metrics import coefficient_of_variation as load_cv, mean_over_rows
 OURS_VARIANTS = {
     "ours": {},
     "static": {"dynamic_regroup": False},
-    # the regroup rules ours (probe similarity, move cost, movers-only migration) is compared with
-    "probe-free": {"regroup_move_cost": 0.0},
-    "paper-regroup": {"regroup_similarity": "weights", "regroup_move_cost": 0.0, "regroup_migration": "redecompose"},
+    # the regroup rules measured against clustering once (probe similarity, move cost, movers-only
+    # migration; then without the move cost; then the paper's)
+    "dynamic": {"dynamic_regroup": True},
+    "probe-free": {"dynamic_regroup": True, "regroup_move_cost": 0.0},
+    "paper-regroup": {"dynamic_regroup": True, "regroup_similarity": "weights", "regroup_move_cost": 0.0,
+                      "regroup_migration": "redecompose"},
     "int4": {"residual_bits": 4},
     "random-groups": {"grouping": "random", "dynamic_regroup": False},
     "full-experts": {"low_rank": False},
@@ -303,8 +309,8 @@ class OursFFN(nn.Module):
     (``integrations.deepspeed_layer.DeepSpeedStyleMoE``), and DeepSpeed is not imported at all.
 
     ``variant`` (a key of ``OURS_VARIANTS``) sets that variant's knobs on ``config``; ``static``
-    (``dynamic_regroup=False``) clusters once after burn-in and never again (the paper's
-    static-clustering baseline).
+    (``dynamic_regroup=False``, the default) clusters once after burn-in and never again (the
+    paper's static-clustering baseline), ``dynamic`` checks for regroups after it.
     """
 
     is_moe = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List
 
-ORDER = ("dense", "switch", "deepspeed", "ours", "static", "int4", "random-groups", "full-experts", "flat-routing")
+ORDER = ("dense", "switch", "deepspeed", "static", "dynamic", "int4", "random-groups", "full-experts", "flat-routing")
 
 
 def _plt():
@@ -44,7 +44,7 @@ def curves(records: List[Dict[str, Any]], task: str, key: str, ylabel: str, path
         keep = sorted(by_step.items())
         xs = [s for s, _ in keep]
         mean = [sum(v_) / len(v_) for _, v_ in keep]
-        line, = ax.plot(xs, mean, label=f"{v} (n={len(runs)})", lw=2 if v in ("ours", "switch") else 1.2)
+        line, = ax.plot(xs, mean, label=f"{v} (n={len(runs)})", lw=2 if v in ("static", "dynamic", "switch") else 1.2)
         if len(runs) > 1:
             ax.fill_between(xs, [min(v_) for _, v_ in keep], [max(v_) for _, v_ in keep], color=line.get_color(), alpha=0.15)
         drawn = True
@@ -133,7 +133,7 @@ def params_vs_quality(agg: Dict[str, Dict[str, Dict[str, Any]]], path: str) -> b
     return _save(plt, fig, path)
 
 
-SHIFT_ORDER = ("static", "ours", "drift-trigger", "probe-free", "paper-regroup", "switch")
+SHIFT_ORDER = ("static", "dynamic", "drift-trigger", "probe-free", "paper-regroup", "switch")
 
 
 def shift_curves(records: List[Dict[str, Any]], task: str, path: str) -> bool:
@@ -154,7 +154,7 @@ def shift_curves(records: List[Dict[str, Any]], task: str, path: str) -> bool:
             if by_step:
                 xs = sorted(by_step)
                 ax.plot(xs, [sum(by_step[x]) / len(by_step[x]) for x in xs], label=v,
-                        lw=2 if v in ("static", "ours", "drift-trigger") else 1.2, ls="--" if v == "static" else "-")
+                        lw=2 if v in ("static", "dynamic", "drift-trigger") else 1.2, ls="--" if v == "static" else "-")
         shift = next(r["shift_step"] for r in runs if r.get("shift_step") is not None)
         ramp = next((r.get("shift_ramp") or 0 for r in runs if r.get("shift_step") is not None), 0)
         ax.axvline(shift, color="k", lw=0.8)
@@ -175,13 +175,13 @@ def make_all(records, agg, fig_dir: str) -> Dict[str, str]:
     jobs = {
         "ppl_vs_step": lambda p: curves(records, "lm", "valid_ppl", "WikiText-2 valid PPL (subset)", p, logy=True),
         "sst2_accuracy_vs_step": lambda p: curves(records, "sst2", "dev_accuracy", "SST-2 held-out accuracy", p),
-        "expert_load": lambda p: expert_load(records, "lm", ["switch", "ours", "static"], p),
-        "group_membership": lambda p: group_membership(records, "lm", ["ours"], p),
+        "expert_load": lambda p: expert_load(records, "lm", ["switch", "static", "dynamic"], p),
+        "group_membership": lambda p: group_membership(records, "lm", ["dynamic"], p),
         "params_vs_quality": lambda p: params_vs_quality(agg, p),
     }
     for task in sorted({r["task"] for r in records if r.get("shift_step") is not None}):   # the shift preset
         jobs[f"shift_{task}_valid_ppl"] = lambda p, t=task: shift_curves(records, t, p)
-        jobs[f"shift_{task}_expert_load"] = lambda p, t=task: expert_load(records, t, ["static", "ours", "drift-trigger"], p)
+        jobs[f"shift_{task}_expert_load"] = lambda p, t=task: expert_load(records, t, ["static", "dynamic", "drift-trigger"], p)
     for name, fn in jobs.items():
         path = os.path.join(fig_dir, f"{name}.png")
         if fn(path):

@@ -4,7 +4,8 @@ errors, and ``main``.
 Every knob of the method comes from ``--config YAML`` (or the ``"trilemma_moe"`` section of the
 ``--deepspeed_config`` JSON); the structure flags (``--num-experts`` ...) override it. Without a
 config file the CPU defaults below apply (smaller burn-in / regroup interval than the paper's so a
-default run clusters and regroups within its steps); they are printed at start.
+default run clusters within its steps, and ``--ffn dynamic`` regroups within them); they are printed
+at start.
 
 ``--task lm`` (default) trains the language model; ``--task sst2`` the same blocks as a sentence
 classifier on GLUE SST-2. The optimisation flags in ``TASK_DEFAULTS`` default per task: a flag the
@@ -23,7 +24,7 @@ import torch
 from ..config import TrilemmaMoEConfig
 from ..data import (SentenceDataset, TokenCorpus, check_shift_pair, load_sst2, on_one_vocabulary, parse_data_spec,
                     read_lm_source)
-from ..models import FFN_KINDS, OURS_VARIANTS, variant_config
+from ..models import FFN_KINDS, OURS_VARIANTS
 
 # Defaults of the no-argument CPU run.  Structure knobs that the
 # user neither passes as flags nor sets in --config fall back to these.
@@ -190,6 +191,14 @@ def moe_config(args: argparse.Namespace) -> TrilemmaMoEConfig:
     with the structure flags on top."""
     overrides = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items()
                  if getattr(args, flag) is not None}
+    # an --ffn that sets dynamic_regroup sets it in the config it validates: `--ffn dynamic
+    # --regroup-trigger drift` needs no config file, and `--ffn static` with a drift trigger is refused
+    forced = OURS_VARIANTS.get(args.ffn, {}).get("dynamic_regroup")
+    if forced is not None:
+        if not forced and args.regroup_trigger == "drift":
+            raise ValueError(f"--regroup-trigger drift: --ffn {args.ffn} clusters once and never checks again; "
+                             f"regroup checks need --ffn dynamic (or dynamic_regroup: true in the config)")
+        overrides["dynamic_regroup"] = forced
     if args.deepspeed_config:
         return TrilemmaMoEConfig.from_deepspeed_config(args.deepspeed_config, **overrides)
     if args.config:
@@ -300,9 +309,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             cfg = moe_config(args)
         with input_errors(None):   # its messages name the flag
             check_shift_flags(args)
-            if cfg.regroup_trigger == "drift" and args.ffn in OURS_VARIANTS and not variant_config(
-                    cfg.replace(regroup_trigger="period"), args.ffn).dynamic_regroup:
-                raise ValueError(f"--regroup-trigger drift: --ffn {args.ffn} clusters once and never checks again")
         corpus, shift_corpus = load_data(args)
         if cfg.ep_size > 1 and not args.deepspeed_config:
             raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
