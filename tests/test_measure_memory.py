@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
 
     def rank_main(rank, world, port, out):
         dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
-        memory = PeakMemory(torch.device("cpu"))
+        memory = PeakMemory()
+        memory.watch(torch.device("cpu"))
         idle = torch.ones((rank + 1) * 16 * 1024 * 1024)   # (rank + 1) x 64 MiB of float32, written once
         transient = torch.ones(16 * 1024 * 1024)
         del transient

@@ -153,9 +153,11 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
     evaluation beside ``corpus`` (keys ``shift_valid_*``)."""
     backend = make_backend(args, cfg)
     backend.prepare()
-    memory = PeakMemory(backend.device) if args.measure_memory else None   # before the model exists
+    memory = PeakMemory() if args.measure_memory else None   # before the model exists
     model = build_model(args, corpus, cfg)
     backend.setup(model, param_groups(model, args.weight_decay))
+    if memory is not None:
+        memory.watch(backend.device)
     ga, batch = backend.grad_accum, backend.micro_batch_size
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -20,16 +20,19 @@ from ..core.layer import ClusteredMoE, clustered_layers
 
 
 class PeakMemory:
-    """Peak training memory, measured as what the process holds. ``started()`` when the run starts
-    (before the model is built), ``training_done()`` after the last optimizer step (before the final
-    evaluation), ``result()`` after that, on every rank together under ``torch.distributed`` (it
-    gathers one number per rank)."""
+    """Peak training memory, measured as what the process holds. Built when the run starts (before
+    the model is), ``watch(device)`` once the model is on its device, ``training_done()`` after the
+    last optimizer step (before the final evaluation), ``result()`` after that, on every rank
+    together under ``torch.distributed`` (it gathers one number per rank)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
+    def __init__(self):
         self.rss_start = current_rss_bytes()
         self.rss_peak: Optional[int] = None
+        self.device, self.cuda = None, False
+
+    def watch(self, device: torch.device) -> None:
+        """The training device, once the model sits on it (CUDA: the allocator's peak from here on)."""
+        self.device, self.cuda = device, device.type == "cuda"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
 
