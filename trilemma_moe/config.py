@@ -24,6 +24,7 @@ _REGROUP_SIMILARITIES = ("weights", "probe")
 SVD_METHODS = ("exact", "randomized")
 _MIGRATIONS = ("movers", "redecompose")
 _TRIGGERS = ("period", "drift")
+BURN_IN_FORMS = ("full", "compressed")
 
 
 def check_placement(num_groups: int, ep_size: int) -> None:
@@ -83,6 +84,10 @@ class TrilemmaMoEConfig:
     delta: float = 0.01            # skip a regroup whose mean intra-group similarity gain < delta
     recluster_interval: Optional[int] = None  # T; None -> 100 when E <= 256, else 200 (Eq. 11)
     burn_in: int = 200             # T0: steps with full experts before the first clustering
+    burn_in_form: str = "full"     # "full": burn-in trains E full experts, compressed at the first clustering (the
+    #   paper); "compressed": the layer never holds full experts: each group starts as its initial experts'
+    #   decomposition (slot order), burn-in trains bases + factors, and the first clustering regroups them
+    #   (memory: no full weights, gradients or optimizer moments at any step)
     dynamic_regroup: bool = False  # True: regroup checks after the first clustering (every recluster_interval steps,
     #   or on load drift). Off by default: no regroup rule beat clustering once, on stationary data or after a
     #   distribution shift (docs/RESULTS.md, README "Dynamic regrouping: what we measured")
@@ -206,6 +211,11 @@ class TrilemmaMoEConfig:
         self._check_int("param_sketch_size", 1)
         if not isinstance(self.low_rank, bool):
             raise ValueError(f"low_rank must be True or False, got {self.low_rank!r}")
+        if self.burn_in_form not in BURN_IN_FORMS:
+            raise ValueError(f"burn_in_form must be one of {BURN_IN_FORMS}, got {self.burn_in_form!r}")
+        if self.burn_in_form == "compressed" and not self.low_rank:
+            raise ValueError("burn_in_form='compressed' trains the compressed form from the start: it needs "
+                             "low_rank=True (low_rank=False keeps full experts)")
         if self.regroup_trigger not in _TRIGGERS:
             raise ValueError(f"regroup_trigger must be one of {_TRIGGERS}, got {self.regroup_trigger!r}")
         self._check_range("drift_threshold", 0.0, 1.0, low_open=True)

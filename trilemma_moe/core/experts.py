@@ -5,7 +5,8 @@ kept by the layer; a regroup rewrites slot *contents* (never the module structur
 optimizer keeps the same parameters for the whole run.
 
 Two phases:
-* burn-in: each slot holds a full expert (``w1_full``, ``w2_full`` [, ``w3_full``]);
+* burn-in: each slot holds a full expert (``full[w1]``, ``full[w2]`` [, ``full[w3]``]), unless
+  ``burn_in_form="compressed"``: then there are no full experts and burn-in trains the compressed form;
 * compressed: each group holds a base per matrix, each slot rank-r factors, ``W = base + A B^T``.
 
 Matrices are stored ``(d_in, d_out)`` (``x @ W``). Gated experts (SwiGLU-style) have a gate
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compression import decompose_groups
 from .quant import fake_quant
 
 ACTIVATIONS = {
@@ -187,43 +189,72 @@ class ExpertSlots(nn.Module):
     """
 
     def __init__(self, spec: ExpertSpec, num_groups: int, experts_per_group: int, rank: int,
-                 seed: int, layer_index: int = 0, group_offset: int = 0):
+                 seed: int, layer_index: int = 0, group_offset: int = 0, burn_in_form: str = "full",
+                 gamma=None, svd: str = "exact"):
         super().__init__()
         self.spec, self.G, self.K, self.rank = spec, num_groups, experts_per_group, rank
         self.group_offset = int(group_offset)
+        self.layer_index, self.gamma, self.svd = layer_index, gamma, svd
         E = num_groups * experts_per_group
         self.num_experts = E
+        # burn_in_form="compressed": no full experts at all (shape (0,), as released after the
+        # first clustering); each group starts as its initial experts' decomposition
+        self.full_storage = burn_in_form == "full"
         self.full = nn.ParameterDict()
         self.base = nn.ParameterDict()
         self.fa = nn.ParameterDict()   # A factors (E, d_in, r)
         self.fb = nn.ParameterDict()   # B factors (E, d_out, r)
         self.bias = nn.ParameterDict()
         for name, (di, do) in spec.matrices.items():
-            self.full[name] = nn.Parameter(torch.empty(E, di, do))
+            self.full[name] = (nn.Parameter(torch.empty(E, di, do)) if self.full_storage
+                               else nn.Parameter(torch.empty(0), requires_grad=False))
             self.base[name] = nn.Parameter(torch.zeros(num_groups, di, do))
             self.fa[name] = nn.Parameter(torch.zeros(E, di, rank))
             self.fb[name] = nn.Parameter(torch.zeros(E, do, rank))
         for name, n in spec.biases.items():
             self.bias[name] = nn.Parameter(torch.empty(E, n))
-        with torch.no_grad():
-            for e in range(E):
-                # the expert index is global (slot table starts as the identity): same weights at any ep_size
-                gen = expert_generator(seed, layer_index, self.group_offset * experts_per_group + e)
-                for name, (di, do) in spec.matrices.items():
-                    bound = 1.0 / math.sqrt(di)  # nn.Linear's kaiming-uniform bound
-                    self.full[name][e] = (torch.rand(di, do, generator=gen) * 2 - 1) * bound
-                for name, n in spec.biases.items():
-                    fan_in = spec.ffn_hidden_size if name == "b2" else spec.hidden_size
-                    self.bias[name][e] = (torch.rand(n, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+        # one group at a time: K experts' initial weights are the most a compressed start holds
+        for g in range(num_groups):
+            # the expert index is global (slot table starts as the identity): same weights at any ep_size
+            self.load_group(g, [self._initial_expert(seed, layer_index, (self.group_offset + g) * experts_per_group + j)
+                                for j in range(experts_per_group)])
+
+    def _initial_expert(self, seed: int, layer_index: int, expert: int) -> Dict[str, torch.Tensor]:
+        gen = expert_generator(seed, layer_index, expert)
+        w = {}
+        for name, (di, do) in self.spec.matrices.items():
+            bound = 1.0 / math.sqrt(di)  # nn.Linear's kaiming-uniform bound
+            w[name] = (torch.rand(di, do, generator=gen) * 2 - 1) * bound
+        for name, n in self.spec.biases.items():
+            fan_in = self.spec.ffn_hidden_size if name == "b2" else self.spec.hidden_size
+            w[name] = (torch.rand(n, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+        return w
+
+    @torch.no_grad()
+    def load_group(self, g: int, members: List[Dict[str, torch.Tensor]]) -> None:
+        """Local group ``g`` takes these K experts (slot order), in our (d_in, d_out) layout: as full
+        weights, or without full storage as their decomposition (base = mean, rank-r factors of
+        each member's residual, the first clustering's arithmetic; ``gamma`` and ``svd`` as there)."""
+        K = self.K
+        for j, w in enumerate(members):
+            for name in self.spec.biases:
+                self.bias[name][g * K + j].copy_(w[name])
+        for name in self.spec.matrices:
+            stacked = torch.stack([w[name] for w in members])
+            if self.full_storage:
+                self.full[name][g * K:(g + 1) * K].copy_(stacked)
+                continue
+            seed = 7919 * self.layer_index + self.group_offset + g   # global group: the same at any ep_size
+            dec = decompose_groups(stacked.to(torch.promote_types(stacked.dtype, torch.float32)), self.rank,
+                                   self.gamma, self.svd, seed)
+            self.base[name][g].copy_(dec.base)
+            self.fa[name][g * K:(g + 1) * K].copy_(dec.a)
+            self.fb[name][g * K:(g + 1) * K].copy_(dec.b)
 
     def load_expert_weights(self, per_expert: List[Dict[str, torch.Tensor]]) -> None:
-        """Copy weights of existing experts (expert e -> slot e) in our (d_in, d_out) layout."""
-        with torch.no_grad():
-            for e, w in enumerate(per_expert):
-                for name in self.spec.matrices:
-                    self.full[name][e].copy_(w[name])
-                for name in self.spec.biases:
-                    self.bias[name][e].copy_(w[name])
+        """Weights of existing experts (expert e -> slot e) in our (d_in, d_out) layout."""
+        for g in range(self.G):
+            self.load_group(g, per_expert[g * self.K:(g + 1) * self.K])
 
     def matrices(self, compressed: bool) -> List[nn.Parameter]:
         """The expert matrices of one form: bases and factors, or the burn-in full weights."""

@@ -70,7 +70,8 @@ class ClusteredMoE(nn.Module):
                              f"{ep_size} rank(s)")
         G_local = G // ep_size
         offset = 0 if expert_parallel is None else expert_parallel.rank * G_local
-        self.experts = ExpertSlots(self.spec, G_local, K, cfg.rank, cfg.seed, layer_index, group_offset=offset)
+        self.experts = ExpertSlots(self.spec, G_local, K, cfg.rank, cfg.seed, layer_index, group_offset=offset,
+                                   burn_in_form=cfg.burn_in_form, gamma=cfg.gamma, svd=cfg.svd)
         self.experts.residual_bits = cfg.residual_bits
         self.dispatcher = LocalDispatcher(G, E, cfg.capacity_factor, cfg.min_capacity)
         self.ep_dispatcher = None if expert_parallel is None else ExpertParallelDispatcher(expert_parallel, G_local, K)
@@ -182,8 +183,9 @@ class ClusteredMoE(nn.Module):
 
     @property
     def compressed(self) -> bool:
-        """Experts are computed from bases + factors: clustered, unless ``low_rank=False``."""
-        return self.clustered and self.config.low_rank
+        """Experts are computed from bases + factors: clustered, unless ``low_rank=False``; from the
+        start with ``burn_in_form="compressed"``."""
+        return self.config.low_rank and (self.clustered or not self.experts.full_storage)
 
     @property
     def flat_routing(self) -> bool:

@@ -175,10 +175,12 @@ def param_sketches(layer, slot_of_expert: torch.Tensor) -> Optional[torch.Tensor
 
 
 def probing(layer) -> bool:
-    """The probe similarity is for regroups after the first clustering: before it no grouping
-    exists to bias the paper's similarities, and dynamic and static runs then share their first
-    grouping (a regroup's effect is measured against the static run)."""
-    return layer.config.regroup_similarity == "probe" and layer.clustered
+    """The probe similarity is for experts already in groups: after the first clustering, or from
+    the start with ``burn_in_form="compressed"`` (experts that share a base and see their group's
+    tokens look alike to the paper's similarities). Before a full burn-in's first clustering no
+    grouping exists to bias them, and dynamic and static runs then share their first grouping (a
+    regroup's effect is measured against the static run)."""
+    return layer.config.regroup_similarity == "probe" and (layer.clustered or layer.compressed)
 
 
 def similarity_for_regroup(layer, flat: torch.Tensor, slot_of_expert: torch.Tensor, old_assign: torch.Tensor,

@@ -104,7 +104,8 @@ def _take_local(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def adopt_checkpoint_phase(layer, state_dict, prefix: str) -> None:
     """Before ``layer`` (a ClusteredMoE) loads ``state_dict``: take the checkpoint's phase. A
     clustered checkpoint (compressed, unless ``low_rank=False``) no longer holds the burn-in
-    experts, so the layer releases its own; a burn-in checkpoint cannot go into a clustered layer."""
+    experts, so the layer releases its own; a burn-in checkpoint cannot go into a clustered layer,
+    nor into a layer whose burn-in trains the other form (``burn_in_form``)."""
     counters = state_dict.get(prefix + "counters")
     if counters is None:
         return
@@ -116,6 +117,14 @@ def adopt_checkpoint_phase(layer, state_dict, prefix: str) -> None:
     elif not incoming and layer.clustered:
         raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
                            f"layer that has already been clustered; load it into a fresh layer")
+    if not incoming:   # a burn-in checkpoint holds the form its burn-in trains: it must be the layer's
+        for name, p in layer.experts.full.items():
+            t = state_dict.get(f"{prefix}experts.full.{name}")
+            if torch.is_tensor(t) and (t.numel() == 0) != (p.numel() == 0):
+                saved = "compressed" if t.numel() == 0 else "full"
+                raise RuntimeError(f"{prefix or 'layer'}: this checkpoint was saved during a burn_in_form={saved!r} "
+                                   f"burn-in; the layer has burn_in_form={layer.config.burn_in_form!r}. Build it with "
+                                   f"burn_in_form={saved!r} to resume")
     if incoming and compresses:
         # A checkpoint written under ZeRO still carries the burn-in experts (DeepSpeed keeps their
         # storage); a layer that released them takes them as released. (state_dict is

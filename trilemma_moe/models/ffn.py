@@ -278,14 +278,16 @@ class DeepSpeedMoEFFN(nn.Module):
             torch.random.set_rng_state(rng_state)
         self.last_counts = torch.zeros(num_experts, dtype=torch.long)
 
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+    def _ensure_ep_group(self) -> None:
+        # Not named set_deepspeed_parallelism: deepspeed.initialize calls that on every module that
+        # has it AND on the MoE inside this shell, and DeepSpeed's gate refuses a second ep_group.
         from ..integrations.deepspeed import ensure_process_group
         ensure_process_group()
-        self.moe.set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        self.moe.set_deepspeed_parallelism()
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        if self.moe.deepspeed_moe.ep_group is None:
-            self.set_deepspeed_parallelism()
+        if self.moe.deepspeed_moe.ep_group is None:   # outside deepspeed.initialize (plain torch backend)
+            self._ensure_ep_group()
         y, l_aux, counts = self.moe(x)
         self.last_counts = counts.detach().cpu()
         return y, self.aux_loss_coef * l_aux

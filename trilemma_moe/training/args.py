@@ -40,7 +40,7 @@ TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
 
 # flag (argparse dest) -> TrilemmaMoEConfig field it overrides
 FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank": "rank",
-                 "top_k": "top_k", "burn_in": "burn_in",
+                 "top_k": "top_k", "burn_in": "burn_in", "burn_in_form": "burn_in_form",
                  "recluster_interval": "recluster_interval", "residual_bits": "residual_bits",
                  "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
                  "offload_dir": "offload_dir", "ep_size": "ep_size", "regroup_trigger": "regroup_trigger",
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help=f"k (default: {d['top_k']})")
     g.add_argument("--burn-in", type=int, default=None,
                    help=f"T0 optimizer steps before the first clustering (default: {d['burn_in']})")
+    g.add_argument("--burn-in-form", choices=("full", "compressed"), default=None,
+                   help="what burn-in trains: full, E full experts compressed at the first clustering (the "
+                        "paper; default); compressed, bases + factors from the start (no full experts held)")
     g.add_argument("--recluster-interval", type=int, default=None,
                    help=f"T: steps between regroup checks (default: {d['recluster_interval']})")
     g.add_argument("--regroup-trigger", choices=("period", "drift"), default=None,
@@ -145,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: --eval-batches)")
     g.add_argument("--test", action="store_true", help="also evaluate the test split at the end (test_ppl)")
     g.add_argument("--measure-memory", action="store_true",
-                   help="measure peak training memory (CUDA: allocator peak; CPU: profiler memory timeline "
-                        "of the last step): peak_memory_bytes in the summary")
+                   help="measure peak training memory as what the process holds: peak_memory_bytes in the "
+                        "summary (the peak resident set size, ru_maxrss, up to the end of training, largest over "
+                        "ranks, each rank's in peak_rss_bytes_per_rank; CUDA: the allocator's peak)")
     g.add_argument("--trace-every", type=int, default=0,
                    help="record per-expert token counts every n steps (load_history; default: steps/100)")
     g.add_argument("--max-train-tokens", type=int, default=None,

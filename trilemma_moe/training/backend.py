@@ -55,10 +55,11 @@ class Backend(Protocol):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Decay matrices, not biases / norms / embeddings' positions; tied weights once."""
+    """Decay matrices, not biases / norms / embeddings' positions; tied weights once; frozen
+    parameters (a compressed burn-in's empty full experts) not at all."""
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
-        if id(p) in seen:
+        if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
         (decay if p.dim() >= 2 and "pos_emb" not in name else no_decay).append(p)

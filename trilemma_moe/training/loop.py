@@ -153,8 +153,11 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
     evaluation beside ``corpus`` (keys ``shift_valid_*``)."""
     backend = make_backend(args, cfg)
     backend.prepare()
+    memory = PeakMemory() if args.measure_memory else None   # before the model exists
     model = build_model(args, corpus, cfg)
     backend.setup(model, param_groups(model, args.weight_decay))
+    if memory is not None:
+        memory.watch(backend.device)
     ga, batch = backend.grad_accum, backend.micro_batch_size
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -211,10 +214,10 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
     model.train()
     rec = report.Record()
     num_layers = len(clustered_layers(model))
-    events = report.ClusteringEvents(report.moe_stats(report.layer_stats(model)), num_layers, cfg.delta)
+    events = report.ClusteringEvents(report.moe_stats(report.layer_stats(model)), num_layers, cfg.delta,
+                                     cfg.burn_in_form)
     routing_logs = report.start_routing_log(model) if args.record_routing else None
     trace = RunTrace(model, every=args.trace_every or max(1, args.steps // 100))
-    probe = PeakMemory(backend.device)
     if bar is not None and start_step:
         bar.update(start_step)
     loss_log = open(args.loss_log, "a") if args.loss_log and is_main else None
@@ -224,19 +227,16 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
         lr = lr_at(step, args.steps, args.lr, warmup, args.min_lr_ratio)
         backend.set_lr(lr)
         step_loss, step_aux, tokens = 0.0, 0.0, 0
-        profiled = args.measure_memory and step + 1 == args.steps
         sampler.set_step(step + 1)
-        with probe.step(profiled):
-            for _ in range(ga):
-                x, y = next(sampler)
-                loss, l_aux = backend.forward_backward(x, y, step + 1)
-                with named_comm_failure(f"step {step + 1}: loss all-reduce", cfg.comm_timeout_s):
-                    step_loss += global_mean(loss, world) / ga
-                    step_aux += global_mean(l_aux, world) / ga
-                tokens += corpus.tokens_in(x)   # lm: every window position; sst2: the non-pad tokens
-            grad_norm = backend.optimizer_step()
-        # the profiler slows the step it watches: its predecessor's time stands in for it
-        seconds = rec.step_times[-1] if profiled and rec.step_times else time.perf_counter() - t0
+        for _ in range(ga):
+            x, y = next(sampler)
+            loss, l_aux = backend.forward_backward(x, y, step + 1)
+            with named_comm_failure(f"step {step + 1}: loss all-reduce", cfg.comm_timeout_s):
+                step_loss += global_mean(loss, world) / ga
+                step_aux += global_mean(l_aux, world) / ga
+            tokens += corpus.tokens_in(x)   # lm: every window position; sst2: the non-pad tokens
+        grad_norm = backend.optimizer_step()
+        seconds = time.perf_counter() - t0
 
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training loss became {step_loss} at step {step + 1}")
@@ -282,6 +282,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
                 backend.save(args.save_dir, step + 1, client)
     if bar is not None:
         bar.close()
+    if memory is not None:   # training's peak, before the final evaluation
+        memory.training_done()
     if loss_log is not None:
         loss_log.close()
 
@@ -293,7 +295,8 @@ def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
                              deepspeed=args.deepspeed_config is not None)
     summary.update(report.memory_and_offload(model, cfg))
     summary.update(trace.summary())
-    summary.update(probe.result())
+    if memory is not None:
+        summary.update(memory.result())
     if shift is not None:
         summary.update(shift.summary(last_eval, shift_corpus.name, args.shift_ramp))
     if args.test:

@@ -1,10 +1,9 @@
 """Measurements a run can take beside its loss, for the paper's tables (``trilemma-moe reproduce``):
 
-- :class:`PeakMemory`: peak training memory, measured. On CUDA the caching allocator's peak over
-  the whole run (``torch.cuda.max_memory_allocated``); on the CPU, where torch keeps no allocator
-  statistics, the peak of the profiler's memory timeline over one whole optimizer step
-  (parameters, gradients, optimizer state, activations and temporaries: every tensor torch
-  allocated, nothing estimated).
+- :class:`PeakMemory`: peak training memory, measured as what the process holds: the peak resident
+  set size (``ru_maxrss``) up to the end of training, per rank, and on CUDA the caching allocator's
+  peak (``torch.cuda.max_memory_allocated``). Nothing estimated; tensors a step does not touch (idle
+  experts, their optimizer moments) count too.
 - :class:`RunTrace`: per-expert token counts every ``every`` steps, the group of every expert
   at the start and after each clustering (group membership over time), and every regroup after
   the first clustering that moved experts (``regroup_events``).
@@ -12,11 +11,7 @@
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import tempfile
-import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -25,45 +20,60 @@ from ..core.layer import ClusteredMoE, clustered_layers
 
 
 class PeakMemory:
-    """``with probe.step(active):`` around one training step; ``result()`` after the run."""
+    """Peak training memory, measured as what the process holds. Built when the run starts (before
+    the model is), ``watch(device)`` once the model is on its device, ``training_done()`` after the
+    last optimizer step (before the final evaluation), ``result()`` after that, on every rank
+    together under ``torch.distributed`` (it gathers one number per rank)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.bytes: Optional[int] = None
+    def __init__(self):
+        self.rss_start = current_rss_bytes()
+        self.rss_peak: Optional[int] = None
+        self.device, self.cuda = None, False
+
+    def watch(self, device: torch.device) -> None:
+        """The training device, once the model sits on it (CUDA: the allocator's peak from here on)."""
+        self.device, self.cuda = device, device.type == "cuda"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        self.device = device
 
-    @contextlib.contextmanager
-    def step(self, active: bool):
-        if not active or self.cuda:
-            yield
-            return
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                     with_stack=True) as prof:
-            yield
-        self.bytes = _timeline_peak(prof)
+    def training_done(self) -> None:
+        self.rss_peak = peak_rss_bytes()
+        self.cuda_peak = int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
 
     def result(self) -> Dict[str, Any]:
+        import torch.distributed as dist
+        mine = [self.rss_peak if self.rss_peak is not None else peak_rss_bytes(), self.rss_start]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        out = {"peak_rss_bytes": max(e[0] for e in everyone),
+               "peak_rss_bytes_per_rank": [int(e[0]) for e in everyone],
+               "rss_before_model_bytes_per_rank": [int(e[1]) for e in everyone]}
         if self.cuda:
-            return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(self.device)),
-                    "peak_memory_method": "torch.cuda.max_memory_allocated over the run"}
-        if self.bytes is None:
-            return {}
-        return {"peak_memory_bytes": int(self.bytes),
-                "peak_memory_method": "torch.profiler memory timeline of the last optimizer step (CPU)"}
+            out.update(peak_memory_bytes=self.cuda_peak,
+                       peak_memory_method="torch.cuda.max_memory_allocated over the training steps (this rank)")
+        else:
+            out.update(peak_memory_bytes=out["peak_rss_bytes"],
+                       peak_memory_method="ru_maxrss: the process's peak resident set size up to the end of "
+                                          "training (the largest over ranks)")
+        return out
 
 
-def _timeline_peak(prof) -> int:
-    """The largest total of live tensor bytes (all categories) in the profiler's CPU timeline."""
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # export_memory_timeline is marked deprecated for CUDA users
-        path = os.path.join(tmp, "timeline.json")
-        prof.export_memory_timeline(path, device="cpu")
-        with open(path) as f:
-            _, sizes = json.load(f)
-    return int(max((sum(s) for s in sizes), default=0))
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (``getrusage``; Linux reports KiB)."""
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def expert_counts(layers) -> List[List[int]]:

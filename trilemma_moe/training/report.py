@@ -84,8 +84,9 @@ def _mean_of(stats: List[Dict[str, Any]], key: str) -> Optional[float]:
 class ClusteringEvents:
     """Lines for the first clustering, applied regroups and skipped regroup checks of a step."""
 
-    def __init__(self, st: Dict[str, Any], num_layers: int, delta: float):
+    def __init__(self, st: Dict[str, Any], num_layers: int, delta: float, burn_in_form: str = "full"):
         self.num_layers, self.delta = num_layers, delta
+        self.compresses = burn_in_form == "full"   # else the layers were compressed from the start
         self.first = st.get("first_clusterings", 0)
         self.regroups = st.get("regroups_applied", 0)
         self.skipped = st.get("skipped_reclusters", 0)
@@ -104,7 +105,7 @@ class ClusteringEvents:
             extra += f" compression={st['compression_ratio']:.2f}x"
         first, regroups = st.get("first_clusterings", 0), st.get("regroups_applied", 0)
         if first != self.first:
-            out.append(f"[step {step}] first clustering{' + compression' if st.get('compressed') else ''} in {first - self.first} layer(s) "
+            out.append(f"[step {step}] first clustering{' + compression' if st.get('compressed') and self.compresses else ''} in {first - self.first} layer(s) "
                        f"({first} of {self.num_layers} clustered):{extra} | expert params now {expert_params():,}")
         if regroups != self.regroups:
             out.append(f"[step {step}] regroup applied in {regroups - self.regroups} layer(s) "
@@ -164,11 +165,12 @@ def start_lines(args, cfg: TrilemmaMoEConfig, corpus, param_counts: Dict[str, in
              corpus.describe(),
              f"model: d_model={args.d_model} d_ff={args.d_ff} layers={args.layers} heads={args.heads} "
              f"seq_len={args.seq_len} ffn={args.ffn} | params {pc['total']:,} (experts {pc['expert']:,})"
-             + (" before compression: full experts until the first clustering" if clustered else "")]
+             + ((" before compression: full experts until the first clustering" if cfg.burn_in_form == "full"
+                 else " (burn-in on the compressed form: no full experts)") if clustered else "")]
     if clustered:
         run_cfg = variant_config(cfg, args.ffn)   # what the layers run: the variant's knobs set
         lines.append(f"moe: E={cfg.num_experts} G={cfg.num_groups} r={cfg.rank} k={cfg.top_k} "
-                     f"burn_in={cfg.burn_in} recluster_interval={cfg.recluster_interval} "
+                     f"burn_in={cfg.burn_in} ({cfg.burn_in_form}) recluster_interval={cfg.recluster_interval} "
                      f"dynamic_regroup={run_cfg.dynamic_regroup}"
                      + (f" regroup_trigger=drift (threshold {run_cfg.drift_threshold:g}, every {run_cfg.drift_every} "
                         f"steps)" if run_cfg.regroup_trigger == "drift" else "")
