@@ -125,8 +125,10 @@ def report(preset, runs, done, failed, records, agg, figures, raw, args, wall) -
               "## Main comparison (the paper's Table 2)", ""]
     lines += tables.main_table(agg, labels)
     lines += ["", "I_load is the coefficient of variation of the per-expert token counts (mean of the last 50 "
-              "steps and the two layers). Peak training memory: the profiler's CPU memory timeline of the last "
-              "optimizer step (every tensor torch allocated). All-to-all bytes: each run's recorded routing "
+              "steps and the two layers). Peak training memory: what the training process held, its peak resident "
+              "set size (`ru_maxrss`) up to the end of training, from the `speed` task when the preset has one "
+              "(each variant alone on the machine; the process's interpreter, torch and the data are in it too: "
+              "`rss_before_model_bytes_per_rank` in each run's JSON). All-to-all bytes: each run's recorded routing "
               "replayed at expert parallelism 8 on one node, bf16 activations (`trilemma-moe profile-comm`'s "
               "cost model). Regroup time: the share of training wall time spent clustering and in regroup checks. "
               "tokens/s: from the `speed` task when the preset has one (each variant alone on the machine, one "
@@ -137,6 +139,11 @@ def report(preset, runs, done, failed, records, agg, figures, raw, args, wall) -
               "distribution shift (README, \"Dynamic regrouping: what we measured\"). The paper's \"ours\" is its "
               "dynamic method; its row stands beside our default.", ""]
     lines += tables.beside_paper(agg)
+    lines += ["", "### Paired with the default", "",
+              "Each variant with several seeds minus the default (clustered once) on the same seed (same data, "
+              "same initial experts), the mean over seeds and its 95 % t-interval; an interval that excludes 0 "
+              "is a difference larger than seed-to-seed noise. Negative is better for perplexity.", ""]
+    lines += tables.paired_table(records, labels)
     lines += ["", "## Ablations (the paper's Table 3)", "",
               "Each ablation removes one part from our default (clustered once); the paper's removes it from its "
               "dynamic method.", ""]

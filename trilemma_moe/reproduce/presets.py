@@ -58,6 +58,9 @@ def _variants(d_ff: int, k: int, seeds: int) -> Tuple[Variant, ...]:
         Variant("switch", "Switch-Top2", "switch", seeds),
         Variant("deepspeed", "DeepSpeed-MoE top-2", "deepspeed", needs="deepspeed"),
         Variant("static", "Ours (the default: clustered once, static)", "static", seeds),
+        # the memory leg: no full experts at any step (issue 23), its quality paired with static's
+        Variant("compressed-burn-in", "Ours, burn-in on the compressed form (burn_in_form=compressed)", "static",
+                seeds, flags=("--burn-in-form", "compressed")),
         # the regroup rules measured against clustering once (docs/REGROUP.md)
         Variant("dynamic", "Ours, dynamic regrouping (probe similarity, move cost λ=0.25, movers-only migration)",
                 "dynamic", seeds),

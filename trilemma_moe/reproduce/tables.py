@@ -23,7 +23,9 @@ PAPER_DYNAMIC = {"dynamic": (83.5, 0.12), "static": (82.0, 0.22)}
 DEFAULT = "static"
 # the regroup rules compared with clustering once
 DYNAMIC_ROWS = ("dynamic", "probe-free", "paper-regroup", "static")
-MAIN_ROWS = ("dense", "switch", "deepspeed", "static", "dynamic", "int4")
+MAIN_ROWS = ("dense", "switch", "deepspeed", "static", "compressed-burn-in", "dynamic", "int4")
+# seeded variants paired with the default on the same seeds
+PAIRED_ROWS = ("compressed-burn-in", "dynamic", "probe-free", "switch")
 ABLATION_ROWS = ("static", "random-groups", "full-experts", "flat-routing")
 
 
@@ -54,7 +56,7 @@ def _params(agg, variant) -> Optional[Dict[str, float]]:
 
 def main_table(agg, labels: Dict[str, str]) -> List[str]:
     head = ("| Model | Total params | Expert params | WikiText-2 valid PPL | test PPL | SST-2 acc (%) | "
-            "I_load (CV) | Peak train memory (MB) | tokens/s | all-to-all bytes/token @ ep 8 | regroup time |")
+            "I_load (CV) | Peak train memory (MiB) | tokens/s | all-to-all bytes/token @ ep 8 | regroup time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     speed = "speed" if "speed" in agg else "lm"   # the speed pass's tokens/s when it ran
     for v in MAIN_ROWS:
@@ -68,15 +70,34 @@ def main_table(agg, labels: Dict[str, str]) -> List[str]:
             f"| {_fmt(_get(agg, 'lm', v, 'test_ppl'))} "
             f"| {_fmt(_get(agg, 'sst2', v, 'dev_accuracy'), 1, pct=True)} "
             f"| {_fmt(_get(agg, 'lm', v, 'load_cv'), 2)} "
-            f"| {_fmt(_get(agg, 'lm', v, 'peak_memory_bytes'), 1, 2 ** -20)}{_ratio(agg, 'lm', v, 'peak_memory_bytes')} "
+            f"| {_fmt(_get(agg, speed, v, 'peak_memory_bytes'), 1, 2 ** -20)}{_ratio(agg, speed, v, 'peak_memory_bytes')} "
             f"| {_fmt(_get(agg, speed, v, 'tokens_per_s'), 0)}{_ratio(agg, speed, v, 'tokens_per_s')} "
             f"| {_fmt(_get(agg, 'lm', v, 'a2a_bytes_per_token'), 0)}{_ratio(agg, 'lm', v, 'a2a_bytes_per_token')} "
             f"| {_fmt(_get(agg, 'lm', v, 'regroup_share'), 2, pct=True)} % |")
     return lines
 
 
+def paired_table(records: List[Dict[str, Any]], labels: Dict[str, str]) -> List[str]:
+    """Each seeded variant minus the default on the same seed: the mean and its 95 % t-interval."""
+    from .analyse import paired_differences
+
+    lines = [f"| Variant | WikiText-2 valid PPL: Δ vs {DEFAULT} [95 % CI] | SST-2 acc (points): Δ [95 % CI] "
+             "| per-seed Δ PPL | seeds |", "|---|---|---|---|---|"]
+    for v in PAIRED_ROWS:
+        ppl = paired_differences(records, "lm", v, "valid_ppl", DEFAULT)
+        acc = paired_differences(records, "sst2", v, "dev_accuracy", DEFAULT)
+        if ppl is None and acc is None:
+            continue
+        if acc is not None:   # in points
+            acc = {**acc, **{k: 100 * acc[k] for k in ("mean", "std", "low", "high")}}
+        lines.append(f"| {labels.get(v, v)} | {_diff(ppl, 1)} | {_diff(acc, 2)} "
+                     f"| {', '.join(f'{d:+.1f}' for d in ppl['diffs']) if ppl else '–'} | {ppl['n'] if ppl else '–'} |")
+    return lines
+
+
 def beside_paper(agg) -> List[str]:
     """Ratios to Switch-Top2 (the scales differ, the ratios can be compared)."""
+    speed = "speed" if "speed" in agg else "lm"   # memory: the speed pass's runs when it ran
     lines = ["| Ratio to Switch-Top2 | Total params | PPL | SST-2 acc (points) | I_load | Peak memory |",
              "|---|---|---|---|---|---|"]
     for v, paper_key in (("dense", "dense"), (DEFAULT, "ours"), ("int4", "int4")):
@@ -94,7 +115,7 @@ def beside_paper(agg) -> List[str]:
         a, b = _get(agg, "sst2", v, "dev_accuracy"), _get(agg, "sst2", "switch", "dev_accuracy")
         dacc = f"{100 * (a['mean'] - b['mean']):+.1f}" if a and b else "–"
         lines.append(f"| **this run: {paper_key}** | {r('lm', 'total_params')} | {r('lm', 'valid_ppl', 3)} | {dacc} "
-                     f"| {r('lm', 'load_cv')} | {r('lm', 'peak_memory_bytes')} |")
+                     f"| {r('lm', 'load_cv')} | {r(speed, 'peak_memory_bytes')} |")
     return lines
 
 
