@@ -173,11 +173,16 @@ def _check_linear(lin: nn.Linear, d_in: int, d_out: int, name: str) -> None:
                          f"expected Linear({d_in}, {d_out}) for hidden_size={d_in}")
 
 
-def expert_generator(seed: int, layer_index: int, expert: int) -> torch.Generator:
-    """Initialisation depends only on (seed, layer, expert index): never on rank or ep_size."""
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + layer_index * 10_007 + expert * 101 + 17) % (2 ** 63 - 1))
-    return g
+def initial_expert(spec: ExpertSpec, seed: int, layer_index: int, expert: int) -> Dict[str, torch.Tensor]:
+    """Expert ``expert``'s initial weights and biases, nn.Linear's kaiming-uniform bounds. They depend
+    only on (seed, layer, expert index): never on rank or ep_size."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + layer_index * 10_007 + expert * 101 + 17) % (2 ** 63 - 1))
+    w = {name: (torch.rand(di, do, generator=gen) * 2 - 1) * (1.0 / math.sqrt(di))
+         for name, (di, do) in spec.matrices.items()}
+    for name, n in spec.biases.items():
+        fan_in = spec.ffn_hidden_size if name == "b2" else spec.hidden_size
+        w[name] = (torch.rand(n, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+    return w
 
 
 class ExpertSlots(nn.Module):
@@ -193,18 +198,12 @@ class ExpertSlots(nn.Module):
                  gamma=None, svd: str = "exact"):
         super().__init__()
         self.spec, self.G, self.K, self.rank = spec, num_groups, experts_per_group, rank
-        self.group_offset = int(group_offset)
-        self.layer_index, self.gamma, self.svd = layer_index, gamma, svd
-        E = num_groups * experts_per_group
-        self.num_experts = E
-        # burn_in_form="compressed": no full experts at all (shape (0,), as released after the
-        # first clustering); each group starts as its initial experts' decomposition
+        self.group_offset, self.layer_index, self.gamma, self.svd = int(group_offset), layer_index, gamma, svd
+        self.num_experts = E = num_groups * experts_per_group
+        # burn_in_form="compressed": no full experts (shape (0,), as released after the first clustering)
         self.full_storage = burn_in_form == "full"
-        self.full = nn.ParameterDict()
-        self.base = nn.ParameterDict()
-        self.fa = nn.ParameterDict()   # A factors (E, d_in, r)
-        self.fb = nn.ParameterDict()   # B factors (E, d_out, r)
-        self.bias = nn.ParameterDict()
+        # full (E, d_in, d_out); base (G, d_in, d_out); A factors fa (E, d_in, r), B factors fb (E, d_out, r)
+        self.full, self.base, self.fa, self.fb, self.bias = (nn.ParameterDict() for _ in range(5))
         for name, (di, do) in spec.matrices.items():
             self.full[name] = (nn.Parameter(torch.empty(E, di, do)) if self.full_storage
                                else nn.Parameter(torch.empty(0), requires_grad=False))
@@ -216,19 +215,8 @@ class ExpertSlots(nn.Module):
         # one group at a time: K experts' initial weights are the most a compressed start holds
         for g in range(num_groups):
             # the expert index is global (slot table starts as the identity): same weights at any ep_size
-            self.load_group(g, [self._initial_expert(seed, layer_index, (self.group_offset + g) * experts_per_group + j)
+            self.load_group(g, [initial_expert(spec, seed, layer_index, (self.group_offset + g) * experts_per_group + j)
                                 for j in range(experts_per_group)])
-
-    def _initial_expert(self, seed: int, layer_index: int, expert: int) -> Dict[str, torch.Tensor]:
-        gen = expert_generator(seed, layer_index, expert)
-        w = {}
-        for name, (di, do) in self.spec.matrices.items():
-            bound = 1.0 / math.sqrt(di)  # nn.Linear's kaiming-uniform bound
-            w[name] = (torch.rand(di, do, generator=gen) * 2 - 1) * bound
-        for name, n in self.spec.biases.items():
-            fan_in = self.spec.ffn_hidden_size if name == "b2" else self.spec.hidden_size
-            w[name] = (torch.rand(n, generator=gen) * 2 - 1) / math.sqrt(fan_in)
-        return w
 
     @torch.no_grad()
     def load_group(self, g: int, members: List[Dict[str, torch.Tensor]]) -> None:
@@ -236,9 +224,8 @@ class ExpertSlots(nn.Module):
         weights, or without full storage as their decomposition (base = mean, rank-r factors of
         each member's residual, the first clustering's arithmetic; ``gamma`` and ``svd`` as there)."""
         K = self.K
-        for j, w in enumerate(members):
-            for name in self.spec.biases:
-                self.bias[name][g * K + j].copy_(w[name])
+        for name in self.spec.biases:
+            self.bias[name][g * K:(g + 1) * K].copy_(torch.stack([w[name] for w in members]))
         for name in self.spec.matrices:
             stacked = torch.stack([w[name] for w in members])
             if self.full_storage:

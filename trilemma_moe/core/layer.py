@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..config import TrilemmaMoEConfig
 from ..kernels import fused
-from . import clustering, drift, regroup, serving
+from . import clustering, drift, regroup, serving, state_io
 from .compression import compression_ratio, held_compression_ratio
 from .dispatch import DispatchPlan, ExpertParallelDispatcher, LocalDispatcher, owner_compute
 from .experts import ExpertSlots, ExpertSpec
@@ -28,7 +28,6 @@ from .interfaces import ExpertParallelExchange, LocalSync, ParamIO, ReplicaSync
 from .metrics import coefficient_of_variation
 from .routing import HierarchicalRouter, Routing, aux_losses, slot_hits
 from .schedule import StepSchedule
-from . import state_io
 from .state_io import TorchParamIO
 
 __all__ = ["ClusteredMoE", "LocalSync", "clustered_layers"]
@@ -70,8 +69,8 @@ class ClusteredMoE(nn.Module):
                              f"{ep_size} rank(s)")
         G_local = G // ep_size
         offset = 0 if expert_parallel is None else expert_parallel.rank * G_local
-        self.experts = ExpertSlots(self.spec, G_local, K, cfg.rank, cfg.seed, layer_index, group_offset=offset,
-                                   burn_in_form=cfg.burn_in_form, gamma=cfg.gamma, svd=cfg.svd)
+        self.experts = ExpertSlots(self.spec, G_local, K, cfg.rank, cfg.seed, layer_index, offset, cfg.burn_in_form,
+                                   cfg.gamma, cfg.svd)
         self.experts.residual_bits = cfg.residual_bits
         self.dispatcher = LocalDispatcher(G, E, cfg.capacity_factor, cfg.min_capacity)
         self.ep_dispatcher = None if expert_parallel is None else ExpertParallelDispatcher(expert_parallel, G_local, K)
@@ -183,8 +182,7 @@ class ClusteredMoE(nn.Module):
 
     @property
     def compressed(self) -> bool:
-        """Experts are computed from bases + factors: clustered, unless ``low_rank=False``; from the
-        start with ``burn_in_form="compressed"``."""
+        """Experts are computed from bases + factors: clustered (unless ``low_rank=False``), or from the start."""
         return self.config.low_rank and (self.clustered or not self.experts.full_storage)
 
     @property
