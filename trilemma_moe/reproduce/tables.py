@@ -50,6 +50,11 @@ def _ratio(agg, task, variant, key, base="switch") -> str:
     return f" (×{a['mean'] / b['mean']:.2f})"
 
 
+def _speed_task(agg) -> str:
+    """Where tokens/s and peak memory come from: the speed pass (each variant alone) when it ran."""
+    return "speed" if "speed" in agg else "lm"
+
+
 def _params(agg, variant) -> Optional[Dict[str, float]]:
     return _get(agg, "lm", variant, "total_params") or _get(agg, "sst2", variant, "total_params")
 
@@ -58,7 +63,7 @@ def main_table(agg, labels: Dict[str, str]) -> List[str]:
     head = ("| Model | Total params | Expert params | WikiText-2 valid PPL | test PPL | SST-2 acc (%) | "
             "I_load (CV) | Peak train memory (MiB) | tokens/s | all-to-all bytes/token @ ep 8 | regroup time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    speed = "speed" if "speed" in agg else "lm"   # the speed pass's tokens/s when it ran
+    speed = _speed_task(agg)
     for v in MAIN_ROWS:
         if v not in agg.get("lm", {}) and v not in agg.get("sst2", {}):
             continue
@@ -97,7 +102,7 @@ def paired_table(records: List[Dict[str, Any]], labels: Dict[str, str]) -> List[
 
 def beside_paper(agg) -> List[str]:
     """Ratios to Switch-Top2 (the scales differ, the ratios can be compared)."""
-    speed = "speed" if "speed" in agg else "lm"   # memory: the speed pass's runs when it ran
+    speed = _speed_task(agg)
     lines = ["| Ratio to Switch-Top2 | Total params | PPL | SST-2 acc (points) | I_load | Peak memory |",
              "|---|---|---|---|---|---|"]
     for v, paper_key in (("dense", "dense"), (DEFAULT, "ours"), ("int4", "int4")):

@@ -28,6 +28,7 @@ class PeakMemory:
     def __init__(self):
         self.rss_start = current_rss_bytes()
         self.rss_peak: Optional[int] = None
+        self.cuda_peak: Optional[int] = None
         self.device, self.cuda = None, False
 
     def watch(self, device: torch.device) -> None:
