@@ -200,13 +200,14 @@ class ExpertSlots(nn.Module):
         self.spec, self.G, self.K, self.rank = spec, num_groups, experts_per_group, rank
         self.group_offset, self.layer_index, self.gamma, self.svd = int(group_offset), layer_index, gamma, svd
         self.num_experts = E = num_groups * experts_per_group
-        # burn_in_form="compressed": no full experts (shape (0,), as released after the first clustering)
+        # burn_in_form="compressed": no full experts at all (``full`` stays empty; ZeRO-3 cannot
+        # gather zero-size parameters over more than one rank)
         self.full_storage = burn_in_form == "full"
         # full (E, d_in, d_out); base (G, d_in, d_out); A factors fa (E, d_in, r), B factors fb (E, d_out, r)
         self.full, self.base, self.fa, self.fb, self.bias = (nn.ParameterDict() for _ in range(5))
         for name, (di, do) in spec.matrices.items():
-            self.full[name] = (nn.Parameter(torch.empty(E, di, do)) if self.full_storage
-                               else nn.Parameter(torch.empty(0), requires_grad=False))
+            if self.full_storage:
+                self.full[name] = nn.Parameter(torch.empty(E, di, do))
             self.base[name] = nn.Parameter(torch.zeros(num_groups, di, do))
             self.fa[name] = nn.Parameter(torch.zeros(E, di, rank))
             self.fb[name] = nn.Parameter(torch.zeros(E, do, rank))

@@ -117,15 +117,20 @@ def adopt_checkpoint_phase(layer, state_dict, prefix: str) -> None:
     elif not incoming and layer.clustered:
         raise RuntimeError(f"{prefix or 'layer'}: cannot load a burn-in (uncompressed) checkpoint into a "
                            f"layer that has already been clustered; load it into a fresh layer")
+    full_keys = [k for k in state_dict if k.startswith(prefix + "experts.full.")]
     if not incoming:   # a burn-in checkpoint holds the form its burn-in trains: it must be the layer's
-        for name, p in layer.experts.full.items():
-            t = state_dict.get(f"{prefix}experts.full.{name}")
-            if torch.is_tensor(t) and (t.numel() == 0) != (p.numel() == 0):
-                saved = "compressed" if t.numel() == 0 else "full"
-                raise RuntimeError(f"{prefix or 'layer'}: this checkpoint was saved during a burn_in_form={saved!r} "
-                                   f"burn-in; the layer has burn_in_form={layer.config.burn_in_form!r}. Build it with "
-                                   f"burn_in_form={saved!r} to resume")
-    if incoming and compresses:
+        saved_full = any(torch.is_tensor(state_dict[k]) and state_dict[k].numel() > 0 for k in full_keys)
+        if saved_full != layer.experts.full_storage:
+            saved = "full" if saved_full else "compressed"
+            raise RuntimeError(f"{prefix or 'layer'}: this checkpoint was saved during a burn_in_form={saved!r} "
+                               f"burn-in; the layer has burn_in_form={layer.config.burn_in_form!r}. Build it with "
+                               f"burn_in_form={saved!r} to resume")
+    if not layer.experts.full:
+        # a layer without burn-in experts (burn_in_form="compressed") takes none: a clustered
+        # checkpoint written under ZeRO-1/2 still carries them, older ones carry empty placeholders
+        for k in full_keys:
+            del state_dict[k]
+    elif incoming and compresses:
         # A checkpoint written under ZeRO still carries the burn-in experts (DeepSpeed keeps their
         # storage); a layer that released them takes them as released. (state_dict is
         # load_state_dict's own copy.)

@@ -27,6 +27,8 @@ from .deepspeed_layer import DeepSpeedStyleMoE, require_deepspeed
 
 try:
     from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+    from deepspeed.utils import set_z3_leaf_module
+    from .deepspeed_zero3 import permit_stage3
     HAVE_DEEPSPEED = True
 except ImportError:  # the layer still works as a plain nn.Module
     _DeepSpeedMoE = nn.Module
@@ -40,6 +42,16 @@ class TrilemmaMoE(DeepSpeedStyleMoE, _DeepSpeedMoE):
     """Drop-in replacement for ``deepspeed.moe.layer.MoE``: :class:`DeepSpeedStyleMoE` (its
     constructor arguments, forward and methods) with DeepSpeed's ``MoE`` as a base class, so that
     the engine treats it as an MoE layer. Without DeepSpeed installed it is a plain ``nn.Module``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if HAVE_DEEPSPEED:
+            # ZeRO-3 gathers the whole layer before its forward (deepspeed_zero3.py)
+            set_z3_leaf_module(self.moe, True)
+
+
+if HAVE_DEEPSPEED:
+    permit_stage3()
 
 
 def ensure_process_group() -> None:

@@ -127,7 +127,16 @@ class DataParallelSync:
 
 
 def _uses_deepspeed_partitions(module: nn.Module) -> bool:
-    return any(hasattr(p, "_hp_mapping") for p in module.parameters())
+    return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in module.parameters())
+
+
+def deepspeed_param_io(module: nn.Module, optimizer=None) -> DeepSpeedParamIO:
+    """The ParamIO for a layer whose parameters DeepSpeed partitions: ZeRO-3's (``ds_id``) or
+    ZeRO-1/2's and the bf16 optimizer's (``_hp_mapping``)."""
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        from .deepspeed_zero3 import Zero3ParamIO
+        return Zero3ParamIO(optimizer)
+    return DeepSpeedParamIO(optimizer)
 
 
 def unlink_cpu_allreduce_shm() -> bool:
@@ -167,7 +176,7 @@ def attach_engine(engine) -> int:
     ``on_optimizer_step(applied=engine.was_step_applied())``. A step the engine skips (fp16
     loss-scale overflow; a non-finite gradient norm under ZeRO-1/2 or bf16) is then not counted by
     the layers either: their step counters, regroup schedule and activation centroids stay as if
-    it had not run. ZeRO-1/2 and bf16 move optimizer state through DeepSpeed's fp32 partitions;
+    it had not run. ZeRO-1/2/3 and bf16 move optimizer state through DeepSpeed's fp32 partitions;
     ZeRO-0 in fp32 through the torch optimizer the engine wraps. Also unlinks DeepSpeed's CPU
     all-reduce shared memory so a CPU run leaves none behind (:func:`unlink_cpu_allreduce_shm`).
     Returns the number of layers attached.
@@ -181,7 +190,7 @@ def attach_engine(engine) -> int:
     opt = getattr(engine, "optimizer", None)
     for layer in layers:
         if _uses_deepspeed_partitions(layer):
-            layer.set_param_io(DeepSpeedParamIO(opt))
+            layer.set_param_io(deepspeed_param_io(layer, opt))
         else:
             # the optimizer's state only: the steps come from engine.step (a torch step hook
             # as well would count each step twice)

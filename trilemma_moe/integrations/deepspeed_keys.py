@@ -82,6 +82,8 @@ def from_slot_keys(state: MutableMapping[str, object], prefix: str, num_slots: i
             state[prefix + rest.replace("EXPERT", "expert")] = state.pop(key)
     for kn, per in rows.items():
         kind = kn.split(".", 1)[0]
+        if kind == "full" and not any(k.startswith("full.") for k in stacked_names):
+            continue   # burn_in_form="compressed": the layer has no burn-in experts to take them
         if kn not in stacked_names:
             raise KeyError(f"{prefix}{SLOT_PREFIX}<slot>.{kn}: no such expert tensor in this layer "
                            f"(has {sorted(stacked_names)})")

@@ -17,7 +17,8 @@ import torch.nn as nn
 from ..config import TrilemmaMoEConfig, dropin_structure
 from ..core.experts import spec_from_module
 from ..core.layer import ClusteredMoE
-from .deepspeed_engine import DataParallelSync, DeepSpeedParamIO, _uses_deepspeed_partitions
+from .deepspeed_engine import DataParallelSync, DeepSpeedParamIO, _uses_deepspeed_partitions, deepspeed_param_io
+from .deepspeed_zero3 import gathered_parameters, tag_expert_parameters
 from .deepspeed_keys import register_slot_key_hooks
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class DeepSpeedStyleMoE(nn.Module):
             # DeepSpeed's tags for expert parameters: reduced over the expert-data-parallel group.
             p.allreduce = False
             p.group_name = self.expert_group_name
+        tag_expert_parameters(self.moe.experts.parameters(), self.expert_group_name)   # and partitioned over it at stage 3
         if config.offload_idle_steps is not None:
             from .aio import make_tier
             self.moe.offload_tier = make_tier(config.offload_dir, config.aio)
@@ -167,13 +169,14 @@ class DeepSpeedStyleMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         if not isinstance(self.moe.io, DeepSpeedParamIO) and _uses_deepspeed_partitions(self.moe):
-            # Under ZeRO-1/2 or the bf16 optimizer, regroups must write through DeepSpeed.
-            self.moe.set_param_io(DeepSpeedParamIO())
+            # Under ZeRO-1/2/3 or the bf16 optimizer, regroups must write through DeepSpeed.
+            self.moe.set_param_io(deepspeed_param_io(self.moe))
         return self.moe(hidden_states, used_token)
 
     # --- delegation -------------------------------------------------------------------------
     def recluster(self, force: bool = False) -> bool:
-        return self.moe.recluster(force=force)
+        with gathered_parameters(self.moe.parameters()):   # ZeRO-3: between steps they are partitioned
+            return self.moe.recluster(force=force)
 
     def group_assignment(self) -> torch.Tensor:
         return self.moe.group_assignment()
