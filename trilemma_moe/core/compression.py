@@ -127,11 +127,17 @@ def compression_ratio(experts_per_group: int, d_in: int, d_out: int, rank: int) 
     return k * d_in * d_out / (d_in * d_out + k * rank * (d_in + d_out))
 
 
+def held_numel(p: torch.Tensor) -> int:
+    """Elements of ``p`` as its module holds it: between forwards a ZeRO-3 partitioned parameter
+    has ``numel() == 0`` and keeps its full size in ``ds_numel``."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def held_compression_ratio(experts) -> float:
     """Full expert weights (slots x matrices) over the compressed tensors an ``ExpertSlots``
     holds (bases + factors; biases excluded as in Eq. 8)."""
     full = sum(experts.num_experts * di * do for di, do in experts.spec.matrices.values())
-    comp = sum(experts.base[n].numel() + experts.fa[n].numel() + experts.fb[n].numel()
+    comp = sum(held_numel(experts.base[n]) + held_numel(experts.fa[n]) + held_numel(experts.fb[n])
                for n in experts.spec.matrices)
     return full / comp
 

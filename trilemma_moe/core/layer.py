@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..config import TrilemmaMoEConfig
 from ..kernels import fused
 from . import clustering, drift, regroup, serving, state_io
-from .compression import compression_ratio, held_compression_ratio
+from .compression import compression_ratio, held_compression_ratio, held_numel
 from .dispatch import DispatchPlan, ExpertParallelDispatcher, LocalDispatcher, owner_compute
 from .experts import ExpertSlots, ExpertSpec
 from .interfaces import ExpertParallelExchange, LocalSync, ParamIO, ReplicaSync
@@ -207,7 +207,7 @@ class ClusteredMoE(nn.Module):
 
     def expert_parameter_count(self) -> int:
         """Parameters of the expert weights in use (compressed form after the first clustering)."""
-        return sum(p.numel() for p in self.experts.expert_parameters(self.compressed))
+        return sum(held_numel(p) for p in self.experts.expert_parameters(self.compressed))
 
     def stats(self) -> Dict[str, float]:
         """``reclusters`` counts the first clustering and the regroups applied after it;

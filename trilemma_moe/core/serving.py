@@ -13,6 +13,7 @@ from typing import Dict, Optional
 import torch
 
 from . import quant
+from .compression import held_numel
 from .offload import CPUTier, GroupStore
 
 
@@ -77,7 +78,7 @@ def memory_report(layer) -> Dict[str, int]:
     ``store_offloaded``: the offload store's groups in memory / on the offload tier.
     """
     def nb(ts):
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(held_numel(t) * t.element_size() for t in ts)
     ex = layer.experts
     factors = list(ex.fa.values()) + list(ex.fb.values())
     r = {"bases": nb(ex.base.values()), "residual_masters": nb(factors), "biases": nb(ex.bias.values()),

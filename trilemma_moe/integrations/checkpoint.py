@@ -107,6 +107,9 @@ def consolidate(ckpt_dir: str, tag: Optional[str] = None, mp_rank: int = 0) -> D
     tag = resolve_tag(ckpt_dir, tag)
     root = os.path.join(ckpt_dir, tag)
     model_file = os.path.join(root, f"mp_rank_{mp_rank:02d}_model_states.pt")
+    if not os.path.exists(model_file) and glob.glob(os.path.join(root, f"zero_pp_rank_*_mp_rank_{mp_rank:02d}_model_states.pt")):
+        raise RuntimeError(f"{root}: saved under ZeRO stage 3, whose dense weights live only in ZeRO's partition "
+                           f"files: it cannot be resharded; resume it at the world size and ep_size it was saved with")
     state = safe_load(model_file)
     if "module" not in state:
         raise RuntimeError(f"{model_file}: not a DeepSpeed model-states file (no 'module' entry)")

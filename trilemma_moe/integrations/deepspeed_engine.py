@@ -187,6 +187,7 @@ def attach_engine(engine) -> int:
     engine.__dict__["_trilemma_layers"] = layers   # read by the wrappers (a second call refreshes it)
     wrap_once(engine, "step", _step_tells_layers)
     wrap_once(engine, "load_checkpoint", _load_checkpoint_guarded)
+    wrap_once(engine, "save_checkpoint", _save_checkpoint_gathers)
     opt = getattr(engine, "optimizer", None)
     for layer in layers:
         if _uses_deepspeed_partitions(layer):
@@ -262,9 +263,36 @@ def _load_checkpoint_guarded(engine, load: Callable) -> Callable:
         layers = attached_layers(engine)
         for layer in layers:
             layer.refuse_ep_size_change = full
+        from .deepspeed_zero3 import apply_loaded, drop_stash, zero3_layers
+        shells = zero3_layers(engine.module)
         try:
-            return load(*args, **kwargs)
+            out = load(*args, **kwargs)
+            apply_loaded(shells, masters=not full)
+            return out
+        except RuntimeError as exc:
+            if shells and "load_module_only=True" in str(exc):
+                # the layer's advice does not hold at stage 3: DeepSpeed restores stage-3 weights
+                # from partition files saved for one placement only
+                raise RuntimeError(f"{str(exc).split(';')[0]}; under ZeRO stage 3 a checkpoint resumes only at the "
+                                   f"world size and ep_size it was saved with (DeepSpeed keeps dense weights in "
+                                   f"partition files for that placement only)") from exc
+            raise
         finally:
+            drop_stash(shells, "_zero3_loaded")
             for layer in layers:
                 layer.refuse_ep_size_change = False
     return load_checkpoint
+
+
+def _save_checkpoint_gathers(engine, save: Callable) -> Callable:
+    """``engine.save_checkpoint`` that, under ZeRO-3, first gathers each of our layers' parameters
+    on every rank so that the expert files hold whole experts (``deepspeed_zero3.stash_for_save``)."""
+    def save_checkpoint(*args, **kwargs):
+        from .deepspeed_zero3 import drop_stash, stash_for_save, zero3_layers
+        shells = zero3_layers(engine.module)
+        stash_for_save(shells)
+        try:
+            return save(*args, **kwargs)
+        finally:
+            drop_stash(shells, "_zero3_saved")
+    return save_checkpoint

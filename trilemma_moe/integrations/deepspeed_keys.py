@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..core.layer import ClusteredMoE
+from .deepspeed_zero3 import saved_values, take_loaded
 
 SLOT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 STACKED_PREFIX = "moe.experts."
@@ -115,6 +116,7 @@ def register_slot_key_hooks(module: nn.Module) -> None:
 
 def _slot_keys_out(module, state, prefix, local_metadata):
     ex = module.moe.experts
+    saved_values(module, state, prefix)   # ZeRO-3: the gathered copies, not the empty partitions
     if module.ep_size > 1 and module.ep_group is not None:
         # DeepSpeed names expert files by ep_rank * num_local_experts + local slot: that must be
         # the global slot, i.e. ranks hold contiguous groups in rank order.
@@ -132,3 +134,4 @@ def _slot_keys_in(module, state, prefix, *args):
     ex = module.moe.experts
     stacked = dict(ex.state_dict(keep_vars=True))
     from_slot_keys(state, prefix, ex.num_experts, ex.K, stacked)
+    take_loaded(module, state, prefix)    # ZeRO-3: into the partitions after DeepSpeed's load

@@ -137,6 +137,65 @@ class Zero3ParamIO(DeepSpeedParamIO):
                            "use burn_in_form='compressed' under ZeRO stage 3")
 
 
+# --- checkpoints ----------------------------------------------------------------------------
+# DeepSpeed writes an MoE layer's experts from ``module.state_dict()`` on the expert-data-parallel
+# writer ranks only, after partitioning every parameter: under stage 3 that would be empty
+# tensors, and gathering there would be a collective that the other ranks never join. So the
+# engine's save gathers our layers' parameters first, on every rank, one layer at a time, and the
+# shell's state-dict hook writes those copies (:func:`saved_values`). A load takes the full
+# tensors from the files into this rank's partitions itself (:func:`take_loaded` /
+# :func:`apply_loaded`): a partitioned parameter cannot take a full tensor through
+# ``load_state_dict``. Checkpoints therefore hold whole experts per global slot at every stage.
+
+def stash_for_save(shells) -> None:
+    """Before ``engine.save_checkpoint``, on every rank: each shell keeps full copies of its
+    partitioned parameters (gathered over their partition groups, one layer at a time)."""
+    for shell in shells:
+        params = [(n, p) for n, p in shell.named_parameters() if is_zero3_parameter(p)]
+        with gathered_parameters([p for _, p in params]):
+            shell.__dict__["_zero3_saved"] = {n: p.detach().clone() for n, p in params}
+
+
+def drop_stash(shells, key: str) -> None:
+    for shell in shells:
+        shell.__dict__.pop(key, None)
+
+
+def saved_values(shell, state, prefix: str) -> None:
+    """In the shell's state-dict hook: the full copies :func:`stash_for_save` made."""
+    for name, value in shell.__dict__.get("_zero3_saved", {}).items():
+        if prefix + name in state:
+            state[prefix + name] = value
+
+
+def take_loaded(shell, state, prefix: str) -> None:
+    """In the shell's load pre-hook: full tensors meant for partitioned parameters are kept aside
+    (applied by :func:`apply_loaded` once DeepSpeed's load is done) and replaced by the empty
+    tensor the partitioned parameter is between forwards."""
+    taken = {}
+    for name, p in shell.named_parameters():
+        value = state.get(prefix + name)
+        if is_zero3_parameter(p) and torch.is_tensor(value) and value.numel() == p.ds_numel and value.numel():
+            taken[name] = value
+            state[prefix + name] = value.new_empty(0)
+    if taken:
+        shell.__dict__["_zero3_loaded"] = taken
+
+
+def apply_loaded(shells, masters: bool) -> None:
+    """After ``engine.load_checkpoint``: the loaded tensors into this rank's partitions, and into
+    the fp32 masters when the optimizer state did not come with them (``masters``: module-only
+    loads; a full load restores masters and moments from ZeRO's own files)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    for shell in shells:
+        params = dict(shell.named_parameters())
+        for name, value in shell.__dict__.pop("_zero3_loaded", {}).items():
+            p = params[name]
+            _write_partition(p, value)
+            if masters and p.requires_grad:
+                safe_set_full_fp32_param(p, value.float().reshape(p.ds_shape).to(p.device))
+
+
 def _layers_of(model: nn.Module):
     from .deepspeed_layer import DeepSpeedStyleMoE
     return [(name, m) for name, m in model.named_modules() if isinstance(m, DeepSpeedStyleMoE)]
