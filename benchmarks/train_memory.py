@@ -7,10 +7,14 @@ one configuration after another, each in fresh processes.
 Configurations (``--only`` picks some): DeepSpeed's own MoE at ZeRO-2 and at ZeRO-2 with CPU
 optimizer offload; ours at ZeRO-2 with a full burn-in (the paper's: E full experts until the first
 clustering) and with a burn-in on the compressed form (``burn_in_form: compressed``), each also
-with CPU optimizer offload; a dense FFN of the same active weights (width k x d_ff) at ZeRO-2.
-Every run trains ``--steps`` optimizer steps with the first clustering after ``--burn-in``, fp32, a
-torch AdamW from the DeepSpeed config, on the generated corpus (vocabulary 512, so the MoE blocks
-are most of the model).
+with CPU optimizer offload; ours (compressed burn-in) at ZeRO-3, ZeRO-3 with CPU optimizer offload
+and ZeRO-Infinity (parameters and optimizer state on NVMe, ``max_in_cpu: 0`` so that every
+swappable partition goes there; bf16, as Infinity runs on these CPUs); a dense FFN of the same
+active weights (width k x d_ff) at ZeRO-2, ZeRO-3, and at ZeRO-2 and ZeRO-Infinity in bf16.
+Every run trains ``--steps`` optimizer steps with the first clustering after ``--burn-in``, fp32
+unless named bf16, a torch AdamW from the DeepSpeed config (DeepSpeed's CPU Adam where state is
+offloaded), on the generated corpus (vocabulary 512, so the MoE blocks are most of the model).
+The NVMe directory is a temporary one on this machine's disk; its size after training is reported.
 """
 from __future__ import annotations
 
@@ -29,15 +33,22 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 
-# name -> (--ffn, ZeRO stage, optimizer offload device or None, burn_in_form or None)
+# name -> (--ffn, ZeRO stage, optimizer offload device or None, burn_in_form or None,
+#          parameter offload device or None, bf16)
 CONFIGS = {
-    "deepspeed-zero2": ("deepspeed", 2, None, None),
-    "deepspeed-zero2-cpu-offload": ("deepspeed", 2, "cpu", None),
-    "ours-full-burn-in-zero2": ("ours", 2, None, "full"),
-    "ours-full-burn-in-zero2-cpu-offload": ("ours", 2, "cpu", "full"),
-    "ours-compressed-burn-in-zero2": ("ours", 2, None, "compressed"),
-    "ours-compressed-burn-in-zero2-cpu-offload": ("ours", 2, "cpu", "compressed"),
-    "dense-zero2": ("dense", 2, None, None),
+    "deepspeed-zero2": ("deepspeed", 2, None, None, None, False),
+    "deepspeed-zero2-cpu-offload": ("deepspeed", 2, "cpu", None, None, False),
+    "ours-full-burn-in-zero2": ("ours", 2, None, "full", None, False),
+    "ours-full-burn-in-zero2-cpu-offload": ("ours", 2, "cpu", "full", None, False),
+    "ours-compressed-burn-in-zero2": ("ours", 2, None, "compressed", None, False),
+    "ours-compressed-burn-in-zero2-cpu-offload": ("ours", 2, "cpu", "compressed", None, False),
+    "ours-compressed-burn-in-zero3": ("ours", 3, None, "compressed", None, False),
+    "ours-compressed-burn-in-zero3-cpu-offload": ("ours", 3, "cpu", "compressed", None, False),
+    "ours-compressed-burn-in-zero-infinity-nvme-bf16": ("ours", 3, "nvme", "compressed", "nvme", True),
+    "dense-zero2": ("dense", 2, None, None, None, False),
+    "dense-zero3": ("dense", 3, None, None, None, False),
+    "dense-zero2-bf16": ("dense", 2, None, None, None, True),
+    "dense-zero-infinity-nvme-bf16": ("dense", 3, "nvme", None, "nvme", True),
 }
 
 
@@ -47,10 +58,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ds_config(args, stage: int, offload, burn_in_form) -> dict:
+def ds_config(args, stage: int, offload, burn_in_form, offload_param=None, bf16=False, nvme_dir=None) -> dict:
     zero = {"stage": stage}
     if offload:
         zero["offload_optimizer"] = {"device": offload}
+        if offload == "nvme":
+            zero["offload_optimizer"].update(nvme_path=nvme_dir, pin_memory=False)
+    if offload_param:
+        zero["offload_param"] = {"device": offload_param}
+        if offload_param == "nvme":
+            zero["offload_param"].update(nvme_path=nvme_dir, pin_memory=False, max_in_cpu=0)
     cfg = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
            "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "zero_optimization": zero,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
@@ -61,14 +78,23 @@ def ds_config(args, stage: int, offload, burn_in_form) -> dict:
         cfg["zero_force_ds_cpu_optimizer"] = True
     if burn_in_form:
         cfg["trilemma_moe"]["burn_in_form"] = burn_in_form
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if "nvme" in (offload, offload_param):
+        cfg["aio"] = {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True}
     return cfg
 
 
+def _disk_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
 def run_one(args, name: str, workdir: str) -> dict:
-    ffn, stage, offload, form = CONFIGS[name]
+    ffn, stage, offload, form, offload_param, bf16 = CONFIGS[name]
     path = os.path.join(workdir, f"{name}.ds.json")
+    nvme_dir = os.path.join(workdir, f"{name}.nvme")
     with open(path, "w") as f:
-        json.dump(ds_config(args, stage, offload, form), f)
+        json.dump(ds_config(args, stage, offload, form, offload_param, bf16, nvme_dir), f)
     summary = os.path.join(workdir, f"{name}.summary.json")
     d_ff = args.d_ff * args.top_k if ffn == "dense" else args.d_ff
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
@@ -89,6 +115,8 @@ def run_one(args, name: str, workdir: str) -> dict:
     with open(summary) as f:
         s = json.load(f)
     return {"ffn": ffn, "zero_stage": stage, "offload_optimizer": offload, "burn_in_form": form,
+            "offload_param": offload_param, "bf16": bf16,
+            "nvme_bytes_after_training": _disk_bytes(nvme_dir) if os.path.isdir(nvme_dir) else 0,
             "peak_rss_mib_per_rank": [round(b / MIB, 1) for b in s["peak_rss_bytes_per_rank"]],
             "rss_before_model_mib_per_rank": [round(b / MIB, 1) for b in s["rss_before_model_bytes_per_rank"]],
             "total_params_at_start": s["total_params_start"], "total_params_at_end": s["total_params"],
@@ -98,15 +126,21 @@ def run_one(args, name: str, workdir: str) -> dict:
 
 
 def table(results: dict, base: str = "deepspeed-zero2") -> str:
-    ref = max(results[base]["peak_rss_mib_per_rank"]) if base in results else None
-    ref_tps = results[base]["tokens_per_s"] if base in results else None
+    """Peak RSS and tokens/s against DeepSpeed-MoE at ZeRO-2 and against the dense FFN at ZeRO-2
+    of the same precision (``dense-zero2`` / ``dense-zero2-bf16``), where they ran."""
+    def peak(name):
+        return max(results[name]["peak_rss_mib_per_rank"]) if name in results else None
+    ref, ref_tps = peak(base), results[base]["tokens_per_s"] if base in results else None
     lines = ["| configuration | params at start / end | peak RSS per rank (MiB) | × DeepSpeed-MoE ZeRO-2 "
-             "| RSS before the model (MiB) | tokens/s | × |", "|---|---|---|---|---|---|---|"]
+             "| × dense ZeRO-2 (same precision) | NVMe after training (MiB) | RSS before the model (MiB) "
+             "| tokens/s | × |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        peak, tps = max(r["peak_rss_mib_per_rank"]), r["tokens_per_s"]
+        top, tps = max(r["peak_rss_mib_per_rank"]), r["tokens_per_s"]
+        dense = peak("dense-zero2-bf16" if r.get("bf16") else "dense-zero2")
         lines.append(f"| {name} | {r['total_params_at_start']:,} / {r['total_params_at_end']:,} "
                      f"| {' / '.join(f'{m:,.0f}' for m in r['peak_rss_mib_per_rank'])} "
-                     f"| {f'×{peak / ref:.2f}' if ref else '–'} "
+                     f"| {f'×{top / ref:.2f}' if ref else '–'} | {f'×{top / dense:.2f}' if dense else '–'} "
+                     f"| {r.get('nvme_bytes_after_training', 0) / MIB:,.0f} "
                      f"| {' / '.join(f'{m:,.0f}' for m in r['rss_before_model_mib_per_rank'])} "
                      f"| {tps:,.0f} | {f'×{tps / ref_tps:.2f}' if ref_tps else '–'} |")
     return "\n".join(lines)

@@ -5,7 +5,14 @@ tests/unit/checkpoint/test_moe_checkpoint.py): run by tests/test_peer_matrix.py 
 
 One spawn of WORLD gloo CPU processes runs every CASE in sequence (process start-up, gloo and
 DeepSpeed's op build are paid once). Each rank reads its own data. A case is
-``train:EP:ZERO[:bf16][:ckpt][:client]`` or ``parity:ZERO``:
+``train:EP:ZERO[:bf16][:ckpt][:client]``, ``parity:ZERO`` or ``z3pair:EP[:int4]``. ZERO 3 runs
+with ``burn_in_form="compressed"`` (stage 3 requires it), the activation similarity (so that
+scramble() decides the regroups, as the probe rule would not), every parameter partitioned
+(``stage3_param_persistence_threshold: 0``) and no NaN step (ZeRO-3 skips non-finite steps in fp16
+only, see NAN_STAGES); its ``train`` cases also check that expert parameters are partitioned over
+their expert-data-parallel group and the rest over the whole world, and its ``ckpt`` cases that a
+module-only load at another ep size is refused (DeepSpeed restores stage-3 weights for the saved
+placement only).
 
 train   A small net holding TrilemmaMoE (E=8, G=4, r=4, k=2, burn-in 3) under deepspeed.initialize
         at ZERO, expert parallel over EP ranks, 12 optimizer steps through the first clustering
@@ -24,6 +31,8 @@ train   A small net holding TrilemmaMoE (E=8, G=4, r=4, k=2, burn-in 3) under de
         state included) and continue: the loss curve must be the same; then loading the same
         checkpoint at another ep_size with its optimizer state must stop with one clear error naming
         `trilemma-moe reshard`, and loading the weights alone there must compute the same.
+z3pair  The same training under ZeRO-2 and ZeRO-3 (compressed burn-in both times, no NaN step):
+        loss curves within 1e-5 and final parameters within 1e-4 relative (summation order).
 parity  The same net without balance/z losses (their per-rank and expert-parallel forms differ by
         design) and at learning rate 0, at EP 1, 2 and the world size, through the same skewed and
         empty steps, the first clustering and a regroup: expert gradients (``safe_get_full_grad``, in
@@ -122,7 +131,7 @@ def make_config(aux=True, **kw):
     return TrilemmaMoEConfig(**base)
 
 
-def build(ep, zero, bf16=False, aux=True, frozen=False, client=False, compressed=None):
+def build(ep, zero, bf16=False, aux=True, frozen=False, client=False, compressed=None, **knobs):
     import deepspeed
     from trilemma_moe import TrilemmaMoE
     from trilemma_moe.integrations.deepspeed import attach_engine, moe_param_groups
@@ -132,7 +141,7 @@ def build(ep, zero, bf16=False, aux=True, frozen=False, client=False, compressed
     compressed = zero == 3 if compressed is None else compressed
     form = {"burn_in_form": "compressed", "regroup_similarity": "weights"} if compressed else {}
     layer = TrilemmaMoE(D, nn.Sequential(nn.Linear(D, 24), nn.GELU(), nn.Linear(24, D)), num_experts=E, k=2,
-                        ep_size=ep, config=make_config(aux, ep_size=ep, **form))
+                        ep_size=ep, config=make_config(aux, ep_size=ep, **form, **knobs))
     model = Net(layer)
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
@@ -261,9 +270,21 @@ def ep1_layout(layer, module, ep):
     return out
 
 
+def check_zero3_placement(engine, ep):
+    """Expert parameters are partitioned over their expert-data-parallel group (world / ep ranks,
+    the replicas of the same groups), everything else over the whole data-parallel group."""
+    world = dist.get_world_size()
+    for name, p in engine.module.named_parameters():
+        want = world // ep if name.startswith("moe.moe.experts.") else world
+        got = dist.get_world_size(group=p.ds_process_group)
+        assert got == want, f"{name} is partitioned over {got} ranks, not {want}"
+
+
 def run_train(ep, zero, bf16, ckpt, out_dir, client=False):
     rank = dist.get_rank()
     engine, layer = build(ep, zero, bf16, client=client)
+    if zero == 3:
+        check_zero3_placement(engine, ep)
     hooks = HookOrder(engine.module)
     start_eval = eval_loss(engine, layer)
     curve, moved, orders = [], 0, {}
@@ -418,14 +439,15 @@ def run_parity(zero, out_dir):
     return report
 
 
-def run_stage3_pair(ep, out_dir):
+def run_stage3_pair(ep, out_dir, int4=False):
     """The same training (compressed burn-in, each rank its own data, skewed and empty steps, the
     first clustering, a forced regroup that moves experts; no NaN step, see NAN_STAGES) under ZeRO-2
-    and ZeRO-3: the loss curves and the final parameters agree to float tolerance."""
+    and ZeRO-3: the loss curves and the final parameters agree to float tolerance. ``int4``: with
+    INT4 residuals (the forward's quantize-dequantize of the master factors)."""
     rank = dist.get_rank()
     runs = {}
     for zero in (2, 3):
-        engine, layer = build(ep, zero, compressed=True)
+        engine, layer = build(ep, zero, compressed=True, **({"residual_bits": 4} if int4 else {}))
         curve = []
         for step in range(STEPS):
             if step in (CLUSTER_STEP, REGROUP_STEP):
@@ -443,14 +465,14 @@ def run_stage3_pair(ep, out_dir):
     assert set(p2) == set(p3), sorted(set(p2) ^ set(p3))
     worst_param = max(float((p2[n] - p3[n]).abs().max()) / max(float(p2[n].abs().max()), 1e-8) for n in p2)
     assert worst_param <= 1e-4, worst_param   # 12 Adam steps amplify summation-order noise
-    return {"ep": ep, "curve2": c2, "curve3": c3, "moved": m3, "max_rel_loss_diff": worst_loss,
+    return {"ep": ep, "int4": int4, "curve2": c2, "curve3": c3, "moved": m3, "max_rel_loss_diff": worst_loss,
             "max_rel_param_diff": worst_param}
 
 
 def run_case(case, out_dir):
     parts = case.split(":")
     if parts[0] == "z3pair":
-        return run_stage3_pair(int(parts[1]), out_dir)
+        return run_stage3_pair(int(parts[1]), out_dir, int4="int4" in parts)
     if parts[0] == "train":
         return run_train(int(parts[1]), int(parts[2]), "bf16" in parts, "ckpt" in parts,
                          os.path.join(out_dir, case.replace(":", "_")), client="client" in parts)

@@ -68,17 +68,24 @@ def _write_partition(p: torch.Tensor, value: torch.Tensor) -> None:
     """This rank's slice of ``value`` into ``p.ds_tensor`` (partitions are ``ds_tensor.ds_numel``
     elements each, in partition-group rank order, the last one padded)."""
     import torch.distributed as dist
-    part = p.ds_tensor
-    if getattr(part, "final_location", None) is not None:   # swapped to NVMe (ZeRO-Infinity parameters)
-        raise NotImplementedError("regrouping parameters that ZeRO-Infinity keeps on NVMe "
-                                  "(zero_optimization.offload_param.device='nvme') is not supported yet; "
-                                  "use offload_param.device='cpu' or 'none'")
-    size = part.ds_numel
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+    size = p.ds_tensor.ds_numel
     start = size * dist.get_rank(group=p.ds_process_group)
     count = max(0, min(size, p.ds_numel - start))
+    on_nvme = p.ds_tensor.final_location == OffloadDeviceEnum.nvme   # ZeRO-Infinity's offload_param
+    swapped_out = on_nvme and p.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE
+    if swapped_out:
+        p.nvme_swapper.swap_in([p], async_op=False)
     if count:
         with torch.no_grad():
-            part.narrow(0, 0, count).copy_(value.reshape(-1).narrow(0, start, count).to(part.dtype))
+            p.ds_tensor.narrow(0, 0, count).copy_(value.reshape(-1).narrow(0, start, count).to(p.ds_tensor.dtype))
+    if on_nvme:
+        # the file is the partition: write it back (the swapper's name notwithstanding, a
+        # synchronous swap_out_and_release keeps the buffer), and free the buffer we took
+        p.nvme_swapper.swap_out_and_release([p], async_op=False)
+        if swapped_out:
+            p.nvme_swapper.remove_partition_and_release_buffers([p])
 
 
 class Zero3ParamIO(DeepSpeedParamIO):

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TrilemmaMoEConfig
+from ..core.compression import held_numel
 from ..core.experts import activation_fn as _activation
 from ..core.metrics import coefficient_of_variation as load_cv, mean_over_rows
 
@@ -345,7 +346,7 @@ class OursFFN(nn.Module):
     def stored_expert_parameter_count(self) -> int:
         """Elements of every expert tensor held (full experts during burn-in, bases + factors
         allocated ahead of the first clustering, biases)."""
-        return sum(p.numel() for p in self.layer.moe.experts.parameters())
+        return sum(held_numel(p) for p in self.layer.moe.experts.parameters())
 
 
 def variant_config(config: TrilemmaMoEConfig, variant: str) -> TrilemmaMoEConfig:

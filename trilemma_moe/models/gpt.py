@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.compression import held_numel
 from ..config import TrilemmaMoEConfig
 from .ffn import build_ffn
 
@@ -133,7 +134,7 @@ class GPT(nn.Module):
         for p in self.parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                total += p.numel()
+                total += held_numel(p)   # a ZeRO-3 partitioned parameter's full size
         # replace the stored expert tensors by the in-use count (equal except for ours after
         # clustering, where unused full-expert slots may still be allocated)
         total = total - expert_stored + expert_in_use
