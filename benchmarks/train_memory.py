@@ -67,7 +67,14 @@ def ds_config(args, stage: int, offload, burn_in_form, offload_param=None, bf16=
     if offload_param:
         zero["offload_param"] = {"device": offload_param}
         if offload_param == "nvme":
-            zero["offload_param"].update(nvme_path=nvme_dir, pin_memory=False, max_in_cpu=0)
+            # a ZeRO-3 leaf module gathers a whole MoE layer and the next one is prefetched: room for
+            # every swappable tensor of two layers (ds_configs/README.md)
+            zero["offload_param"].update(nvme_path=nvme_dir, pin_memory=False, max_in_cpu=0,
+                                         buffer_count=16, buffer_size=5 * 10 ** 6)
+            zero["stage3_prefetch_bucket_size"] = 0   # DeepSpeed's NVMe prefetch fails on leaf modules
+            # optimizer state swaps in sub-groups of this many elements (the default, 1e9, would
+            # bring a rank's whole fp32 state back into memory at every step)
+            zero["sub_group_size"] = 2 * 10 ** 6
     cfg = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
            "gradient_clipping": 1.0, "steps_per_print": 10 ** 9, "zero_optimization": zero,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
@@ -165,20 +172,20 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results (JSON) here")
     args = p.parse_args(argv)
     names = args.only or list(CONFIGS)
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+            "command": "python benchmarks/train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "memory": "ru_maxrss of each rank's process up to the end of training (the trainer's --measure-memory)"}
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         for name in tqdm(names, desc="train_memory", unit="config"):
             results[name] = run_one(args, name, workdir)
+            if args.out:   # after every configuration: a failure later keeps what ran
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                tmp = args.out + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"meta": meta, "args": vars(args), "results": results}, f, indent=1)
+                os.replace(tmp, args.out)
     print(table(results))
-    if args.out:
-        meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-                "command": "python benchmarks/train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "memory": "ru_maxrss of each rank's process up to the end of training (the trainer's --measure-memory)"}
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "args": vars(args), "results": results}, f, indent=1)
-        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

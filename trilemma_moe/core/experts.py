@@ -200,8 +200,7 @@ class ExpertSlots(nn.Module):
         self.spec, self.G, self.K, self.rank = spec, num_groups, experts_per_group, rank
         self.group_offset, self.layer_index, self.gamma, self.svd = int(group_offset), layer_index, gamma, svd
         self.num_experts = E = num_groups * experts_per_group
-        # burn_in_form="compressed": no full experts at all (``full`` stays empty; ZeRO-3 cannot
-        # gather zero-size parameters over more than one rank)
+        # burn_in_form="compressed": ``full`` stays empty (ZeRO-3 cannot gather zero-size parameters)
         self.full_storage = burn_in_form == "full"
         # full (E, d_in, d_out); base (G, d_in, d_out); A factors fa (E, d_in, r), B factors fb (E, d_out, r)
         self.full, self.base, self.fa, self.fb, self.bias = (nn.ParameterDict() for _ in range(5))
