@@ -8,7 +8,7 @@ Configurations (``--only`` picks some): DeepSpeed's own MoE at ZeRO-2 and at ZeR
 optimizer offload; ours at ZeRO-2 with a full burn-in (the paper's: E full experts until the first
 clustering) and with a burn-in on the compressed form (``burn_in_form: compressed``), each also
 with CPU optimizer offload; ours (compressed burn-in) at ZeRO-3, ZeRO-3 with CPU optimizer offload
-and ZeRO-Infinity (parameters and optimizer state on NVMe, ``max_in_cpu: 0`` so that every
+and ZeRO-Infinity (``-recompute``: also with ``recompute_experts``, at ZeRO-2 and ZeRO-Infinity) (parameters and optimizer state on NVMe, ``max_in_cpu: 0`` so that every
 swappable partition goes there; bf16, as Infinity runs on these CPUs); a dense FFN of the same
 active weights (width k x d_ff) at ZeRO-2, ZeRO-3, and at ZeRO-2 and ZeRO-Infinity in bf16.
 Every run trains ``--steps`` optimizer steps with the first clustering after ``--burn-in``, fp32
@@ -45,6 +45,8 @@ CONFIGS = {
     "ours-compressed-burn-in-zero3": ("ours", 3, None, "compressed", None, False),
     "ours-compressed-burn-in-zero3-cpu-offload": ("ours", 3, "cpu", "compressed", None, False),
     "ours-compressed-burn-in-zero-infinity-nvme-bf16": ("ours", 3, "nvme", "compressed", "nvme", True),
+    "ours-compressed-burn-in-zero2-recompute": ("ours", 2, None, "compressed", None, False),
+    "ours-compressed-burn-in-zero-infinity-nvme-bf16-recompute": ("ours", 3, "nvme", "compressed", "nvme", True),
     "dense-zero2": ("dense", 2, None, None, None, False),
     "dense-zero3": ("dense", 3, None, None, None, False),
     "dense-zero2-bf16": ("dense", 2, None, None, None, True),
@@ -100,8 +102,11 @@ def run_one(args, name: str, workdir: str) -> dict:
     ffn, stage, offload, form, offload_param, bf16 = CONFIGS[name]
     path = os.path.join(workdir, f"{name}.ds.json")
     nvme_dir = os.path.join(workdir, f"{name}.nvme")
+    cfg = ds_config(args, stage, offload, form, offload_param, bf16, nvme_dir)
+    if name.endswith("-recompute"):   # activation checkpointing of our expert compute
+        cfg["trilemma_moe"]["recompute_experts"] = True
     with open(path, "w") as f:
-        json.dump(ds_config(args, stage, offload, form, offload_param, bf16, nvme_dir), f)
+        json.dump(cfg, f)
     summary = os.path.join(workdir, f"{name}.summary.json")
     d_ff = args.d_ff * args.top_k if ffn == "dense" else args.d_ff
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),

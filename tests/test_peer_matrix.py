@@ -29,7 +29,7 @@ CASES = ["train:1:0", "train:1:1", "train:1:2", "train:2:0", "train:2:1", "train
          "train:4:1:ckpt", "train:4:2", "train:2:2:bf16", "train:1:1:bf16", "train:2:1:client", "train:4:2:client",
          "parity:0", "parity:1", "parity:2",
          "train:1:3", "train:2:3:ckpt", "train:4:3:ckpt", "train:2:3:client", "parity:3",
-         "z3pair:1", "z3pair:2", "z3pair:4", "z3pair:2:int4"]
+         "z3pair:1", "z3pair:2", "z3pair:4", "z3pair:2:int4", "z3pair:1:recompute"]
 # README: "expert gradients agree across ep sizes to ..." (the worst relative difference measured
 # over the parity cases, with margin for other CPUs' summation order)
 PARITY_README = 1e-5
@@ -107,10 +107,10 @@ def test_checkpoints_continue_the_curve_and_refuse_another_ep_size(matrix):
 def test_zero3_trains_as_zero2_does(matrix):
     """The same training (compressed burn-in, skewed and empty steps, the first clustering, a
     regroup that moves experts) under ZeRO-2 and ZeRO-3 at ep 1 (experts partitioned over 4
-    ranks), 2 and 4, and with INT4 residuals at ep 2: the same loss curve and parameters to float
-    tolerance."""
+    ranks), 2 and 4, with INT4 residuals at ep 2 and with recompute_experts at ep 1: the same loss
+    curve and parameters to float tolerance."""
     world, results, _ = matrix
-    for case in ("z3pair:1", "z3pair:2", "z3pair:4", "z3pair:2:int4"):
+    for case in ("z3pair:1", "z3pair:2", "z3pair:4", "z3pair:2:int4", "z3pair:1:recompute"):
         r = results[case][0]
         assert r["moved"] > 0
         assert r["max_rel_loss_diff"] <= 1e-5 and r["max_rel_param_diff"] <= 1e-4, r

@@ -133,6 +133,7 @@ class TrilemmaMoEConfig:
     seed: int = 1234               # expert init, k-means++ and cache sketches derive from it
     # --- precision and memory (3.4) ---------------------------------------------------------
     residual_bits: int = 16        # 4: INT4 residual factors (packed, per (slot, rank column) scale/zero); 16: as the params
+    recompute_experts: bool = False  # activation checkpointing of the expert compute: backward recomputes it
     offload_idle_steps: Optional[int] = None  # S_idle: evict a group idle this many steps (inference store); None = off
     prefetch_lookahead: int = 2    # L: prefetch groups the EMA predictor expects within the next L steps
     prefetch_ema_rate: float = 0.3  # EMA rate of the predictor's per-group selection frequency (ours)
@@ -247,8 +248,9 @@ class TrilemmaMoEConfig:
         self._check_int("prefetch_lookahead", 0)
         self._check_range("prefetch_ema_rate", 0.0, 1.0, low_open=True)
         self._check_range("prefetch_threshold", 0.0, 1.0, low_open=True)
-        if not isinstance(self.prefetch_router_evidence, bool):
-            raise ValueError(f"prefetch_router_evidence must be True or False, got {self.prefetch_router_evidence!r}")
+        for name in ("prefetch_router_evidence", "recompute_experts"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.offload_dir is not None and (not isinstance(self.offload_dir, str) or not self.offload_dir):
             raise ValueError(f"offload_dir must be a non-empty path string or None, got {self.offload_dir!r}")
         if self.aio is not None:

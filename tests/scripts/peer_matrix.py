@@ -5,7 +5,7 @@ tests/unit/checkpoint/test_moe_checkpoint.py): run by tests/test_peer_matrix.py 
 
 One spawn of WORLD gloo CPU processes runs every CASE in sequence (process start-up, gloo and
 DeepSpeed's op build are paid once). Each rank reads its own data. A case is
-``train:EP:ZERO[:bf16][:ckpt][:client]``, ``parity:ZERO`` or ``z3pair:EP[:int4]``. ZERO 3 runs
+``train:EP:ZERO[:bf16][:ckpt][:client]``, ``parity:ZERO`` or ``z3pair:EP[:int4][:recompute]``. ZERO 3 runs
 with ``burn_in_form="compressed"`` (stage 3 requires it), the activation similarity (so that
 scramble() decides the regroups, as the probe rule would not), every parameter partitioned
 (``stage3_param_persistence_threshold: 0``) and no NaN step (ZeRO-3 skips non-finite steps in fp16
@@ -455,15 +455,17 @@ def _gauge_free(params):
     return dict(sorted(out.items()))
 
 
-def run_stage3_pair(ep, out_dir, int4=False):
+def run_stage3_pair(ep, out_dir, int4=False, recompute=False):
     """The same training (compressed burn-in, each rank its own data, skewed and empty steps, the
     first clustering, a forced regroup that moves experts; no NaN step, see NAN_STAGES) under ZeRO-2
     and ZeRO-3: the loss curves and the final parameters agree to float tolerance. ``int4``: with
-    INT4 residuals (the forward's quantize-dequantize of the master factors)."""
+    INT4 residuals (the forward's quantize-dequantize of the master factors); ``recompute``: with
+    ``recompute_experts`` (the backward recomputes the expert compute of the gathered layer)."""
     rank = dist.get_rank()
     runs = {}
     for zero in (2, 3):
-        engine, layer = build(ep, zero, compressed=True, **({"residual_bits": 4} if int4 else {}))
+        knobs = dict({"residual_bits": 4} if int4 else {}, **({"recompute_experts": True} if recompute else {}))
+        engine, layer = build(ep, zero, compressed=True, **knobs)
         curve = []
         for step in range(STEPS):
             if step in (CLUSTER_STEP, REGROUP_STEP):
@@ -481,14 +483,14 @@ def run_stage3_pair(ep, out_dir, int4=False):
     assert set(p2) == set(p3), sorted(set(p2) ^ set(p3))
     worst_param = max(_rel_diff(a, b) for a, b in zip(_gauge_free(p2).values(), _gauge_free(p3).values()))
     assert worst_param <= 1e-4, worst_param   # 12 Adam steps amplify summation-order noise
-    return {"ep": ep, "int4": int4, "curve2": c2, "curve3": c3, "moved": m3, "max_rel_loss_diff": worst_loss,
+    return {"ep": ep, "int4": int4, "recompute": recompute, "curve2": c2, "curve3": c3, "moved": m3, "max_rel_loss_diff": worst_loss,
             "max_rel_param_diff": worst_param}
 
 
 def run_case(case, out_dir):
     parts = case.split(":")
     if parts[0] == "z3pair":
-        return run_stage3_pair(int(parts[1]), out_dir, int4="int4" in parts)
+        return run_stage3_pair(int(parts[1]), out_dir, int4="int4" in parts, recompute="recompute" in parts)
     if parts[0] == "train":
         return run_train(int(parts[1]), int(parts[2]), "bf16" in parts, "ckpt" in parts,
                          os.path.join(out_dir, case.replace(":", "_")), client="client" in parts)

@@ -21,17 +21,13 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .compression import decompose_groups
 from .quant import fake_quant
 
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "identity": lambda x: x,   # Linear -> Linear experts (DeepSpeed's own MoE tests use them)
-}
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu,
+               "identity": lambda x: x}   # identity: Linear -> Linear experts (DeepSpeed's MoE tests use them)
 _SUPPORTED_ACTS = "GELU(approximate='none' or 'tanh'), ReLU, SiLU, Identity, or none between the Linear layers"
 
 
@@ -303,6 +299,7 @@ class ExpertSlots(nn.Module):
 
     # --- forward -------------------------------------------------------------------------
     residual_bits = 16  # set by the layer from its config; 4 = forward sees INT4 factors (core/quant.py)
+    recompute = False   # set by the layer (recompute_experts): the backward recomputes the forward below
 
     def residual(self, p: torch.Tensor) -> torch.Tensor:
         """A factor as the forward sees it: the master, or its INT4 value (straight-through grad)."""
@@ -317,13 +314,16 @@ class ExpertSlots(nn.Module):
                 {n: self.residual(p).unbind(0) for n, p in self.fb.items()},
                 {n: p.unbind(0) for n, p in self.bias.items()})
 
-    def forward(self, x_pairs: torch.Tensor, pair_group_counts: List[int], row_pair: torch.Tensor,
-                row_weight: torch.Tensor, slot_counts: List[int], compressed: bool, views=None) -> torch.Tensor:
-        """Compute stage. Inputs come from the dispatch stage:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():   # keeps only the inputs for the backward
+            return checkpoint(self.compute, *args, use_reentrant=False, **kwargs)
+        return self.compute(*args, **kwargs)
 
-        x_pairs (P, d): one row per (token, chosen group), sorted by group;
-        pair_group_counts: rows per group; row_pair/row_weight (R,): one row per
-        (pair, chosen expert), sorted by slot, with its combine weight; slot_counts: rows per slot.
+    def compute(self, x_pairs: torch.Tensor, pair_group_counts: List[int], row_pair: torch.Tensor,
+                row_weight: torch.Tensor, slot_counts: List[int], compressed: bool, views=None) -> torch.Tensor:
+        """Compute stage. Inputs come from the dispatch stage: x_pairs (P, d): one row per (token,
+        chosen group), sorted by group; pair_group_counts: rows per group; row_pair/row_weight (R,): one
+        row per (pair, chosen expert), sorted by slot, with its combine weight; slot_counts: rows per slot.
         ``views``: compressed weights from elsewhere (the offload store), as :meth:`param_views`
         returns them; only the groups and slots that receive rows are read.
         Returns (P, d): sum over the pair's chosen experts of w_i * expert_i(x).

@@ -71,7 +71,7 @@ class ClusteredMoE(nn.Module):
         offset = 0 if expert_parallel is None else expert_parallel.rank * G_local
         self.experts = ExpertSlots(self.spec, G_local, K, cfg.rank, cfg.seed, layer_index, offset, cfg.burn_in_form,
                                    cfg.gamma, cfg.svd)
-        self.experts.residual_bits = cfg.residual_bits
+        self.experts.residual_bits, self.experts.recompute = cfg.residual_bits, cfg.recompute_experts
         self.dispatcher = LocalDispatcher(G, E, cfg.capacity_factor, cfg.min_capacity)
         self.ep_dispatcher = None if expert_parallel is None else ExpertParallelDispatcher(expert_parallel, G_local, K)
         self.offload_tier = None    # where idle groups go (integrations set NVMe/aio); CPU memory if unset

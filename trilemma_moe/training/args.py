@@ -42,6 +42,7 @@ TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
 FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank": "rank",
                  "top_k": "top_k", "burn_in": "burn_in", "burn_in_form": "burn_in_form",
                  "recluster_interval": "recluster_interval", "residual_bits": "residual_bits",
+                 "recompute_experts": "recompute_experts",
                  "offload_idle_steps": "offload_idle_steps", "prefetch_lookahead": "prefetch_lookahead",
                  "offload_dir": "offload_dir", "ep_size": "ep_size", "regroup_trigger": "regroup_trigger",
                  "drift_threshold": "drift_threshold", "drift_every": "drift_every"}
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("precision and memory (override --config)")
     g.add_argument("--residual-bits", type=int, default=None, choices=(4, 16),
                    help="residual factor bits (default 16)")
+    g.add_argument("--recompute-experts", action="store_true", default=None,
+                   help="activation checkpointing of our expert compute: the backward recomputes it "
+                        "instead of keeping its d_ff-wide activations (default: off)")
     g.add_argument("--offload-idle-steps", type=int, default=None,
                    help="S_idle: offload groups idle this many evaluation steps (default: off)")
     g.add_argument("--prefetch-lookahead", type=int, default=None, help="L: prefetch lookahead (default 2)")
