@@ -117,6 +117,10 @@ def run_one(args, name: str, workdir: str) -> dict:
            "--no-progress", "--measure-memory", "--summary-json", summary]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if args.malloc_mmap_threshold is not None:
+        # glibc: allocations at least this large are mmapped and go back to the system when freed
+        # (by default the threshold rises after large frees, and freed heap memory stays resident)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     log = os.path.join(workdir, f"{name}.log")
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -174,6 +178,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--burn-in", type=int, default=2)
     p.add_argument("--only", nargs="*", choices=sorted(CONFIGS), default=None)
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                   help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for the runs (default: glibc's dynamic one)")
     p.add_argument("--out", default=None, help="write the results (JSON) here")
     args = p.parse_args(argv)
     names = args.only or list(CONFIGS)
