@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import resource
 
 import torch
+
+from trilemma_moe.training.measure import current_rss_bytes, peak_rss_bytes
 
 MIB = 1 << 20
 
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return current_rss_bytes() / MIB
 
 
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / MIB
 
 
 def main(argv=None):

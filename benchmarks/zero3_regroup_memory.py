@@ -9,8 +9,9 @@ One block at the README example's dims (d=768, d_ff=3072, E=32, G=8, r=16, top-2
 ranks, ZeRO-3 at ep_size 1 (experts partitioned over both ranks) and ep_size 2 (each rank its own
 4 groups), compressed burn-in, with the default ``regroup_migration="movers"`` (movers re-expressed
 on their new group's base) and with ``"redecompose"`` (every changed group decomposed afresh: the
-most a regroup writes). Memory: VmRSS from /proc/self/status (what the process holds),
-sampled by a thread; peak minus the level just before the regroup.
+most a regroup writes). Memory: the resident set size (VmRSS, read by the trainer's
+``training.measure.current_rss_bytes``), sampled by a thread; peak minus the level just before
+the regroup.
 """
 from __future__ import annotations
 
@@ -29,20 +30,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from trilemma_moe.training.measure import current_rss_bytes as rss_bytes
+
 MIB = 1 << 20
 D, F, E, G, R = 768, 3072, 32, 8, 16
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 class Sampler:
-    """The highest VmRSS seen while the block runs, one sample per millisecond."""
+    """The highest resident set size seen while the block runs, one sample per millisecond."""
 
     def __enter__(self):
         self.peak, self.running = rss_bytes(), True
@@ -143,7 +138,7 @@ def main(argv=None):
     if args.out:
         meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
                 "command": "python benchmarks/zero3_regroup_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "memory": "VmRSS sampled every ms during the regroup, minus VmRSS just before it (rank 0)"}
+                "memory": "resident set size (VmRSS) sampled every ms during the regroup, minus VmRSS just before it (rank 0)"}
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)

@@ -172,7 +172,8 @@ def scramble(layer, step):
     step is decided identically everywhere and moves experts."""
     layer.moe.step   # first catch up on a skipped step: that restores the step's centroids
     with torch.no_grad():
-        layer.moe.centroids.copy_(torch.randn(E, D, generator=torch.Generator().manual_seed(77 + step)))
+        shape = layer.moe.centroids.shape   # (E, D) here; zero3_infinity.py's layer has its own
+        layer.moe.centroids.copy_(torch.randn(*shape, generator=torch.Generator().manual_seed(77 + step)))
         layer.moe.centroid_seen.fill_(True)
 
 

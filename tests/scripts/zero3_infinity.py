@@ -68,7 +68,6 @@ def train(engine, layer):
     curve = []
     for step in range(STEPS):
         if step == REGROUP_BEFORE:
-            PM.E, PM.D = E, D          # scramble() draws centroids of our shapes
             PM.scramble(layer, step)
             assert layer.recluster(force=True)
         x = torch.randn(2, TOKENS, D, generator=torch.Generator().manual_seed(100 * step + rank)).bfloat16()

@@ -57,17 +57,21 @@ class DeepSpeedParamIO(TorchParamIO):
             return p.detach()
         return safe_get_full_fp32_param(p).to(p.device)
 
+    def _has_state(self, p, key) -> bool:
+        """Whether this rank's part of ``p`` has optimizer state ``key`` (True for a parameter
+        outside this rank's partition)."""
+        mapping = p._hp_mapping
+        if mapping is not None and not (mapping.optim_fragment and key in mapping.optim_fragment):
+            self._relink()
+        return mapping is None or (mapping.optim_fragment is not None and key in mapping.optim_fragment)
+
     def read_state(self, p, key):
         """The full optimizer state, or None on every rank if any rank has none yet (agreed over
         the whole world: the rule applied to it may fetch rows across the expert-parallel group,
         so every rank must take the same branch)."""
         import torch.distributed as dist
         from deepspeed.utils import safe_get_full_optimizer_state
-        mapping = p._hp_mapping
-        if mapping is not None and not (mapping.optim_fragment and key in mapping.optim_fragment):
-            self._relink()
-        have = mapping is None or (mapping.optim_fragment is not None and key in mapping.optim_fragment)
-        flag = torch.tensor([1.0 if have else 0.0])
+        flag = torch.tensor([1.0 if self._has_state(p, key) else 0.0])
         if dist.is_initialized():
             flag = flag.to(comm_device(None, p.device))
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -76,11 +80,16 @@ class DeepSpeedParamIO(TorchParamIO):
         return safe_get_full_optimizer_state(p, key)
 
     def write(self, p, value, rule):
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_fp32_param
         p.data.copy_(value.to(p.dtype))
         if not hasattr(p, "_hp_mapping"):
             return
         safe_set_full_fp32_param(p, value.float().to(p.device))
+        self._write_states(p, rule)
+
+    def _write_states(self, p, rule) -> None:
+        """Adam's moments of ``p`` rewritten by ``rule`` (state_io's rules), through the fp32 partitions."""
+        from deepspeed.utils import safe_set_full_optimizer_state
         if rule is None:
             return
         for key in _ADAM_KEYS:

@@ -104,26 +104,14 @@ class Zero3ParamIO(DeepSpeedParamIO):
         return p.detach()
 
     def _has_state(self, p, key) -> bool:
+        # stage 3 keeps the state per flat fp32 sub-group: none before the first step
+        # (read_state, inherited, agrees on it over the world)
         opt = p._z3_optimizer
         group = opt.grad_position[opt.get_param_id(p)][0]
         return key in opt.optimizer.state.get(opt.fp32_partitioned_groups_flat[group], {})
 
-    def read_state(self, p, key):
-        """The full optimizer state; None on every rank when any rank has none yet (before the
-        first step), agreed over the world as in :class:`DeepSpeedParamIO`."""
-        import torch.distributed as dist
-        from deepspeed.utils import safe_get_full_optimizer_state
-        flag = torch.tensor([1.0 if self._has_state(p, key) else 0.0])
-        if dist.is_initialized():
-            from ..parallel.comm import comm_device
-            flag = flag.to(comm_device(None, p.device))
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if flag.item() == 0.0:
-            return None
-        return safe_get_full_optimizer_state(p, key)
-
     def write(self, p, value, rule):
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_fp32_param
         if not is_zero3_parameter(p):
             return super().write(p, value, rule)
         if _gathered(p):
@@ -132,12 +120,7 @@ class Zero3ParamIO(DeepSpeedParamIO):
         if not p.requires_grad:
             return
         safe_set_full_fp32_param(p, value.float().reshape(p.ds_shape).to(p.device))
-        if rule is None:
-            return
-        for key in ("exp_avg", "exp_avg_sq"):
-            old = self.read_state(p, key)
-            if old is not None:
-                safe_set_full_optimizer_state(p, rule(key, old.float()).to(old.device), key)
+        self._write_states(p, rule)
 
     def release(self, p):
         raise RuntimeError("ZeRO-3 cannot free burn-in experts inside its flat partitions: "
