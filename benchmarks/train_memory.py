@@ -95,7 +95,14 @@ def ds_config(args, stage: int, offload, burn_in_form, offload_param=None, bf16=
 
 
 def _disk_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(d, f))
+            except OSError:   # a swap file removed while walking (capacity.py samples during a run)
+                pass
+    return total
 
 
 def run_one(args, name: str, workdir: str) -> dict:
