@@ -48,7 +48,7 @@ import time
 
 from tqdm import tqdm
 
-from train_memory import _disk_bytes, _free_port   # benchmarks/ is on sys.path when run as a script
+from train_memory import _disk_bytes, ds_config, main_job_command   # benchmarks/ is on sys.path as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB, MIB = 1 << 30, 1 << 20
@@ -92,9 +92,6 @@ class MemoryCgroup:
     def add(self, pid: int) -> None:
         self._write("cgroup.procs", str(pid))
 
-    def usage(self) -> int:
-        return int(self._read("memory.current" if self.v2 else "memory.usage_in_bytes"))
-
     def peak(self) -> int | None:
         name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"
         return int(self._read(name)) if os.path.exists(os.path.join(self.path, name)) else None
@@ -115,28 +112,18 @@ class MemoryCgroup:
 
 
 def trial_config(args, setting: str, num_experts: int, nvme_dir: str) -> dict:
-    groups = num_experts // args.group_size
-    cfg = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
-           "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-           "trilemma_moe": {"num_experts": num_experts, "num_groups": groups, "rank": args.rank,
-                            "top_k": 2, "burn_in": args.burn_in}}
+    """train_memory.py's DeepSpeed config of the setting, at this expert count."""
+    shape = argparse.Namespace(**vars(args), num_experts=num_experts, num_groups=num_experts // args.group_size,
+                               top_k=2)
     if setting.startswith("deepspeed-zero"):
-        cfg["zero_optimization"] = {"stage": int(setting[-1])}
-        return cfg
-    # ours under ZeRO-Infinity: every swappable partition on NVMe (ds_configs/README.md)
-    largest = groups * args.d_model * args.d_ff   # one stacked base tensor; one rank holds it whole
-    cfg["bf16"] = {"enabled": True}
-    cfg["trilemma_moe"]["burn_in_form"] = "compressed"
-    cfg["zero_optimization"] = {
-        "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0,
-        "sub_group_size": args.sub_group_size,
-        "offload_param": {"device": "nvme", "nvme_path": nvme_dir, "pin_memory": False, "max_in_cpu": 0,
-                          "buffer_count": args.buffer_count, "buffer_size": largest},
-        "offload_optimizer": {"device": "nvme", "nvme_path": nvme_dir, "pin_memory": False}}
-    cfg["aio"] = {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True}
-    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}   # DeepSpeed's CPU Adam for swapped state
-    cfg["zero_force_ds_cpu_optimizer"] = True
+        return ds_config(shape, int(setting[-1]), None, None)
+    cfg = ds_config(shape, 3, "nvme", "compressed", "nvme", bf16=True, nvme_dir=nvme_dir)
+    zero = cfg["zero_optimization"]
+    zero["stage3_param_persistence_threshold"] = 0   # every parameter partitioned, so swappable
+    zero["sub_group_size"] = args.sub_group_size
+    # the largest partition is one stacked base tensor (G x d x d_ff); one rank holds it whole
+    zero["offload_param"].update(buffer_count=args.buffer_count,
+                                 buffer_size=shape.num_groups * args.d_model * args.d_ff)
     return cfg
 
 
@@ -148,12 +135,7 @@ def run_trial(args, setting: str, num_experts: int, workdir: str, limit_bytes: i
     with open(path, "w") as f:
         json.dump(trial_config(args, setting, num_experts, nvme_dir), f)
     ffn = "deepspeed" if setting.startswith("deepspeed") else "ours"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
-           "--master_port", str(_free_port()), "--module", "trilemma_moe.train", "--deepspeed_config", path,
-           "--ffn", ffn, "--d-model", str(args.d_model), "--d-ff", str(args.d_ff), "--layers", str(args.layers),
-           "--heads", "8", "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--eval-every", "0", "--eval-batches", "1", "--final-eval-batches", "1",
-           "--no-progress", "--measure-memory", "--summary-json", summary]
+    cmd = main_job_command(args, ffn, args.d_ff, 1, path, summary)
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1), DS_ACCELERATOR="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cgroup = MemoryCgroup(limit_bytes, f"trilemma_capacity_{os.getpid()}")
@@ -187,10 +169,10 @@ def run_trial(args, setting: str, num_experts: int, workdir: str, limit_bytes: i
     seconds = time.time() - t0
     with open(log, errors="replace") as f:
         text = f.read()
-    oom, no_space = cgroup.oom_killed(), "No space left on device" in text
+    oom, no_space, peak = cgroup.oom_killed(), "No space left on device" in text, cgroup.peak()
     result = {"setting": setting, "num_experts": num_experts, "num_groups": num_experts // args.group_size,
               "exit_code": rc, "oom_killed": oom, "disk_full": no_space, "trial_seconds": round(seconds, 1),
-              "cgroup_peak_mib": round(cgroup.peak() / MIB) if cgroup.peak() is not None else None,
+              "cgroup_peak_mib": round(peak / MIB) if peak is not None else None,
               "nvme_peak_mib": round(peak_disk[0] / MIB), "command": " ".join(cmd[1:])}
     cgroup.remove()
     shutil.rmtree(nvme_dir, ignore_errors=True)
@@ -210,8 +192,9 @@ def run_trial(args, setting: str, num_experts: int, workdir: str, limit_bytes: i
                        + "\n".join(text.splitlines()[-30:]))
 
 
-def search(args, setting: str, workdir: str, limit_bytes: int, record) -> dict:
-    """Doubling from --start until a trial fails, then bisection to --resolution experts."""
+def search(args, setting: str, workdir: str, limit_bytes: int, on_trial) -> dict:
+    """Doubling from --start until a trial fails, then bisection to --resolution experts;
+    ``on_trial(trials)`` after every trial."""
     good, bad, trials = None, None, []
     start = args.start[0] if len(args.start) == 1 else args.start[args.setting.index(setting)]
     e = start
@@ -226,7 +209,7 @@ def search(args, setting: str, workdir: str, limit_bytes: int, record) -> dict:
                 break
         r = run_trial(args, setting, e, workdir, limit_bytes)
         trials.append(r)
-        record(trials)
+        on_trial(trials)
         bar.update()
         bar.set_postfix(E=e, fits=r["fits"])
         if r["fits"]:
@@ -248,6 +231,7 @@ def main(argv=None):
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=2048)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--group-size", type=int, default=4, help="experts per group (G = E / this)")
     p.add_argument("--seq-len", type=int, default=64)
@@ -278,7 +262,7 @@ def main(argv=None):
             "command": "python benchmarks/capacity.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     results = {}
 
-    def record(trials, setting=None):
+    def save():
         if args.out:   # after every trial: a failure later keeps what ran
             tmp = args.out + ".tmp"
             with open(tmp, "w") as f:
@@ -287,16 +271,15 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as workdir:
         for setting in args.setting:
-            results[setting] = {"trials": []}
-            results[setting] = search(args, setting, workdir, limit,
-                                      lambda trials, s=setting: (results.__setitem__(s, {"trials": trials}), record(trials)))
-            record(None)
+            def on_trial(trials, setting=setting):
+                results[setting] = {"trials": trials}
+                save()
+            results[setting] = search(args, setting, workdir, limit, on_trial)
+            save()
     for setting, r in results.items():
         b = r["largest_fitting"]
-        print(f"{setting}: largest E that trains {args.steps} steps: {b and b['num_experts']} "
-              f"(fails at {r['smallest_failing']}); {b and b['total_params']:,} parameters" if b else
-              f"{setting}: nothing fit")
-
+        print(f"{setting}: largest E that trains {args.steps} steps: {b['num_experts']} (fails at "
+              f"{r['smallest_failing']}); {b['total_params']:,} parameters" if b else f"{setting}: nothing fit")
 
 if __name__ == "__main__":
     main()

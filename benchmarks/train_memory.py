@@ -105,6 +105,17 @@ def _disk_bytes(path: str) -> int:
     return total
 
 
+def main_job_command(args, ffn: str, d_ff: int, ranks: int, ds_config_path: str, summary: str) -> list:
+    """The main job under the deepspeed launcher, training ``args.steps`` steps of the model that
+    ``args`` shapes, with its memory measured and its summary written to ``summary``."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(_free_port()), "--module", "trilemma_moe.train", "--deepspeed_config", ds_config_path,
+            "--ffn", ffn, "--d-model", str(args.d_model), "--d-ff", str(d_ff), "--layers", str(args.layers),
+            "--heads", str(args.heads), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+            "--steps", str(args.steps), "--eval-every", "0", "--eval-batches", "1", "--final-eval-batches", "1",
+            "--no-progress", "--measure-memory", "--summary-json", summary]
+
+
 def run_one(args, name: str, workdir: str) -> dict:
     ffn, stage, offload, form, offload_param, bf16 = CONFIGS[name]
     path = os.path.join(workdir, f"{name}.ds.json")
@@ -116,12 +127,7 @@ def run_one(args, name: str, workdir: str) -> dict:
         json.dump(cfg, f)
     summary = os.path.join(workdir, f"{name}.summary.json")
     d_ff = args.d_ff * args.top_k if ffn == "dense" else args.d_ff
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-           "--master_port", str(_free_port()), "--module", "trilemma_moe.train", "--deepspeed_config", path,
-           "--ffn", ffn, "--d-model", str(args.d_model), "--d-ff", str(d_ff), "--layers", str(args.layers),
-           "--heads", str(args.heads), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--eval-every", "0", "--eval-batches", "1", "--final-eval-batches", "1",
-           "--no-progress", "--measure-memory", "--summary-json", summary]
+    cmd = main_job_command(args, ffn, d_ff, args.ranks, path, summary)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if args.malloc_mmap_threshold is not None:
