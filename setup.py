@@ -17,6 +17,10 @@ setup(
         # Install it with torch on the same pip line (torch==2.13.0 on these CPU machines), else pip may
         # pull a CUDA build of torch.
         "megatron": ["megatron-core>=0.12"],
+        # Hugging Face MoE models (integrations/hf.py); DeepSpeed 0.19's AutoEP, which the tests and
+        # benchmarks run beside ours, works with transformers <= 5.22 (5.23 changed the output-recorder
+        # registry AutoEP rewrites). accelerate: transformers' Trainer.
+        "hf": ["transformers==5.22.2", "accelerate>=1.10"],
         "plots": ["matplotlib"],
         # CUDA builds of torch bring a matching triton; the fused path uses it when present.
         "gpu": ["triton"],

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-DEEPSPEED_SECTION = "trilemma_moe"
+DEEPSPEED_SECTION, CONVERT_HF_MOE = "trilemma_moe", "convert_hf_moe"   # the section; integrations/hf.initialize's switch
 
 _COMBINE = ("product",)
 _GROUPINGS = ("similarity", "random")
@@ -348,6 +348,7 @@ class TrilemmaMoEConfig:
             if not isinstance(config, Mapping):
                 raise ValueError(f"{source}: a DeepSpeed config must be a JSON object, got {type(config).__name__}")
         section = dict(_section(config, source) or {})
+        section.pop(CONVERT_HF_MOE, None)   # not a layer knob: integrations/hf.initialize reads it
         # "auto" (Hugging Face's convention) leaves our default in place.
         gas, clip = config.get("gradient_accumulation_steps"), config.get("gradient_clipping")
         if "gradient_accumulation_steps" not in section and gas not in (None, "auto"):

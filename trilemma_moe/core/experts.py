@@ -188,6 +188,7 @@ class ExpertSlots(nn.Module):
     groups, ``group_offset`` the global index of the first one (0 without expert parallelism),
     ``num_experts = G * K`` the local slots; local slot s is global slot ``group_offset * K + s``.
     """
+    draw_initial = True   # False while integrations/hf.py builds layers it fills with trained experts
 
     def __init__(self, spec: ExpertSpec, num_groups: int, experts_per_group: int, rank: int,
                  seed: int, layer_index: int = 0, group_offset: int = 0, burn_in_form: str = "full",
@@ -209,7 +210,7 @@ class ExpertSlots(nn.Module):
         for name, n in spec.biases.items():
             self.bias[name] = nn.Parameter(torch.empty(E, n))
         # one group at a time: K experts' initial weights are the most a compressed start holds
-        for g in range(num_groups):
+        for g in range(num_groups if ExpertSlots.draw_initial else 0):
             # the expert index is global (slot table starts as the identity): same weights at any ep_size
             self.load_group(g, [initial_expert(spec, seed, layer_index, (self.group_offset + g) * experts_per_group + j)
                                 for j in range(experts_per_group)])
@@ -354,8 +355,7 @@ class ExpertSlots(nn.Module):
         h_rows, extra_rows = [], []
         # split, not per-slot slicing: the backward of a slice allocates a zero tensor the size
         # of the whole input for every slot; split's backward is one concatenation.
-        xs_per = row_x.split(slot_counts)
-        w_per = row_weight.split(slot_counts)
+        xs_per, w_per = row_x.split(slot_counts), row_weight.split(slot_counts)
         b1_per = row_b1.split(slot_counts) if compressed else None
         b3_per = row_b3.split(slot_counts) if compressed and gated else None
         for s, n in enumerate(slot_counts):
