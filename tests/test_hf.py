@@ -194,3 +194,23 @@ def test_initialize_refuses_a_config_that_does_not_ask_or_also_enables_autoep():
     with pytest.raises(ValueError, match="both replace the same MoE blocks"):
         initialize(model, both)
     assert moe_blocks(model), "a refused initialize converted nothing"
+
+
+def test_the_transformers_internals_we_lean_on_are_there():
+    """README ("Using the layer with Hugging Face models") names these; a transformers that
+    changes one fails here, naming it, rather than deep inside a conversion or a Trainer run."""
+    import inspect
+
+    from transformers import PreTrainedModel, Trainer
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds3
+    from transformers.models.mixtral import modeling_mixtral as mixtral
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as qwen3
+    for model_class, router in ((mixtral.MixtralPreTrainedModel, mixtral.MixtralTopKRouter),
+                                (qwen3.Qwen3MoePreTrainedModel, qwen3.Qwen3MoeTopKRouter),
+                                (ds3.DeepseekV3PreTrainedModel, ds3.DeepseekV3TopkRouter)):
+        recorder = model_class._can_record_outputs["router_logits"]
+        assert recorder.target_class is router and recorder.index == 0, (model_class, recorder)
+    assert "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+    assert callable(Trainer.get_optimizer_cls_and_kwargs) and callable(Trainer.create_optimizer)
+    assert "trainer.create_optimizer()" in inspect.getsource(hf_deepspeed.deepspeed_optim_sched)

@@ -18,8 +18,13 @@ CASES = [f"{family}:{case}" for family in FAMILIES for case in ("2:2", "2:3", "1
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return run_spawned(SCRIPT, WORLD, CASES, tmp_path_factory.mktemp("hf_ds"), timeout=1200)
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_ds")
+
+
+@pytest.fixture(scope="module")
+def runs(out_dir):
+    return run_spawned(SCRIPT, WORLD, CASES, out_dir, timeout=1200)
 
 
 def _close(a, b, rtol):
@@ -36,6 +41,8 @@ def test_training_lowers_the_loss_and_counts_every_step(runs, family):
         for r in ranks:
             if not case.endswith("autoep"):
                 assert r["clustered"] and r["steps"] == [6, 6], (case, r["steps"])
+                # save_pretrained at ep 2 would write one rank's groups: refused, naming the way that works
+                assert r["save_refused"] is (True if case.split(":")[1] == "2" else None), (case, r["save_refused"])
         before = sum(r["before"] for r in ranks) / WORLD
         after = sum(r["after"] for r in ranks) / WORLD
         assert after < before - 0.05, (case, before, after)
@@ -79,3 +86,24 @@ def test_side_by_side_with_autoep(runs, family):
     before = sum(r["before"] for r in runs[f"{family}:2:2:autoep"]) / WORLD
     after = sum(r["after"] for r in runs[f"{family}:2:2:autoep"]) / WORLD
     assert after < before - 0.05, (before, after)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_checkpoint_saved_at_ep_2_reshards_into_a_one_process_model(runs, out_dir, family):
+    """engine.save_checkpoint at ep 2, `trilemma-moe reshard`'s consolidate, and the converted
+    structure at ep 1 (seed_from_block=False) compute what the ep-2 engine computed."""
+    import torch
+
+    from hf_models import tiny_model
+    from trilemma_moe.integrations.checkpoint import consolidate
+    from trilemma_moe.integrations.hf import convert_moe_blocks
+    saved = runs[f"{family}:2:2"][0]["probe_logits"]
+    model = tiny_model(family, seed=1)   # other weights: everything must come from the checkpoint
+    convert_moe_blocks(model, seed_from_block=False, rank=8, seed=3)
+    model.load_state_dict(consolidate(str(out_dir / f"ckpt_{family}")))
+    model.eval()
+    gen = torch.Generator().manual_seed(0)   # rank 0's first batch (scripts/hf_deepspeed.py batch(0, 0))
+    ids = torch.randint(0, 96, (2, 12), generator=gen)
+    with torch.no_grad():
+        logits = model(ids).logits.double()
+    torch.testing.assert_close(logits, torch.tensor(saved, dtype=torch.float64), rtol=1e-5, atol=1e-5)

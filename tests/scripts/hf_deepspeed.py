@@ -15,7 +15,8 @@ expert-parallel and one-process forms differ by design), for comparing across EP
 Each rank writes OUT_DIR/<case>/rank<r>.json: the world-mean loss of every step, the loss of a
 rank's first batch before and after, the layers' step counters, the routed-expert parameter count and a checksum per parameter
 (gathered under ZeRO-3), so the test can compare curves across stages and EP sizes and check that
-replicas hold the same parameters.
+replicas hold the same parameters. The ``FAMILY:2:2`` case also saves a DeepSpeed checkpoint
+(OUT_DIR/ckpt_FAMILY) and the logits of rank 0's first batch, for the test to reshard to ep 1.
 """
 import os
 import sys
@@ -110,9 +111,26 @@ def run_case(case, out_dir):
         dist.all_reduce(mean)
         curve.append(float(mean) / world)
     layers = [m.moe.moe for m in engine.module.modules() if isinstance(m, ClusteredMoEBlock)]
+    resume = None
+    if layers and ep > 1 and zero == 2 and "noaux" not in flags:
+        # what a DeepSpeed checkpoint of this run computes, for the test to reshard it to ep 1
+        engine.save_checkpoint(os.path.join(out_dir, f"ckpt_{family}"))
+        probe0 = batch(0, 0)
+        engine.eval()
+        with torch.no_grad():
+            resume = engine(probe0).logits.double().tolist()
+        engine.train()
+    save_refused = None
+    if layers and ep > 1:   # a file of one rank's groups would be an incomplete model
+        try:
+            engine.module.save_pretrained(os.path.join(out_dir, f"saved_{rank}"))
+            save_refused = False
+        except ValueError as exc:
+            save_refused = "engine.save_checkpoint" in str(exc)
     return {"curve": curve, "before": before, "after": evaluate(), "steps": [layer.step for layer in layers],
             "clustered": all(layer.clustered for layer in layers), "checksums": checksums(engine),
-            "expert_parameters": expert_parameters(engine, ep),
+            "expert_parameters": expert_parameters(engine, ep), "save_refused": save_refused,
+            "probe_logits": resume,
             "expert_names": [n for n, p in engine.module.named_parameters() if getattr(p, "allreduce", True) is False]}
 
 

@@ -272,6 +272,11 @@ def _save_keys_as_named(model: nn.Module) -> None:
         return
 
     def save_pretrained(*args, **kwargs):
+        split = [m.moe.ep_size for m in model.modules() if isinstance(m, ClusteredMoEBlock) and m.moe.ep_size > 1]
+        if split:
+            raise ValueError(f"save_pretrained: this model runs at ep_size {split[0]}, so each rank holds only its own "
+                             f"expert groups and the file would hold the writer's alone; save with "
+                             f"engine.save_checkpoint (every rank's groups) and `trilemma-moe reshard DIR --out FILE`")
         kwargs.setdefault("save_original_format", False)
         return original(*args, **kwargs)
     save_pretrained._trilemma_keys_as_named = True
