@@ -11,7 +11,8 @@ from hf_models import EXPERTS, FAMILIES, FFN, HIDDEN, TOP_K, moe_blocks, tiny_mo
 
 transformers = pytest.importorskip("transformers")
 
-from trilemma_moe.integrations.hf import ClusteredMoEBlock, convert_moe_blocks, load_converted, moe_aux_loss  # noqa: E402,E501
+from trilemma_moe.integrations.hf import (ClusteredMoEBlock, attach_optimizer, convert_moe_blocks,  # noqa: E402
+                                          load_converted, moe_aux_loss)
 
 FULL_RANK = min(HIDDEN, FFN)
 
@@ -128,8 +129,7 @@ def test_save_and_load_after_training_restores_the_same_model(tmp_path, family):
     model.tie_weights()
     convert_moe_blocks(model, rank=8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for block in converted_blocks(model):
-        block.moe.attach_optimizer(opt)
+    attach_optimizer(model, opt)
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
     model.train()
     for _ in range(3):
@@ -137,7 +137,8 @@ def test_save_and_load_after_training_restores_the_same_model(tmp_path, family):
         opt.step(), opt.zero_grad()
     model.save_pretrained(str(tmp_path))
     assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
-    again = load_converted(str(tmp_path))
+    model_class = type(model) if family == "qwen3_moe" else None   # a concrete class, or AutoModelForCausalLM
+    again = load_converted(str(tmp_path), model_class)
     model.eval(), again.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
@@ -214,3 +215,22 @@ def test_the_transformers_internals_we_lean_on_are_there():
     assert "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
     assert callable(Trainer.get_optimizer_cls_and_kwargs) and callable(Trainer.create_optimizer)
     assert "trainer.create_optimizer()" in inspect.getsource(hf_deepspeed.deepspeed_optim_sched)
+
+
+def test_a_config_keeps_the_converters_defaults_for_the_fields_it_leaves_alone():
+    """A TrilemmaMoEConfig that sets alpha only: G, r and the router temperature as without it."""
+    from trilemma_moe import TrilemmaMoEConfig
+    model = tiny_model("mixtral")
+    convert_moe_blocks(model, TrilemmaMoEConfig(alpha=0.5))
+    cfg = converted_blocks(model)[0].moe.moe.config
+    assert (cfg.alpha, cfg.num_groups, cfg.rank, cfg.router_temperature_end) == (0.5, 2, 8, 1.0)
+
+
+def test_the_models_own_weight_initialisation_leaves_a_converted_model_working():
+    """transformers re-initialises router modules by class (_init_weights); the converted block's
+    logits stand-in takes it and the model still computes."""
+    model = tiny_model("deepseek_v3")
+    convert_moe_blocks(model)
+    model.init_weights()
+    ids = torch.randint(0, 96, (1, 7))
+    assert torch.isfinite(model(ids).logits).all()
