@@ -51,22 +51,25 @@ class HierarchicalRouter(nn.Module):
                 flat: bool = False) -> Routing:
         """``flat=True``: the ablation without the group stage (``flat_topk``); the group
         prototypes are not used and get no gradient."""
-        u, v = self.group_proto, self.expert_vec
-        if frozen:  # one step without router gradients after a regroup (paper 3.5 (i))
-            u, v = u.detach(), v.detach()
         G, K = self.num_groups, self.experts_per_group
-        # Logits in at least float32 (bf16/fp16 are upcast; a float64 router stays float64).
-        dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
-        xc = x.to(dt)
-        with torch.autocast(x.device.type, enabled=False):  # autocast would run them in bf16
-            w = v if flat else torch.cat([u, v])               # both stages in one product
-            logits = xc @ w.to(dt).t()
-            if temperature != 1.0:
-                logits = logits / temperature
+        logits = self.logits(x, temperature, frozen, flat)
         if flat:
             return flat_topk(logits, G, self.top_k)
         group_logits, expert_logits = logits.split([G, G * K], dim=1)
         return hierarchical_topk(group_logits, expert_logits.view(-1, G, K), self.group_top_k, self.top_k)
+
+    def logits(self, x: torch.Tensor, temperature: float = 1.0, frozen: bool = False, flat: bool = False):
+        """(T, G + E): the group logits u_g.x then the expert logits v_i.x (slot order), over the
+        temperature; (T, E) expert logits alone when ``flat``."""
+        u, v = self.group_proto, self.expert_vec
+        if frozen:  # one step without router gradients after a regroup (paper 3.5 (i))
+            u, v = u.detach(), v.detach()
+        # Logits in at least float32 (bf16/fp16 are upcast; a float64 router stays float64).
+        dt = torch.promote_types(torch.promote_types(x.dtype, u.dtype), torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run them in bf16
+            w = v if flat else torch.cat([u, v])               # both stages in one product
+            logits = x.to(dt) @ w.to(dt).t()
+            return logits / temperature if temperature != 1.0 else logits
 
     def route_with_losses(self, x: torch.Tensor, aux_loss_coef: float, z_loss_coef: float,
                           temperature: float = 1.0, frozen: bool = False):

@@ -56,10 +56,13 @@ def seed_from_trained_experts(layer, expert_weights: Callable[[int], Dict[str, t
     seed = cfg.seed + 7919 * layer.layer_index
     sketch = clustering.CountSketch(cfg.param_sketch_size, seed)
     sketches = torch.zeros(E, cfg.param_sketch_size, dtype=torch.float64)
-    for e in range(E):   # one expert at a time: the sketch is linear in the flattened matrices
-        w = expert_weights(e)
-        flat = torch.cat([w[name].detach().reshape(-1).to("cpu", torch.float64) for name in ex.spec.matrices])
-        sketch.add(sketches[e:e + 1], flat.unsqueeze(0), 0)
+    offset = 0   # every expert's matrices flattened in spec order, cut in runs of rows (as a regroup's sketches)
+    for name, (di, do) in ex.spec.matrices.items():
+        rows = max(1, (1 << 20) // (E * do))
+        for r0 in range(0, di, rows):   # all experts per run: the hashes of a coordinate are computed once
+            run = torch.stack([expert_weights(e)[name].detach()[r0:r0 + rows] for e in range(E)])
+            sketch.add(sketches, run.reshape(E, -1).to("cpu", torch.float64), offset + r0 * do)
+        offset += di * do
     assign = group_trained_experts(sketches, router_rows.detach().cpu(), G, cfg.alpha, seed, cfg.kmeans_iters,
                                    cfg.tau, cfg.neighbor_top_n)
     expert_of_slot = torch.argsort(assign * E + torch.arange(E))     # group-major, expert ids ascending inside

@@ -80,8 +80,12 @@ class ClusteredMoEBlock(nn.Module):
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """log(p_g p_i) [tokens, E] in expert order: the joint routing distribution as logits."""
         layer = self.moe.moe
-        r = layer.route(x)
-        joint = torch.log_softmax(r.group_logits, -1).unsqueeze(-1) + torch.log_softmax(r.expert_logits, -1)
+        G, K = layer.num_groups, layer.experts_per_group
+        logits = layer.router.logits(x, flat=layer.flat_routing, **layer._router_state())
+        if layer.flat_routing:   # the ablation: one softmax over every expert
+            return torch.log_softmax(logits, -1)[:, layer.slot_of_expert()]
+        group, expert = logits.split([G, G * K], dim=1)
+        joint = torch.log_softmax(group, -1).unsqueeze(-1) + torch.log_softmax(expert.view(-1, G, K), -1)
         return joint.flatten(1)[:, layer.slot_of_expert()]
 
     def _keep_router_logits(self, layer, args, output) -> None:
