@@ -1,6 +1,7 @@
 """A converted model under transformers' Trainer (tests/scripts/hf_trainer.py, one process each):
-without DeepSpeed, and with TrainingArguments(deepspeed=...) at ZeRO-2 and ZeRO-3, the same loss
-curve; our layers count the optimizer steps, not the micro-batches."""
+Mixtral without DeepSpeed, and with TrainingArguments(deepspeed=...) at ZeRO-2 and ZeRO-3, the same
+loss curve; Qwen3-MoE and DeepSeek-V3 at ZeRO-2; our layers count the optimizer steps, not the
+micro-batches."""
 import json
 import os
 import pathlib
@@ -18,10 +19,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "hf_trainer.py"
 
 
-def _train(mode, tmp_path):
-    out = tmp_path / f"{mode}.json"
+def _train(mode, tmp_path, family="mixtral"):
+    out = tmp_path / f"{family}_{mode}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), mode, str(free_port())], env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), mode, str(free_port()), family], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
@@ -35,6 +36,13 @@ def test_trainer_with_and_without_deepspeed(tmp_path):
         assert len(run["losses"]) == 6 and run["losses"][-1] < run["losses"][0] - 0.3, (mode, run)
         for a, b in zip(run["losses"], runs["plain"]["losses"]):
             assert abs(a - b) <= 1e-4 * abs(b), (mode, run["losses"], runs["plain"]["losses"])
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_trainer_trains_the_other_families_under_deepspeed(tmp_path, family):
+    run = _train("zero2", tmp_path, family)
+    assert run["engine"] == "DeepSpeedEngine" and run["steps"] == [6, 6], run
+    assert len(run["losses"]) == 6 and run["losses"][-1] < run["losses"][0] - 0.3, run
 
 
 def test_trainer_refuses_a_deepspeed_optimizer_section(tmp_path):

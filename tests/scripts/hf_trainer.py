@@ -1,6 +1,6 @@
-"""A converted tiny Mixtral trained by transformers' Trainer (tests/test_hf_trainer.py):
+"""A converted tiny model (Mixtral unless FAMILY says otherwise) trained by transformers' Trainer (tests/test_hf_trainer.py):
 
-    python hf_trainer.py OUT.json plain|zero2|zero3 PORT
+    python hf_trainer.py OUT.json plain|zero2|zero3 PORT [FAMILY]
 
 6 optimizer steps of 2 micro-batches each (gradient accumulation 2), AdamW at lr 1e-2, with
 ``attach_trainer``; without DeepSpeed, or with TrainingArguments(deepspeed=...) at ZeRO-2 or -3.
@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 out, mode, port = sys.argv[1], sys.argv[2], sys.argv[3]
+family = sys.argv[4] if len(sys.argv) > 4 else "mixtral"
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
 import torch  # noqa: E402
@@ -23,7 +24,7 @@ from hf_models import tiny_model  # noqa: E402
 from trilemma_moe.integrations.hf import ClusteredMoEBlock, attach_trainer, convert_moe_blocks  # noqa: E402
 
 torch.set_num_threads(1)
-model = tiny_model("mixtral")
+model = tiny_model(family)
 convert_moe_blocks(model, rank=8)
 ids = torch.randint(0, 96, (16, 12), generator=torch.Generator().manual_seed(0))
 data = [{"input_ids": row, "labels": row} for row in ids]
