@@ -24,13 +24,15 @@ from . import clustering
 
 @torch.no_grad()
 def group_trained_experts(sketches: torch.Tensor, router_rows: torch.Tensor, num_groups: int, alpha: float,
-                          seed: int, iters: int, tau=None, neighbor_top_n=None) -> torch.Tensor:
-    """Group labels [E] (balanced, E/G each) from the experts' weight sketches [E, s] and their
-    router rows [E, d]: balanced k-means on 1 - (alpha S_param + (1 - alpha) S_task)."""
+                          seed: int, iters: int, tau=None, neighbor_top_n=None):
+    """``(labels [E], fused [E, E])``: balanced group labels (E/G each) from the experts' weight
+    sketches [E, s] and their router rows [E, d], by balanced k-means on 1 - S (S the fused
+    similarity alpha S_param + (1 - alpha) S_task, pruned), and that fused similarity unpruned."""
     s_param = clustering.param_similarity(sketches.to(torch.float64))
     s_task = clustering.task_similarity(router_rows.to(torch.float64))
-    sim = clustering.prune_neighbors(clustering.fuse_similarity(s_param, s_task, alpha), tau, neighbor_top_n)
-    return clustering.balanced_kmeans(1.0 - sim, num_groups, seed=seed, iters=iters)
+    fused = clustering.fuse_similarity(s_param, s_task, alpha)
+    sim = clustering.prune_neighbors(fused, tau, neighbor_top_n)
+    return clustering.balanced_kmeans(1.0 - sim, num_groups, seed=seed, iters=iters), fused
 
 
 @torch.no_grad()
@@ -63,7 +65,7 @@ def seed_from_trained_experts(layer, expert_weights: Callable[[int], Dict[str, t
             run = torch.stack([expert_weights(e)[name].detach()[r0:r0 + rows] for e in range(E)])
             sketch.add(sketches, run.reshape(E, -1).to("cpu", torch.float64), offset + r0 * do)
         offset += di * do
-    assign = group_trained_experts(sketches, router_rows.detach().cpu(), G, cfg.alpha, seed, cfg.kmeans_iters,
+    assign, fused = group_trained_experts(sketches, router_rows.detach().cpu(), G, cfg.alpha, seed, cfg.kmeans_iters,
                                    cfg.tau, cfg.neighbor_top_n)
     expert_of_slot = torch.argsort(assign * E + torch.arange(E))     # group-major, expert ids ascending inside
     errors = []
@@ -86,8 +88,5 @@ def seed_from_trained_experts(layer, expert_weights: Callable[[int], Dict[str, t
     sched["compressed"], sched["reclusters"] = 1, sched["reclusters"] + 1
     error = float(torch.stack(errors).mean()) if errors else 0.0
     layer.last_regroup = {"decomposition_error": error, "reconstruction_error": error}
-    fused = clustering.fuse_similarity(clustering.param_similarity(sketches),
-                                       clustering.task_similarity(router_rows.detach().cpu().to(torch.float64)),
-                                       cfg.alpha)
     return {"intra_group_similarity": clustering.intra_group_similarity(fused, assign, G),
             "relative_error": error}

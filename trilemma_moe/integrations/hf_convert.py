@@ -162,7 +162,7 @@ def _blocks(model: nn.Module) -> List[tuple]:
     return found
 
 
-def _check_block(name: str, block: nn.Module, kind: str, hf_config) -> None:
+def _check_block(name: str, block: nn.Module, hf_config) -> None:
     gate = block.gate
     if getattr(gate, "bias", None) is not None:
         raise ValueError(f"{name}.gate.bias: a router bias does not map (our router logits are x . v_i)")
@@ -222,7 +222,7 @@ def convert_moe_blocks(model: nn.Module, config: Optional[TrilemmaMoEConfig] = N
     cfg = TrilemmaMoEConfig.from_dict(values)
     reports = []
     for index, (name, block) in enumerate(blocks):
-        _check_block(name, block, kind, hf_config)
+        _check_block(name, block, hf_config)
         start = time.perf_counter()
         ref = block.experts.down_proj
         ExpertSlots.draw_initial = False   # no random experts (nor their SVDs): the block's are loaded next
