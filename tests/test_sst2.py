@@ -3,13 +3,14 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from trilemma_moe import train
 from trilemma_moe.config import TrilemmaMoEConfig
 from trilemma_moe.data import SST2_HELDOUT, load_sst2, read_labelled_tsv
-from trilemma_moe.data.sst2 import stratified_holdout
+from trilemma_moe.data.sst2 import maximal_rows, sentence_holdout, sst2_splits, tokenize
 from trilemma_moe.models import FFN_KINDS, GPTClassifier
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
@@ -27,24 +28,106 @@ def _rows(n, frac_pos=0.6, seed=0):
 
 
 # --- loader ---------------------------------------------------------------------------------
-def test_heldout_slice_is_fixed_stratified_and_disjoint(tmp_path):
-    rows = _rows(2000, frac_pos=0.6)
+def _sentences_and_phrases(rng, n_sentences):
+    """Random sentences (words w0..w299, half in upper case; some with a word of their own) and
+    their labels, each followed by some of its contiguous sub-phrases (same label, some repeated);
+    a few repeats of whole sentences, and longer rows over a few rows (which are then no longer
+    maximal); shuffled."""
+    rows = []
+    for k in range(n_sentences):
+        words = [rng.choice([f"w{rng.randrange(300)}", f"W{rng.randrange(300)}"]) for _ in range(rng.randint(3, 12))]
+        if rng.random() < 0.3:                                    # a word no other sentence has
+            words.insert(rng.randrange(len(words)), f"u{k}")
+        y = int(rng.random() < 0.55)
+        rows.append((" ".join(words), y))
+        for _ in range(rng.randrange(5)):
+            i = rng.randrange(len(words))
+            rows.append((" ".join(words[i:rng.randint(i + 1, len(words))]), y))
+        if rng.random() < 0.05:
+            rows.append((" ".join(words).lower(), y))            # the same sentence again, other case
+    rows += [(r[0] + " w9 w9", r[1]) for r in rng.sample(rows, len(rows) // 40)]   # longer rows over old ones
+    rng.shuffle(rows)
+    return rows
+
+
+def _padded(tokens):   # a token sequence as a string: " a b " occurs in " x a b y " iff it is a sub-phrase
+    return " " + " ".join(tokens) + " "
+
+
+def _reference_maximal(rows):
+    """Brute force: the first row of each distinct lowercase token sequence that occurs in no other
+    distinct row (plain substring tests on the padded strings)."""
+    toks = [tuple(s.lower().split()) for s, _ in rows]
+    distinct = {t: _padded(t) for t in toks}
+    first = {}
+    for r, t in enumerate(toks):
+        first.setdefault(t, r)
+    return sorted(first[t] for t in distinct if t and not any(_padded(t) in o for u, o in distinct.items() if u != t))
+
+
+def _check_holdout(rows, train_rows, held, n):
+    """The properties of a held-out slice, against plain references: n distinct maximal rows,
+    stratified by label within one row, and the training rows exactly those that are neither held
+    out nor a sub-phrase of a held-out row."""
+    toks = [tuple(s.lower().split()) for s, _ in rows]
+    maximal = _reference_maximal(rows)
+    held = [int(i) for i in held]
+    held_set = set(held)
+    assert len(held) == n == len({toks[i] for i in held}) and set(held) <= set(maximal)
+    share = sum(rows[i][1] for i in maximal) / len(maximal)
+    assert abs(sum(rows[i][1] for i in held) - share * n) <= 1
+    held_text = "\n".join(_padded(toks[i]) for i in held)
+    want_train = [r for r in range(len(rows)) if r not in held_set and _padded(toks[r]) not in held_text]
+    assert [int(i) for i in train_rows] == want_train
+    return maximal
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_maximal_rows_and_sentence_holdout_match_brute_force(trial):
+    seed = random.Random().randrange(10 ** 6)       # fresh data each run; the seed is in the failure
+    rows = _sentences_and_phrases(random.Random(seed), 120)
+    toks = [tuple(tokenize(s)) for s, _ in rows]
+    assert maximal_rows(toks) == _reference_maximal(rows), seed
+    sentences, labels = [s for s, _ in rows], [y for _, y in rows]
+    train_rows, held = sentence_holdout(sentences, labels, n=30)
+    maximal = _check_holdout(rows, train_rows, held, 30)
+    assert len(maximal) < len(rows) / 2, seed        # the data has sub-phrases to leave out
+    assert len(train_rows) < len(rows) - 30, seed    # and some of them were a held-out sentence's
+    with pytest.raises(ValueError, match="too few"):
+        sentence_holdout(sentences, labels, n=len(maximal) + 1)
+
+
+def test_heldout_slice_is_whole_sentences_fixed_stratified_and_disjoint(tmp_path):
+    seed = random.Random().randrange(10 ** 6)
+    rows = _sentences_and_phrases(random.Random(seed), 1100)   # > 872 whole sentences
     _write_tsv(tmp_path / "train.tsv", rows)
-    d = load_sst2(str(tmp_path), seq_len=16, min_count=1)   # every phrase's number in the vocabulary
-    assert len(d.dev_y) == SST2_HELDOUT and len(d.train_y) == 2000 - SST2_HELDOUT
-    assert abs(int(d.dev_y.sum()) - 0.6 * SST2_HELDOUT) <= 1           # label balance of train
-    _, labels = read_labelled_tsv(str(tmp_path / "train.tsv"))
-    tr, held = stratified_holdout(labels)
-    assert len(set(tr.tolist()) & set(held.tolist())) == 0 and len(tr) + len(held) == 2000
-    assert (held == stratified_holdout(labels)[1]).all()                # deterministic
-    # the rows themselves: no held-out phrase among the training rows (phrase i has word i)
-    train_words = {d.vocab[int(t)] for t in d.train_x[:, 1]}
-    assert train_words == {str(i) for i in tr.tolist()}
-    assert (d.dev_x[:, 1] == 1).all()        # the held-out phrases' own numbers are unknown words
-    assert d.dev_y.tolist() == [rows[i][1] for i in held.tolist()]
-    # --seed plays no part: a second load is the same split
+    tr_s, tr_l, dev_s, dev_l, source = sst2_splits(str(tmp_path))
+    train_rows, held = sentence_holdout([s for s, _ in rows], [y for _, y in rows])
+    _check_holdout(rows, train_rows, held, SST2_HELDOUT)
+    assert dev_s == [rows[i][0] for i in held] and dev_l == [rows[i][1] for i in held]
+    assert tr_s == [rows[i][0] for i in train_rows] and tr_l == [rows[i][1] for i in train_rows]
+    assert "872 whole sentences" in source and "not GLUE's dev set" in source
+    d = load_sst2(str(tmp_path), seq_len=16, min_count=1)
+    assert len(d.dev_y) == SST2_HELDOUT and d.dev_y.tolist() == dev_l and d.train_y.tolist() == tr_l
+    # the vocabulary comes from the training rows alone: a word only held-out sentences have is <unk>
+    train_words = {w for s in tr_s for w in s.lower().split()}
+    assert set(d.vocab) == train_words | {"<pad>", "<unk>"}
+    assert any(w not in train_words for s in dev_s for w in s.lower().split())
+    assert [d.vocab[int(t)] for t in d.dev_x[0] if t] == [w if w in train_words else "<unk>" for w in
+                                                         dev_s[0].lower().split()][:16]
+    # --seed (the global generators the trainer seeds) plays no part: another load is the same split
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
     again = load_sst2(str(tmp_path), seq_len=16, min_count=1)
-    assert torch.equal(again.dev_x, d.dev_x) and torch.equal(again.train_y, d.train_y)
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    assert sst2_splits(str(tmp_path)) == (tr_s, tr_l, dev_s, dev_l, source)
+    assert torch.equal(again.dev_x, d.dev_x) and torch.equal(again.train_x, d.train_x)
+
+
+def test_too_few_whole_sentences_names_the_file(tmp_path):
+    _write_tsv(tmp_path / "train.tsv", [(f"a b c{i}", i % 2) for i in range(100)] + [("a b", 1)] * 2000)
+    with pytest.raises(ValueError, match="100 whole sentences .* too few to hold out 872") as exc:
+        load_sst2(str(tmp_path))
+    assert str(tmp_path / "train.tsv") in str(exc.value) and "dev.tsv" in str(exc.value)
 
 
 def test_dev_tsv_is_used_when_present(tmp_path):
@@ -87,17 +170,26 @@ def test_cli_input_error_exits_2(tmp_path, capsys):
 
 @pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="no GLUE SST-2 beside the checkout (../shared/data/sst2)")
 def test_real_sst2_heldout():
-    d = load_sst2(str(SST2), seq_len=64)
-    if d.dev_source == "dev.tsv":
-        pytest.skip("the shared copy has a dev.tsv")
+    """GLUE's train.tsv (no dev.tsv beside it): 872 whole sentences held out, each in no other row
+    (one substring count over every distinct row), no training row inside one of them."""
+    assert not (SST2 / "dev.tsv").is_file()
     sentences, labels = read_labelled_tsv(str(SST2 / "train.tsv"))
-    frac = sum(labels) / len(labels)
-    assert len(d.dev_y) == SST2_HELDOUT and abs(int(d.dev_y.sum()) - frac * SST2_HELDOUT) <= 1
-    tr, held = stratified_holdout(labels)
-    held_text = {sentences[i] for i in held}
-    # training rows: the rest, less those repeating a held-out phrase (GLUE's train has repeats)
-    assert len(d.train_y) == sum(sentences[i] not in held_text for i in tr) > len(labels) - 2 * SST2_HELDOUT
-    assert int((d.train_x != 0).sum(1).max()) <= 64 and int((d.train_x != 0).sum(1).min()) >= 1
+    tr_s, tr_l, dev_s, dev_l, _ = sst2_splits(str(SST2))
+    toks = [tuple(s.lower().split()) for s in sentences]
+    everything = "\n".join(_padded(t) for t in set(toks))
+    dev_toks = [tuple(s.lower().split()) for s in dev_s]
+    assert len(dev_s) == SST2_HELDOUT == len(set(dev_toks))
+    assert all(everything.count(_padded(t)) == 1 for t in dev_toks)          # maximal: in no other row
+    held_text = "\n".join(_padded(t) for t in dev_toks)
+    assert not any(_padded(s.lower().split()) in held_text for s in tr_s)    # no phrase of them trained on
+    assert len(tr_s) == sum(_padded(t) not in held_text for t in toks) == 57_466   # 67,349 rows less 9,883
+    maximal = maximal_rows(toks)
+    assert len(maximal) == 6_885
+    assert abs(sum(dev_l) - SST2_HELDOUT * sum(labels[i] for i in maximal) / len(maximal)) <= 1
+    d = load_sst2(str(SST2), seq_len=64)
+    assert d.vocab_size == 13_354 and len(d.train_y) == len(tr_s) and d.dev_y.tolist() == dev_l
+    lens = (d.dev_x != 0).sum(1).float()
+    assert float(lens.mean()) > 15 and int((d.train_x != 0).sum(1).min()) >= 1   # sentences, not phrases
 
 
 # --- classifier forward -----------------------------------------------------------------------
