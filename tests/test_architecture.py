@@ -1,5 +1,6 @@
 """The shape of the house: imports only point down the layers, files stay small enough to read,
 and the collaborators a layer is given fit the interfaces core declares (core/interfaces.py)."""
+import ast
 import inspect
 import re
 from pathlib import Path
@@ -43,6 +44,64 @@ def test_imports_point_down_the_layers(path):
     allowed = set(LAYERS[:LAYERS.index(own) + 1])
     upward = sorted({p for p in _imported_packages(path) if p in LAYERS and p not in allowed})
     assert not upward, f"{path.relative_to(PACKAGE)} ({own}) imports {upward}"
+
+
+def training_import_graph(directory: Path, package: str = "trilemma_moe.training") -> dict:
+    """module -> the modules of ``directory`` (``__init__`` for the package itself) it imports, read
+    from the source with ``ast``: module-level imports and those inside functions alike."""
+    modules = {p.stem for p in directory.glob("*.py")}
+    graph = {}
+    for path in sorted(directory.glob("*.py")):
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                parts = package.split(".")
+                base = parts[:len(parts) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                target, names = None, [a.name for a in node.names]
+            else:
+                continue
+            for full in ([target] if target is not None else names):
+                if full == package:   # from . import x: the submodule x, or a name from __init__
+                    edges |= {n if n in modules else "__init__" for n in names}
+                elif full.startswith(package + "."):
+                    edges.add(full[len(package) + 1:].split(".")[0])
+        graph[path.stem] = edges & modules
+    return graph
+
+
+def find_cycle(graph: dict):
+    """One import circle as a list of modules (its first repeated at the end), or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_training_imports_point_one_way():
+    """training/: no import circle, not even through an import inside a function (the loop's lazy
+    DeepSpeed backend); input errors below everything, ``main`` above the loop."""
+    graph = training_import_graph(PACKAGE / "training")
+    assert "deepspeed_backend" in graph["loop"], graph   # the one inside a function is seen
+    assert find_cycle(graph) is None, "import circle: " + " -> ".join(find_cycle(graph))
+    assert "loop" in graph["job"] and graph["errors"] == set(), graph
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
 def test_core_imports_nothing_distributed():

@@ -5,9 +5,9 @@
     python -m trilemma_moe.train --data /path/to/wikitext-2 --logdir runs/wt2
     deepspeed --num_gpus 1 -m trilemma_moe.train --deepspeed_config ds.json
 
-The entry point; the trainer lives in :mod:`trilemma_moe.training` (flags and ``main`` in
-``training.args``, the loop in ``training.loop``, one backend per engine, the summary in
-``training.report``).
+The entry point; the trainer lives in :mod:`trilemma_moe.training` (``main`` in ``training.job``,
+the flags in ``training.args``, the loop in ``training.loop``, one backend per engine, the summary
+in ``training.report``, input errors in ``training.errors``).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The main job's command line: flags, the CPU defaults, where the method's knobs come from, input
-errors, and ``main``.
+"""The main job's command line: flags, the CPU defaults, where the method's knobs come from, and
+reading the data they name.
 
 Every knob of the method comes from ``--config YAML`` (or the ``"trilemma_moe"`` section of the
 ``--deepspeed_config`` JSON); the structure flags (``--num-experts`` ...) override it. Without a
@@ -14,17 +14,14 @@ user leaves out takes its task's value (printed at start).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import sys
-from typing import Any, Dict, Optional, Sequence
-
-import torch
+from typing import Any, Dict, Optional
 
 from ..config import TrilemmaMoEConfig
 from ..data import (SentenceDataset, TokenCorpus, check_shift_pair, load_sst2, on_one_vocabulary, parse_data_spec,
                     read_lm_source)
 from ..models import FFN_KINDS, OURS_VARIANTS
+from .errors import input_errors
 
 # Defaults of the no-argument CPU run.  Structure knobs that the
 # user neither passes as flags nor sets in --config fall back to these.
@@ -271,55 +268,3 @@ def load_data(args: argparse.Namespace) -> tuple[TokenCorpus | SentenceDataset, 
             raise FileNotFoundError(f"--data {args.data!r}: no such directory (expected a GLUE SST-2 "
                                     f"directory with train.tsv and optionally dev.tsv)")
         return load_sst2(args.data, seq_len=args.seq_len), None
-
-
-@contextlib.contextmanager
-def input_errors(flag: Optional[str], value: Any = None):
-    """A bad file or directory given with ``flag`` (or a bad knob): one line on stderr and exit
-    status 2, as argparse does for a bad flag, instead of a traceback. Only the phases that read
-    the user's inputs are wrapped: an error in training itself keeps its traceback."""
-    try:
-        yield
-    except (ValueError, OSError) as exc:
-        msg = str(exc)
-        if flag is not None and flag not in msg:
-            msg = f"{flag}: {msg}" if str(value) in msg else f"{flag} {value}: {msg}"
-        print(f"trilemma_moe.train: error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Parse ``argv`` (default ``sys.argv[1:]``), train, print the summary table and return the
-    summary dict (also written to ``--summary-json``)."""
-    from .loop import run
-
-    args = build_parser().parse_args(argv)
-    task_defaults = resolve_task_defaults(args)
-    if args.task == "sst2":
-        if args.deepspeed_config:
-            raise SystemExit("--task sst2 runs without --deepspeed_config (plain torch backend only)")
-        if args.max_train_tokens is not None:
-            raise SystemExit("--max-train-tokens applies to --task lm only")
-        if args.test:
-            raise SystemExit("--test applies to --task lm only (GLUE's SST-2 test labels are not public)")
-    if args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
-    if args.save_every < 0:
-        raise SystemExit("--save-every must be >= 0")
-    if (args.save_every or args.resume) and not args.save_dir:
-        raise SystemExit("--save-every and --resume need --save-dir")
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        config_flag = "--deepspeed_config" if args.deepspeed_config else "--config" if args.config else None
-        with input_errors(config_flag, args.deepspeed_config or args.config):  # None: knobs from flags only
-            cfg = moe_config(args)
-        with input_errors(None):   # its messages name the flag
-            check_shift_flags(args)
-        corpus, shift_corpus = load_data(args)
-        if cfg.ep_size > 1 and not args.deepspeed_config:
-            raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
-        return run(args, cfg, corpus, task_defaults, shift_corpus)
-    finally:
-        torch.set_num_threads(previous_threads)  # main() is also called in-process (tests, notebooks)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import TrilemmaMoEConfig
 from ..parallel.comm import named_comm_failure
-from .args import input_errors
+from .errors import input_errors
 from .backend import adamw
 
 _NEEDS_DS = "--deepspeed_config needs DeepSpeed: pip install 'trilemma_moe[deepspeed]'"

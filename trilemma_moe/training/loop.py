@@ -18,7 +18,7 @@ from ..models import GPT, GPTClassifier
 from . import report
 from .measure import PeakMemory, RunTrace, ShiftTrack
 from ..parallel.comm import named_comm_failure, set_collective_timeout
-from .args import input_errors
+from .errors import input_errors
 from .backend import Backend, TorchBackend, param_groups
 
 
