@@ -23,7 +23,7 @@ EP_SIZE, TOKENS_PER_GPU, ELEM_BYTES = 8, 4096, 2
 METRICS = ("valid_ppl", "test_ppl", "dev_accuracy", "total_params", "expert_params", "tokens_per_s",
            "peak_memory_bytes", "load_cv", "a2a_bytes_per_token", "regroup_share", "regroups_applied",
            "experts_moved", "train_time_s",
-           # a distribution shift (the shift preset): issue 24's summary keys
+           # a distribution shift (the shift preset): the trainer's shift summary keys
            "pre_shift_valid_ppl", "post_shift_valid_ppl", "first_corpus_valid_ppl_end", "post_shift_train_loss",
            "post_shift_load_cv")
 AFTER_REGROUP_STEPS = 20   # a regroup's effect: the training loss over the next 20 steps against static's
@@ -78,7 +78,7 @@ def record(run: Run) -> Dict[str, Any]:
     for key in METRICS:
         if key in s:
             out[key] = s[key]
-    # (summaries written before 2026-11-30's issue 14 call it regroup_time_s)
+    # (summaries written before 2026-11-30's regroup rules call it regroup_time_s)
     seconds = s.get("regroup_seconds", s.get("regroup_time_s", 0.0))
     out["regroup_share"] = seconds / max(s["train_time_s"], 1e-9)
     if run.task == "speed":   # after the first clustering, no first-step costs

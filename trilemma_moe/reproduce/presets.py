@@ -9,7 +9,7 @@ A run is one ``python -m trilemma_moe.train`` command line; the flags below are 
   WikiText-103 and SST-2, for a GPU cluster (``--device cuda``): documented, not run on these
   machines (they have no GPU, and WikiText-103's training split is not here).
 * ``smoke``: seconds per run, for the tests of the harness itself.
-* ``shift``: issue 24's distribution shift at the ``cpu`` preset's model size: (i) a topic shift and
+* ``shift``: a distribution shift at the ``cpu`` preset's model size: (i) a topic shift and
   (ii) a gradual drift on the generated corpus, (iii) WikiText-2 then SST-2's phrases; static
   (the default), dynamic (probe rule with move cost), the probe rule without move cost (λ=0), the
   paper's rule and dynamic with the regroup check triggered by load drift
@@ -58,7 +58,7 @@ def _variants(d_ff: int, k: int, seeds: int) -> Tuple[Variant, ...]:
         Variant("switch", "Switch-Top2", "switch", seeds),
         Variant("deepspeed", "DeepSpeed-MoE top-2", "deepspeed", needs="deepspeed"),
         Variant("static", "Ours (the default: clustered once, static)", "static", seeds),
-        # the memory leg: no full experts at any step (issue 23), its quality paired with static's
+        # the memory leg: no full experts at any step (compressed burn-in), its quality paired with static's
         Variant("compressed-burn-in", "Ours, burn-in on the compressed form (burn_in_form=compressed)", "static",
                 seeds, flags=("--burn-in-form", "compressed")),
         # the regroup rules measured against clustering once (docs/REGROUP.md)
@@ -88,7 +88,8 @@ CPU = Preset(
                "--batch-size", "8", "--steps", "320", "--burn-in", "100", "--recluster-interval", "50",
                "--eval-every", "40", "--eval-batches", "8", "--final-eval-batches", "128", "--test"),
         # 800 steps of 32 phrases (the trainer's SST-2 recipe is 1,500: ~0.9 points better for ours,
-        # README); accuracy on the fixed, stratified 872 phrases held out of train
+        # README); accuracy on 872 whole sentences held out of train.tsv, none of their phrases trained
+        # on (data/sst2.py; not GLUE's dev set)
         "sst2": ("--task", "sst2", "--data", "{data}/sst2", *_MODEL_CPU, *_MOE_CPU, "--steps", "800",
                  "--batch-size", "32", "--lr", "1e-3", "--burn-in", "200", "--recluster-interval", "50",
                  "--eval-every", "100"),
@@ -162,7 +163,7 @@ DRIFT_RULE = Variant("drift-trigger", "Dynamic, regroup check on load drift (TV 
 
 SHIFT = Preset(
     name="shift",
-    description="a distribution shift mid-training (issue 24), the cpu preset's model: d=128, 2 blocks, E=32, G=8, r=8",
+    description="a distribution shift mid-training, the cpu preset's model: d=128, 2 blocks, E=32, G=8, r=8",
     tasks={
         # (i) topic shift: documents of topics 0-3, then of topics 4-7 from step 181 on
         "topic": (*_TOPICS, "--steps", "360", "--shift-step", "180", *_SHIFT),
