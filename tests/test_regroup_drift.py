@@ -106,7 +106,8 @@ def test_drift_needs_dynamic_regroup():
     (None, ["--ffn", "ours"], ("regroup_trigger='drift'", "--ffn dynamic")),
     # a config that asks for regroup checks, overridden by --ffn static
     ("dynamic_regroup: true\n", ["--ffn", "static"], ("--ffn static", "--ffn dynamic")),
-    (None, ["--ffn", "dynamic", "--drift-threshold", "2"], ("drift_threshold",))])
+    # a threshold outside (0, 1]: refused as it is parsed, naming the flag
+    (None, ["--ffn", "dynamic", "--drift-threshold", "2"], ("--drift-threshold", "(0, 1]"))])
 def test_trainer_refuses_drift_flags_that_cannot_work(capsys, tmp_path, config, extra, expect):
     if config is not None:
         (tmp_path / "moe.yaml").write_text(config)

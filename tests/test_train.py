@@ -254,6 +254,66 @@ def test_cli_resume_from_bad_latest_is_one_line(tmp_path):
                    f"a checkpoint folder in {ckpt}", proc.stderr
 
 
+# Every input error of the main job, a number that can only be wrong (refused as it is parsed, by
+# argparse) or a rule between flags: exit status 2 and one `error:` line naming the flag.
+BAD_INPUTS = {
+    "lr_nan": ["--lr", "nan"], "lr_inf": ["--lr", "inf"], "lr_negative": ["--lr", "-1"], "lr_zero": ["--lr", "0"],
+    "steps_negative": ["--steps", "-5"], "steps_zero": ["--steps", "0"], "steps_not_int": ["--steps", "2.5"],
+    "batch_size_zero": ["--batch-size", "0"], "seq_len_zero": ["--seq-len", "0"], "layers_zero": ["--layers", "0"],
+    "d_model_negative": ["--d-model", "-8"], "moe_every_zero": ["--moe-every", "0"], "warmup_negative": ["--warmup", "-1"],
+    "weight_decay_nan": ["--weight-decay", "nan"], "min_lr_ratio_above_1": ["--min-lr-ratio", "1.5"],
+    "seed_negative": ["--seed", "-1"], "eval_every_negative": ["--eval-every", "-1"],
+    "threads_zero": ["--threads", "0"], "save_every_negative": ["--save-every", "-1"],
+    "num_experts_zero": ["--num-experts", "0"], "drift_threshold_inf": ["--drift-threshold", "inf"],
+    "device_bogus": ["--device", "bogus"],
+    # rules between flags
+    "sst2_deepspeed_config": ["--task", "sst2", "--deepspeed_config", "ds.json"],
+    "sst2_max_train_tokens": ["--task", "sst2", "--max-train-tokens", "100"],
+    "sst2_test": ["--task", "sst2", "--test"],
+    "save_every_without_save_dir": ["--save-every", "2"], "resume_without_save_dir": ["--resume"],
+    "heads_do_not_divide_d_model": ["--d-model", "30", "--heads", "4"],
+    "rank_above_d_model": ["--rank", "40"], "ep_size_without_deepspeed": ["--ep-size", "2"],
+    "max_train_tokens_below_seq_len": ["--max-train-tokens", "5"],
+}
+FLAG_NAMED = {"sst2_deepspeed_config": "--deepspeed_config", "sst2_max_train_tokens": "--max-train-tokens",
+              "sst2_test": "--test", "heads_do_not_divide_d_model": "--heads"}   # else the last flag given
+
+
+def _assert_one_error_line(code, err, flag):
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and flag in lines[0], err
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS) + [pytest.param("device_cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a CUDA device is here"))])
+def test_bad_input_is_one_error_line_and_exit_2(capsys, case):
+    bad = BAD_INPUTS.get(case, ["--device", "cuda"])
+    with pytest.raises(SystemExit) as exc:
+        train.main(TINY + ["--steps", "2"] + bad)
+    flag = FLAG_NAMED.get(case, [a for a in bad if a.startswith("--")][-1])
+    _assert_one_error_line(exc.value.code, capsys.readouterr().err, flag)
+
+
+@pytest.mark.parametrize("entry", [["trilemma_moe.train"], ["trilemma_moe.cli", "train"]],
+                         ids=["python-m", "trilemma-moe"])
+def test_cli_bad_number_is_one_error_line(entry):
+    proc = _run_cli(entry + ["--lr", "nan"], free_port())
+    _assert_one_error_line(proc.returncode, proc.stderr, "--lr")
+
+
+def test_deepspeed_ep_size_the_world_does_not_hold_is_one_error_line(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 9,
+                              "trilemma_moe": {"num_experts": 4, "num_groups": 2, "rank": 4}}))
+    proc = _run_cli(["trilemma_moe.train", "--deepspeed_config", str(ds), "--ep-size", "2", "--steps", "2",
+                     "--d-model", "32", "--d-ff", "64", "--layers", "1", "--heads", "2", "--seq-len", "16",
+                     "--no-progress", "--threads", "1"], free_port())
+    _assert_one_error_line(proc.returncode, proc.stderr, "--ep-size")
+    assert "must divide the number of ranks, 1" in proc.stderr, proc.stderr
+
+
 def test_train_config_yaml(tmp_path):
     cfg = tmp_path / "moe.yaml"
     cfg.write_text("num_experts: 4\nnum_groups: 2\nrank: 2\nburn_in: 100\naux_loss_coef: 0.02\n")

@@ -6,7 +6,8 @@ checks it):
 - ``job``: ``main``, from the command line to the summary.
 - ``loop``: the training loop every backend shares, ``evaluate``, the learning-rate schedule.
 - ``deepspeed_backend``: ``deepspeed.initialize`` with the user's JSON.
-- ``args``: the flags, the CPU defaults, where the method's knobs come from, reading the data.
+- ``args``: the flags (numbers checked as they are parsed), the CPU defaults, where the method's
+  knobs come from, the rules between flags, reading the data.
 - ``backend``: the ``Backend`` protocol the loop drives, and the plain-torch backend.
 - ``report``: TensorBoard, per-step statistics, event lines, the summary dict and table.
 - ``measure``: peak memory, per-expert load traces, a distribution shift's numbers.

@@ -1,5 +1,5 @@
-"""The main job's command line: flags, the CPU defaults, where the method's knobs come from, and
-reading the data they name.
+"""The main job's command line: flags (each number checked as it is parsed), the CPU defaults,
+where the method's knobs come from, the rules between flags, and reading the data they name.
 
 Every knob of the method comes from ``--config YAML`` (or the ``"trilemma_moe"`` section of the
 ``--deepspeed_config`` JSON); the structure flags (``--num-experts`` ...) override it. Without a
@@ -14,14 +14,17 @@ user leaves out takes its task's value (printed at start).
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
+
+import torch
 
 from ..config import TrilemmaMoEConfig
 from ..data import (SentenceDataset, TokenCorpus, check_shift_pair, load_sst2, on_one_vocabulary, parse_data_spec,
                     read_lm_source)
 from ..models import FFN_KINDS, OURS_VARIANTS
-from .errors import input_errors
+from .errors import input_errors, usage_error
 
 # Defaults of the no-argument CPU run.  Structure knobs that the
 # user neither passes as flags nor sets in --config fall back to these.
@@ -52,6 +55,55 @@ DATA_HELP = ("--task lm: a WikiText-2/-103 directory holding wiki.train.tokens, 
              "train.tsv and optionally dev.tsv (else a fixed stratified 872-row slice of train is held out)")
 
 
+# --- argparse types: a number that can only be wrong is refused as it is parsed ------------------
+# (argparse names the flag: "argument --lr: must be a finite number > 0, got 'nan'", exit status 2)
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An integer ``>= minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+def finite_float(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """A finite number in ``[low, high]`` (``(low, high]`` with ``low_open``); NaN and inf are refused."""
+    if high < math.inf:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+    else:
+        span = f"{'>' if low_open else '>='} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high and not (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text!r}")
+        return value
+    parse.__name__ = f"float {span}"
+    return parse
+
+
+def torch_device(text: str) -> str:
+    """A device string torch understands (cpu, cuda, cuda:1)."""
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda or cuda:N)") from None
+    return text
+
+
+POSITIVE, COUNT = int_at_least(1), int_at_least(0)
+LEARNING_RATE, NON_NEGATIVE = finite_float(0.0, low_open=True), finite_float(0.0)
+FRACTION, DRIFT_THRESHOLD = finite_float(0.0, 1.0), finite_float(0.0, 1.0, low_open=True)
+
+
 def _task_default(dest: str) -> str:
     lm, sst2 = TASK_DEFAULTS["lm"][dest], TASK_DEFAULTS["sst2"][dest]
     return f"(default: {lm:g}) (--task sst2: {sst2:g})"
@@ -78,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm: next-token language model; sst2: sentence classification (GLUE SST-2)")
     p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--ffn", choices=FFN_KINDS, default="ours", help="FFN kind of the MoE blocks")
-    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps {_task_default('steps')}")
+    p.add_argument("--steps", type=POSITIVE, default=None, help=f"optimizer steps {_task_default('steps')}")
     p.add_argument("--config", default=None,
                    help="YAML of TrilemmaMoEConfig knobs (default: the CPU defaults of the structure flags)")
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
@@ -88,34 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                    help="set by the deepspeed launcher")
     g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=128, help="hidden size")
-    g.add_argument("--d-ff", type=int, default=512, help="FFN (and each expert's) inner size")
-    g.add_argument("--layers", type=int, default=2, help="transformer blocks")
-    g.add_argument("--heads", type=int, default=4, help="attention heads")
-    g.add_argument("--seq-len", type=int, default=64,
+    g.add_argument("--d-model", type=POSITIVE, default=128, help="hidden size")
+    g.add_argument("--d-ff", type=POSITIVE, default=512, help="FFN (and each expert's) inner size")
+    g.add_argument("--layers", type=POSITIVE, default=2, help="transformer blocks")
+    g.add_argument("--heads", type=POSITIVE, default=4, help="attention heads")
+    g.add_argument("--seq-len", type=POSITIVE, default=64,
                    help="tokens per training window (sst2: the longest phrase, longer ones are cut)")
-    g.add_argument("--moe-every", type=int, default=1, help="MoE FFN in every n-th block")
+    g.add_argument("--moe-every", type=POSITIVE, default=1, help="MoE FFN in every n-th block")
     g = p.add_argument_group("MoE structure (override --config; CPU defaults otherwise)")
-    g.add_argument("--num-experts", type=int, default=None, help=f"E (default: {d['num_experts']})")
-    g.add_argument("--num-groups", type=int, default=None, help=f"G (default: {d['num_groups']})")
-    g.add_argument("--rank", type=int, default=None, help=f"r (default: {d['rank']})")
-    g.add_argument("--top-k", type=int, default=None, help=f"k (default: {d['top_k']})")
-    g.add_argument("--burn-in", type=int, default=None,
+    g.add_argument("--num-experts", type=POSITIVE, default=None, help=f"E (default: {d['num_experts']})")
+    g.add_argument("--num-groups", type=POSITIVE, default=None, help=f"G (default: {d['num_groups']})")
+    g.add_argument("--rank", type=POSITIVE, default=None, help=f"r (default: {d['rank']})")
+    g.add_argument("--top-k", type=POSITIVE, default=None, help=f"k (default: {d['top_k']})")
+    g.add_argument("--burn-in", type=COUNT, default=None,
                    help=f"T0 optimizer steps before the first clustering (default: {d['burn_in']})")
     g.add_argument("--burn-in-form", choices=("full", "compressed"), default=None,
                    help="what burn-in trains: full, E full experts compressed at the first clustering (the "
                         "paper; default); compressed, bases + factors from the start (no full experts held)")
-    g.add_argument("--recluster-interval", type=int, default=None,
+    g.add_argument("--recluster-interval", type=POSITIVE, default=None,
                    help=f"T: steps between regroup checks (default: {d['recluster_interval']})")
     g.add_argument("--regroup-trigger", choices=("period", "drift"), default=None,
                    help="when regroup checks run after the first clustering: period, every T steps (the paper; "
                         "default); drift, when the per-expert load distribution (an EMA over every rank) moved by "
                         "more than --drift-threshold in total variation since the last check (T unused)")
-    g.add_argument("--drift-threshold", type=float, default=None,
+    g.add_argument("--drift-threshold", type=DRIFT_THRESHOLD, default=None,
                    help="--regroup-trigger drift: total-variation distance in (0, 1] that triggers a check (default 0.25)")
-    g.add_argument("--drift-every", type=int, default=None,
+    g.add_argument("--drift-every", type=POSITIVE, default=None,
                    help="--regroup-trigger drift: steps between measurements, counted from the last check (default 10)")
-    g.add_argument("--ep-size", type=int, default=None,
+    g.add_argument("--ep-size", type=POSITIVE, default=None,
                    help="expert parallelism: ranks each layer's groups are spread over (needs "
                         "--deepspeed_config and a launcher with a multiple of this many ranks; default 1)")
     g = p.add_argument_group("precision and memory (override --config)")
@@ -124,27 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-experts", action="store_true", default=None,
                    help="activation checkpointing of our expert compute: the backward recomputes it "
                         "instead of keeping its d_ff-wide activations (default: off)")
-    g.add_argument("--offload-idle-steps", type=int, default=None,
+    g.add_argument("--offload-idle-steps", type=POSITIVE, default=None,
                    help="S_idle: offload groups idle this many evaluation steps (default: off)")
-    g.add_argument("--prefetch-lookahead", type=int, default=None, help="L: prefetch lookahead (default 2)")
+    g.add_argument("--prefetch-lookahead", type=COUNT, default=None, help="L: prefetch lookahead (default 2)")
     g.add_argument("--offload-dir", default=None,
                    help="NVMe directory for offloaded groups (aio; default: CPU memory)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--batch-size", type=POSITIVE, default=None,
                    help="windows (sst2: phrases) per micro-batch and rank (DeepSpeed: "
                         f"train_micro_batch_size_per_gpu decides) {_task_default('batch_size')}")
-    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate {_task_default('lr')}")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr (cosine)")
-    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of steps)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of matrices")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--lr", type=LEARNING_RATE, default=None, help=f"peak learning rate {_task_default('lr')}")
+    g.add_argument("--min-lr-ratio", type=FRACTION, default=0.1, help="final lr / peak lr (cosine)")
+    g.add_argument("--warmup", type=COUNT, default=None, help="warmup steps (default: 5%% of steps)")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.01, help="AdamW weight decay of matrices")
+    g.add_argument("--seed", type=COUNT, default=0,
                    help="seeds the synthetic corpus, the data order, the model's init and every MoE "
                         "layer (expert init, k-means++): in the main job it replaces TrilemmaMoEConfig.seed")
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-every", type=int, default=None,
+    g.add_argument("--eval-every", type=COUNT, default=None,
                    help=f"validate every n steps (0: only at the end) {_task_default('eval_every')}")
-    g.add_argument("--eval-batches", type=int, default=0, help="cap on validation batches (0: whole split)")
-    g.add_argument("--final-eval-batches", type=int, default=None,
+    g.add_argument("--eval-batches", type=COUNT, default=0, help="cap on validation batches (0: whole split)")
+    g.add_argument("--final-eval-batches", type=COUNT, default=None,
                    help="cap on batches of the final validation (and --test) evaluation (0: whole split; "
                         "default: --eval-batches)")
     g.add_argument("--test", action="store_true", help="also evaluate the test split at the end (test_ppl)")
@@ -152,18 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure peak training memory as what the process holds: peak_memory_bytes in the "
                         "summary (the peak resident set size, ru_maxrss, up to the end of training, largest over "
                         "ranks, each rank's in peak_rss_bytes_per_rank; CUDA: the allocator's peak)")
-    g.add_argument("--trace-every", type=int, default=0,
+    g.add_argument("--trace-every", type=COUNT, default=0,
                    help="record per-expert token counts every n steps (load_history; default: steps/100)")
-    g.add_argument("--max-train-tokens", type=int, default=None,
+    g.add_argument("--max-train-tokens", type=POSITIVE, default=None,
                    help="use only the first n training tokens (quick runs on real data; default: all)")
     g.add_argument("--logdir", default=None, help="TensorBoard event files go here (default: none)")
     g.add_argument("--summary-json", default=None, help="write the final metrics as JSON here (default: none)")
-    g.add_argument("--device", default="cpu",
+    g.add_argument("--device", type=torch_device, default="cpu",
                    help="cpu or cuda (without --deepspeed_config; under DeepSpeed the engine decides)")
     g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast the training forward (without --deepspeed_config; DeepSpeed "
                         "takes its \"bf16\" section)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=POSITIVE, default=None,
                    help="torch CPU threads (default: OMP_NUM_THREADS or all cores)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars (training and evaluation)")
     g.add_argument("--comm-log", default=None,
@@ -171,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--record-routing", default=None,
                    help="save the routing of the last 20 steps (torch file) for `trilemma-moe profile-comm`")
     g = p.add_argument_group("distribution shift (--task lm)")
+    # their ranges depend on --steps: check_shift_flags names it (--shift-step 0: "must lie in 1..N")
     g.add_argument("--shift-step", type=int, default=None,
                    help="train on --data up to and including optimizer step N, then on --shift-data "
                         "(1 <= N < --steps; every evaluation scores both corpora)")
@@ -184,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-dir", default=None,
                    help="checkpoint directory (DeepSpeed: engine.save_checkpoint layout; otherwise "
                         "latest.pt; default: no checkpoints)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (0: only at the end)")
+    g.add_argument("--save-every", type=COUNT, default=0, help="checkpoint every n steps (0: only at the end)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
     g.add_argument("--loss-log", default=None, help="append one JSON line per step (step, loss) to this file")
     return p
@@ -239,6 +292,54 @@ def check_shift_flags(args: argparse.Namespace) -> None:
                          f"(--shift-step {args.shift_step} + ramp <= --steps {args.steps})")
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The rules between flags (each value was checked when parsed): a ``usage_error`` naming them."""
+    if args.task == "sst2":
+        if args.deepspeed_config:
+            usage_error("--task sst2 runs without --deepspeed_config (plain torch backend only)")
+        if args.max_train_tokens is not None:
+            usage_error("--max-train-tokens applies to --task lm only")
+        if args.test:
+            usage_error("--test applies to --task lm only (GLUE's SST-2 test labels are not public)")
+    for flag, given in (("--save-every", args.save_every), ("--resume", args.resume)):
+        if given and not args.save_dir:
+            usage_error(f"{flag} needs --save-dir")
+    if args.d_model % args.heads:
+        usage_error(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
+    if (not args.deepspeed_config and torch.device(args.device).type == "cuda"
+            and not torch.cuda.is_available()):
+        usage_error(f"--device {args.device}: torch sees no CUDA device here")
+
+
+def _knob(args: argparse.Namespace, dest: str) -> str:
+    """Where a structure knob came from, for an error: its flag, the config file, or the CPU default."""
+    field = FLAG_TO_FIELD[dest]
+    if getattr(args, dest) is not None:
+        return "--" + dest.replace("_", "-")
+    if args.deepspeed_config or args.config:
+        which = "--deepspeed_config" if args.deepspeed_config else "--config"
+        return f"{which} {args.deepspeed_config or args.config}: {field}"
+    return f"{field} (the CPU default of --{dest.replace('_', '-')})"
+
+
+def check_config_flags(args: argparse.Namespace, cfg: TrilemmaMoEConfig) -> None:
+    """The method's knobs against the other flags."""
+    if cfg.ep_size > 1 and not args.deepspeed_config:
+        usage_error(f"{_knob(args, 'ep_size')} {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
+    if args.ffn in OURS_VARIANTS and cfg.rank > min(args.d_model, args.d_ff):
+        usage_error(f"{_knob(args, 'rank')} {cfg.rank} must be <= min(--d-model {args.d_model}, --d-ff "
+                    f"{args.d_ff}): the rank of each expert matrix's factors")
+
+
+def check_corpus_length(args: argparse.Namespace, corpus: TokenCorpus, flag: str, spec: Optional[str]) -> None:
+    """A training split must hold a window and its next token (``--seq-len`` + 2 tokens)."""
+    n = corpus.train.numel()
+    if n < args.seq_len + 2:
+        cut = f" (cut by --max-train-tokens {args.max_train_tokens})" if args.max_train_tokens is not None else ""
+        usage_error(f"{flag} {spec or 'synthetic'}: its training split holds {n} tokens{cut}, fewer than "
+                    f"--seq-len {args.seq_len} + 2")
+
+
 def load_lm_data(args: argparse.Namespace) -> tuple[TokenCorpus, Optional[TokenCorpus]]:
     """``--data`` and ``--shift-data`` on one vocabulary (the second ``None`` without a shift);
     a bad spec or directory is one error line naming its flag."""
@@ -254,7 +355,11 @@ def load_lm_data(args: argparse.Namespace) -> tuple[TokenCorpus, Optional[TokenC
     if args.shift_data is not None:
         with input_errors("--shift-data", args.shift_data):
             second = read_lm_source(shift_spec, args.seed)
-    return on_one_vocabulary(first, second, args.max_train_tokens)
+    corpus, shift_corpus = on_one_vocabulary(first, second, args.max_train_tokens)
+    check_corpus_length(args, corpus, "--data", args.data)
+    if shift_corpus is not None:
+        check_corpus_length(args, shift_corpus, "--shift-data", args.shift_data)
+    return corpus, shift_corpus
 
 
 def load_data(args: argparse.Namespace) -> tuple[TokenCorpus | SentenceDataset, Optional[TokenCorpus]]:

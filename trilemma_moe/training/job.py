@@ -11,29 +11,19 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .args import build_parser, check_shift_flags, load_data, moe_config, resolve_task_defaults
+from .args import (build_parser, check_config_flags, check_flags, check_shift_flags, load_data, moe_config,
+                   resolve_task_defaults)
 from .errors import input_errors
 from .loop import run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse ``argv`` (default ``sys.argv[1:]``), train, print the summary table and return the
-    summary dict (also written to ``--summary-json``)."""
+    summary dict (also written to ``--summary-json``). Every input error, from a bad number to a
+    missing file, is one line ``trilemma_moe.train: error: ...`` naming the flag and exit status 2."""
     args = build_parser().parse_args(argv)
     task_defaults = resolve_task_defaults(args)
-    if args.task == "sst2":
-        if args.deepspeed_config:
-            raise SystemExit("--task sst2 runs without --deepspeed_config (plain torch backend only)")
-        if args.max_train_tokens is not None:
-            raise SystemExit("--max-train-tokens applies to --task lm only")
-        if args.test:
-            raise SystemExit("--test applies to --task lm only (GLUE's SST-2 test labels are not public)")
-    if args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
-    if args.save_every < 0:
-        raise SystemExit("--save-every must be >= 0")
-    if (args.save_every or args.resume) and not args.save_dir:
-        raise SystemExit("--save-every and --resume need --save-dir")
+    check_flags(args)
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", 0) or 0) or (os.cpu_count() or 1)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
@@ -41,11 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         config_flag = "--deepspeed_config" if args.deepspeed_config else "--config" if args.config else None
         with input_errors(config_flag, args.deepspeed_config or args.config):  # None: knobs from flags only
             cfg = moe_config(args)
+        check_config_flags(args, cfg)
         with input_errors(None):   # its messages name the flag
             check_shift_flags(args)
         corpus, shift_corpus = load_data(args)
-        if cfg.ep_size > 1 and not args.deepspeed_config:
-            raise SystemExit(f"--ep-size {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
         return run(args, cfg, corpus, task_defaults, shift_corpus)
     finally:
         torch.set_num_threads(previous_threads)  # main() is also called in-process (tests, notebooks)

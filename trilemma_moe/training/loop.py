@@ -18,7 +18,7 @@ from ..models import GPT, GPTClassifier
 from . import report
 from .measure import PeakMemory, RunTrace, ShiftTrack
 from ..parallel.comm import named_comm_failure, set_collective_timeout
-from .errors import input_errors
+from .errors import input_errors, usage_error
 from .backend import Backend, TorchBackend, param_groups
 
 
@@ -147,12 +147,22 @@ def make_backend(args, cfg: TrilemmaMoEConfig) -> Backend:
     return TorchBackend(cfg, args.device, args.dtype, args.lr, args.batch_size)
 
 
+def check_world(cfg: TrilemmaMoEConfig) -> None:
+    """Expert parallelism spreads each layer's groups over ``ep_size`` ranks: the world, known once
+    the backend started its process group, must be a multiple of it."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world % cfg.ep_size:
+        usage_error(f"--ep-size {cfg.ep_size} (or the config's ep_size) must divide the number of ranks, {world}: "
+                    f"start the run with the deepspeed launcher on a multiple of {cfg.ep_size} ranks")
+
+
 def run(args, cfg: TrilemmaMoEConfig, corpus: TokenCorpus | SentenceDataset,
         task_defaults: Optional[Dict[str, Any]] = None, shift_corpus: Optional[TokenCorpus] = None) -> Dict[str, Any]:
     """``shift_corpus``: trained on after ``args.shift_step`` (``args.shift_ramp``), scored at every
     evaluation beside ``corpus`` (keys ``shift_valid_*``)."""
     backend = make_backend(args, cfg)
     backend.prepare()
+    check_world(cfg)
     memory = PeakMemory() if args.measure_memory else None   # before the model exists
     model = build_model(args, corpus, cfg)
     backend.setup(model, param_groups(model, args.weight_decay))
