@@ -21,6 +21,9 @@ setup(
         # benchmarks run beside ours, works with transformers <= 5.22 (5.23 changed the output-recorder
         # registry AutoEP rewrites). accelerate: transformers' Trainer.
         "hf": ["transformers==5.22.2", "accelerate>=1.10"],
+        # The documentation site (docs/, Sphinx with MyST Markdown) and its browser test (selenium drives
+        # Debian's chromium through chromium-driver; no browser download).
+        "docs": ["sphinx>=8,<9", "myst-parser>=4", "furo>=2024.8", "selenium>=4.20"],
         "plots": ["matplotlib"],
         # CUDA builds of torch bring a matching triton; the fused path uses it when present.
         "gpu": ["triton"],

@@ -5,7 +5,7 @@ rewritten), next to what one layer's experts take in full and compressed.
 
     PYTHONPATH=. python benchmarks/zero3_regroup_memory.py --out docs/results/zero3_regroup_memory.json
 
-One block at the README example's dims (d=768, d_ff=3072, E=32, G=8, r=16, top-2), fp32, 2 gloo
+One block at the paper's layer dims (d=768, d_ff=3072, E=32, G=8, r=16, top-2), fp32, 2 gloo
 ranks, ZeRO-3 at ep_size 1 (experts partitioned over both ranks) and ep_size 2 (each rank its own
 4 groups), compressed burn-in, with the default ``regroup_migration="movers"`` (movers re-expressed
 on their new group's base) and with ``"redecompose"`` (every changed group decomposed afresh: the

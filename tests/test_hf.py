@@ -198,7 +198,7 @@ def test_initialize_refuses_a_config_that_does_not_ask_or_also_enables_autoep():
 
 
 def test_the_transformers_internals_we_lean_on_are_there():
-    """README ("Using the layer with Hugging Face models") names these; a transformers that
+    """docs/guides/huggingface.md ("transformers internals we lean on") names these; a transformers that
     changes one fails here, naming it, rather than deep inside a conversion or a Trainer run."""
     import inspect
 

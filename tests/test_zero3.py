@@ -74,7 +74,7 @@ def test_stage3_still_refuses_deepspeeds_own_moe(dist_world_1):
 
 
 def test_the_private_deepspeed_names_we_lean_on_are_there():
-    """README ("ZeRO-3 and ZeRO-Infinity") lists these; a DeepSpeed that renames one fails here
+    """docs/guides/deepspeed.md ("DeepSpeed internals we lean on") lists these; a DeepSpeed that renames one fails here
     with its name rather than deep inside a stage-3 run."""
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper
