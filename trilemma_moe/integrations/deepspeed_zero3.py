@@ -18,8 +18,8 @@ a module whose parameter use changes from step to step fetched as a whole. So:
   gathered ``p.data`` of the running forward, this rank's partition ``p.ds_tensor`` (what the next
   gather reads), and the fp32 master and Adam moments (``safe_set_full_*``).
 
-The private names this leans on are listed in README ("ZeRO-3 and ZeRO-Infinity") with the
-DeepSpeed versions tested; ``tests/test_zero3.py`` fails when they change.
+The private names this leans on are listed in docs/guides/deepspeed.md ("DeepSpeed internals we
+lean on") with the DeepSpeed versions tested; ``tests/test_zero3.py`` fails when they change.
 """
 from __future__ import annotations
 
