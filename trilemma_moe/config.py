@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
+
+from .config_checks import check_bool, check_choice, check_int, check_range
 
 DEEPSPEED_SECTION, CONVERT_HF_MOE = "trilemma_moe", "convert_hf_moe"   # the section; integrations/hf.initialize's switch
 
@@ -25,6 +26,8 @@ SVD_METHODS = ("exact", "randomized")
 _MIGRATIONS = ("movers", "redecompose")
 _TRIGGERS = ("period", "drift")
 BURN_IN_FORMS = ("full", "compressed")
+AIO_KEYS = ("block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events", "use_gds",
+            "thread_count")   # what DeepSpeed's "aio" section may hold
 
 
 def check_placement(num_groups: int, ep_size: int) -> None:
@@ -70,8 +73,12 @@ def dropin_structure(num_experts: int, ep_size: int, hidden_size: int, ffn_hidde
 
 @dataclass
 class TrilemmaMoEConfig:
+    """Every knob of the method, validated on construction: a value out of range is one ValueError
+    naming the knob. Each field's comment below says what it changes; the documentation's
+    configuration reference (docs/reference/config.md) lists them with their ranges."""
+
     # --- structure -------------------------------------------------------------------------
-    num_experts: int = 32          # E
+    num_experts: int = 32          # E, experts in the layer
     num_groups: int = 8            # G; K = E / G experts per group
     rank: int = 16                 # r, rank of each expert's residual factors
     top_k: int = 2                 # k, experts per token inside the chosen group
@@ -82,7 +89,8 @@ class TrilemmaMoEConfig:
     tau: Optional[float] = None    # neighbour pruning: drop pairs with S < tau (paper: 0.1); None = off
     neighbor_top_n: Optional[int] = None  # keep only each expert's top-n neighbours (paper: 32); None = off
     delta: float = 0.01            # skip a regroup whose mean intra-group similarity gain < delta
-    recluster_interval: Optional[int] = None  # T; None -> 100 when E <= 256, else 200 (Eq. 11)
+    recluster_interval: Optional[int] = None  # T, steps between regroup checks; None -> 100 when E <= 256,
+    #   else 200 (Eq. 11)
     burn_in: int = 200             # T0: steps with full experts before the first clustering
     burn_in_form: str = "full"     # "full": burn-in trains E full experts, compressed at the first clustering (the
     #   paper); "compressed": the layer never holds full experts: each group starts as its initial experts'
@@ -121,8 +129,8 @@ class TrilemmaMoEConfig:
     # --- compression (3.2) ----------------------------------------------------------------
     gamma: Optional[float] = 0.05  # residual gate: zero residuals with |dW| <= gamma*|W_base| (see docs); None = off
     # --- routing (3.3) and training protocol (3.5) -----------------------------------------
-    router_temperature_start: float = 1.0
-    router_temperature_end: float = 0.7
+    router_temperature_start: float = 1.0  # router softmax temperature at step 0 (the paper's 1.0)
+    router_temperature_end: float = 0.7    # temperature from router_temperature_steps on (the paper's 0.7)
     router_temperature_steps: int = 1000   # linear decay horizon (ours; paper gives the end points)
     router_freeze_steps: int = 1   # router gets no gradient for this many steps after a regroup
     aux_loss_coef: float = 0.01    # Switch-style load-balancing loss at group and expert level
@@ -143,23 +151,24 @@ class TrilemmaMoEConfig:
     aio: Optional[dict] = None     # DeepSpeed "aio" section (block_size, queue_depth, ...); from_deepspeed_config copies it
     # --- expert parallelism (trilemma_moe.parallel) -----------------------------------------
     ep_size: int = 1               # ranks one layer's groups are spread over; num_groups % ep_size == 0
-    capacity_factor: Optional[float] = None  # None = dropless; else (token, group) pairs per group and
-    min_capacity: int = 4          # source rank capped at max(min_capacity, ceil(cf * pairs / G)), rest dropped
+    capacity_factor: Optional[float] = None  # None = dropless; else a rank sends each group at most
+    #   max(min_capacity, ceil(capacity_factor * pairs / G)) of its (token, group) pairs, the rest dropped
+    min_capacity: int = 4          # floor of that cap: a rank may always send a group this many (token, group) pairs
     comm_timeout_s: float = 600.0  # an expert-parallel collective waiting longer raises (a rank stopped answering)
 
     def __post_init__(self) -> None:
-        self._check_int("num_experts", 1)
-        self._check_int("num_groups", 1)
-        self._check_int("rank", 1)
-        self._check_int("top_k", 1)
-        self._check_int("group_top_k", 1)
-        self._check_int("burn_in", 0)
-        self._check_int("sim_cache_lifetime", 1)
-        self._check_int("kmeans_iters", 0)
-        self._check_int("router_temperature_steps", 0)
-        self._check_int("router_freeze_steps", 0)
-        self._check_int("gradient_accumulation_steps", 1)
-        self._check_int("seed", 0)
+        check_int(self, "num_experts", 1)
+        check_int(self, "num_groups", 1)
+        check_int(self, "rank", 1)
+        check_int(self, "top_k", 1)
+        check_int(self, "group_top_k", 1)
+        check_int(self, "burn_in", 0)
+        check_int(self, "sim_cache_lifetime", 1)
+        check_int(self, "kmeans_iters", 0)
+        check_int(self, "router_temperature_steps", 0)
+        check_int(self, "router_freeze_steps", 0)
+        check_int(self, "gradient_accumulation_steps", 1)
+        check_int(self, "seed", 0)
         E, G = self.num_experts, self.num_groups
         if G > E:
             raise ValueError(f"num_groups ({G}) must not exceed num_experts ({E})")
@@ -171,57 +180,48 @@ class TrilemmaMoEConfig:
             raise ValueError(f"top_k ({self.top_k}) must be <= experts per group K = num_experts/num_groups = {K}")
         if self.group_top_k > G:
             raise ValueError(f"group_top_k ({self.group_top_k}) must be <= num_groups ({G})")
-        for name in ("alpha",):
-            self._check_range(name, 0.0, 1.0)
-        self._check_range("beta", 0.0, 1.0, low_open=True)
+        check_range(self, "alpha", 0.0, 1.0)
+        check_range(self, "beta", 0.0, 1.0, low_open=True)
         if self.tau is not None:
-            self._check_range("tau", -1.0, 1.0)
+            check_range(self, "tau", -1.0, 1.0)
         if self.neighbor_top_n is not None:
-            self._check_int("neighbor_top_n", 1)
-        self._check_range("delta", 0.0, float("inf"))
-        self._check_range("sim_cache_eps", 0.0, float("inf"))
+            check_int(self, "neighbor_top_n", 1)
+        check_range(self, "delta", 0.0, float("inf"))
+        check_range(self, "sim_cache_eps", 0.0, float("inf"))
         if self.gamma is not None:
-            self._check_range("gamma", 0.0, float("inf"))
+            check_range(self, "gamma", 0.0, float("inf"))
         for name in ("router_temperature_start", "router_temperature_end"):
-            self._check_range(name, 0.0, float("inf"), low_open=True)
-        self._check_range("aux_loss_coef", 0.0, float("inf"))
-        self._check_range("z_loss_coef", 0.0, float("inf"))
-        self._check_range("grad_clip", 0.0, float("inf"))
-        if self.combine not in _COMBINE:
-            raise ValueError(f"combine must be one of {_COMBINE}, got {self.combine!r}")
+            check_range(self, name, 0.0, float("inf"), low_open=True)
+        check_range(self, "aux_loss_coef", 0.0, float("inf"))
+        check_range(self, "z_loss_coef", 0.0, float("inf"))
+        check_range(self, "grad_clip", 0.0, float("inf"))
+        check_choice(self, "combine", _COMBINE)
         if self.recluster_interval is None:
             self.recluster_interval = 100 if E <= 256 else 200
-        self._check_int("recluster_interval", 1)
+        check_int(self, "recluster_interval", 1)
         self._check_memory_knobs()
         self._check_ep()
         self._check_ablations()
 
     def _check_ablations(self) -> None:
-        if self.grouping not in _GROUPINGS:
-            raise ValueError(f"grouping must be one of {_GROUPINGS}, got {self.grouping!r}")
-        if self.routing not in _ROUTINGS:
-            raise ValueError(f"routing must be one of {_ROUTINGS}, got {self.routing!r}")
-        if self.regroup_similarity not in _REGROUP_SIMILARITIES:
-            raise ValueError(f"regroup_similarity must be one of {_REGROUP_SIMILARITIES}, got {self.regroup_similarity!r}")
-        if self.regroup_migration not in _MIGRATIONS:
-            raise ValueError(f"regroup_migration must be one of {_MIGRATIONS}, got {self.regroup_migration!r}")
-        if self.svd not in SVD_METHODS:
-            raise ValueError(f"svd must be one of {SVD_METHODS}, got {self.svd!r}")
-        self._check_range("regroup_move_cost", 0.0, float("inf"))
-        self._check_int("probe_tokens", 1)
-        self._check_int("param_sketch_size", 1)
-        if not isinstance(self.low_rank, bool):
-            raise ValueError(f"low_rank must be True or False, got {self.low_rank!r}")
-        if self.burn_in_form not in BURN_IN_FORMS:
-            raise ValueError(f"burn_in_form must be one of {BURN_IN_FORMS}, got {self.burn_in_form!r}")
+        check_choice(self, "grouping", _GROUPINGS)
+        check_choice(self, "routing", _ROUTINGS)
+        check_choice(self, "regroup_similarity", _REGROUP_SIMILARITIES)
+        check_choice(self, "regroup_migration", _MIGRATIONS)
+        check_choice(self, "svd", SVD_METHODS)
+        check_range(self, "regroup_move_cost", 0.0, float("inf"))
+        check_int(self, "probe_tokens", 1)
+        check_int(self, "param_sketch_size", 1)
+        for name in ("low_rank", "dynamic_regroup"):
+            check_bool(self, name)
+        check_choice(self, "burn_in_form", BURN_IN_FORMS)
         if self.burn_in_form == "compressed" and not self.low_rank:
             raise ValueError("burn_in_form='compressed' trains the compressed form from the start: it needs "
                              "low_rank=True (low_rank=False keeps full experts)")
-        if self.regroup_trigger not in _TRIGGERS:
-            raise ValueError(f"regroup_trigger must be one of {_TRIGGERS}, got {self.regroup_trigger!r}")
-        self._check_range("drift_threshold", 0.0, 1.0, low_open=True)
-        self._check_range("drift_beta", 0.0, 1.0, low_open=True)
-        self._check_int("drift_every", 1)
+        check_choice(self, "regroup_trigger", _TRIGGERS)
+        check_range(self, "drift_threshold", 0.0, 1.0, low_open=True)
+        check_range(self, "drift_beta", 0.0, 1.0, low_open=True)
+        check_int(self, "drift_every", 1)
         if self.regroup_trigger == "drift" and not self.dynamic_regroup:
             raise ValueError("regroup_trigger='drift' decides when regroup checks run: it needs dynamic_regroup=True "
                              "(static clustering never checks; in the main job: --ffn dynamic)")
@@ -233,52 +233,30 @@ class TrilemmaMoEConfig:
                              f"ep_size is {self.ep_size}: a token's k experts may then sit on k ranks")
 
     def _check_ep(self) -> None:
-        self._check_int("ep_size", 1)
+        check_int(self, "ep_size", 1)
         check_placement(self.num_groups, self.ep_size)
         if self.capacity_factor is not None:
-            self._check_range("capacity_factor", 0.0, float("inf"), low_open=True)
-        self._check_int("min_capacity", 0)
-        self._check_range("comm_timeout_s", 0.0, float("inf"), low_open=True)
+            check_range(self, "capacity_factor", 0.0, float("inf"), low_open=True)
+        check_int(self, "min_capacity", 0)
+        check_range(self, "comm_timeout_s", 0.0, float("inf"), low_open=True)
 
     def _check_memory_knobs(self) -> None:
         if isinstance(self.residual_bits, bool) or self.residual_bits not in (4, 16):
             raise ValueError(f"residual_bits must be 4 or 16, got {self.residual_bits!r}")
         if self.offload_idle_steps is not None:
-            self._check_int("offload_idle_steps", 1)
-        self._check_int("prefetch_lookahead", 0)
-        self._check_range("prefetch_ema_rate", 0.0, 1.0, low_open=True)
-        self._check_range("prefetch_threshold", 0.0, 1.0, low_open=True)
+            check_int(self, "offload_idle_steps", 1)
+        check_int(self, "prefetch_lookahead", 0)
+        check_range(self, "prefetch_ema_rate", 0.0, 1.0, low_open=True)
+        check_range(self, "prefetch_threshold", 0.0, 1.0, low_open=True)
         for name in ("prefetch_router_evidence", "recompute_experts"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(self, name)
         if self.offload_dir is not None and (not isinstance(self.offload_dir, str) or not self.offload_dir):
             raise ValueError(f"offload_dir must be a non-empty path string or None, got {self.offload_dir!r}")
         if self.aio is not None:
-            known = {"block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events",
-                     "use_gds", "thread_count"}
-            if not isinstance(self.aio, Mapping) or set(self.aio) - known:
-                raise ValueError(f"aio must be a DeepSpeed 'aio' section with keys among {sorted(known)}, "
+            if not isinstance(self.aio, Mapping) or set(self.aio) - set(AIO_KEYS):
+                raise ValueError(f"aio must be a DeepSpeed 'aio' section with keys among {sorted(AIO_KEYS)}, "
                                  f"got {self.aio!r}")
             self.aio = dict(self.aio)
-
-    # --- validation helpers ---------------------------------------------------------------
-    def _check_int(self, name: str, minimum: int) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-    def _check_range(self, name: str, low: float, high: float, low_open: bool = False) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        # NaN passes every comparison below, and inf would pass the open-ended ranges.
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}")
-        if value < low or value > high or (low_open and value == low):
-            bracket = "(" if low_open else "["
-            raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -300,6 +278,7 @@ class TrilemmaMoEConfig:
 
     # --- loading ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Every knob by name (``from_dict`` of it gives an equal config)."""
         return dataclasses.asdict(self)
 
     def replace(self, **overrides: Any) -> "TrilemmaMoEConfig":
@@ -310,6 +289,7 @@ class TrilemmaMoEConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> "TrilemmaMoEConfig":
+        """A config from a mapping of knobs, ``overrides`` on top; an unknown key raises naming it."""
         merged = dict(values or {})
         merged.update(overrides)
         _check_known(merged)
@@ -317,6 +297,8 @@ class TrilemmaMoEConfig:
 
     @classmethod
     def from_yaml(cls, path: Union[str, os.PathLike], **overrides: Any) -> "TrilemmaMoEConfig":
+        """A config from a YAML file: a mapping of knobs, or one whose ``trilemma_moe`` key holds them
+        (the file's other keys are then ignored); ``overrides`` on top, as in :meth:`from_dict`."""
         import yaml
 
         with open(path) as f:
