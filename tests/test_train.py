@@ -255,7 +255,8 @@ def test_cli_resume_from_bad_latest_is_one_line(tmp_path):
 
 
 # Every input error of the main job, a number that can only be wrong (refused as it is parsed, by
-# argparse) or a rule between flags: exit status 2 and one `error:` line naming the flag.
+# argparse) or a rule between flags: exit status 2 and one line `trilemma_moe.train: error: ...`
+# naming the flag.
 BAD_INPUTS = {
     "lr_nan": ["--lr", "nan"], "lr_inf": ["--lr", "inf"], "lr_negative": ["--lr", "-1"], "lr_zero": ["--lr", "0"],
     "steps_negative": ["--steps", "-5"], "steps_zero": ["--steps", "0"], "steps_not_int": ["--steps", "2.5"],
@@ -265,7 +266,7 @@ BAD_INPUTS = {
     "seed_negative": ["--seed", "-1"], "eval_every_negative": ["--eval-every", "-1"],
     "threads_zero": ["--threads", "0"], "save_every_negative": ["--save-every", "-1"],
     "num_experts_zero": ["--num-experts", "0"], "drift_threshold_inf": ["--drift-threshold", "inf"],
-    "device_bogus": ["--device", "bogus"],
+    "device_bogus": ["--device", "bogus"], "unknown_flag": ["--no-such-flag"],
     # rules between flags
     "sst2_deepspeed_config": ["--task", "sst2", "--deepspeed_config", "ds.json"],
     "sst2_max_train_tokens": ["--task", "sst2", "--max-train-tokens", "100"],
@@ -282,8 +283,8 @@ FLAG_NAMED = {"sst2_deepspeed_config": "--deepspeed_config", "sst2_max_train_tok
 def _assert_one_error_line(code, err, flag):
     assert code == 2, err
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and flag in lines[0], err
+    lines = [line for line in err.splitlines() if "error:" in line]   # argparse's usage may come before it
+    assert len(lines) == 1 and lines[0].startswith("trilemma_moe.train: error: ") and flag in lines[0], err
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS) + [pytest.param("device_cuda", marks=pytest.mark.skipif(

@@ -3,11 +3,11 @@
 Modules, each importing only those below it (no circle, lazy imports included; test_architecture
 checks it):
 
-- ``job``: ``main``, from the command line to the summary.
+- ``job``: ``main``, from the command line to the summary, and the rules between flags.
 - ``loop``: the training loop every backend shares, ``evaluate``, the learning-rate schedule.
 - ``deepspeed_backend``: ``deepspeed.initialize`` with the user's JSON.
 - ``args``: the flags (numbers checked as they are parsed), the CPU defaults, where the method's
-  knobs come from, the rules between flags, reading the data.
+  knobs come from, reading the data.
 - ``backend``: the ``Backend`` protocol the loop drives, and the plain-torch backend.
 - ``report``: TensorBoard, per-step statistics, event lines, the summary dict and table.
 - ``measure``: peak memory, per-expert load traces, a distribution shift's numbers.

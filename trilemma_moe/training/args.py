@@ -1,5 +1,5 @@
 """The main job's command line: flags (each number checked as it is parsed), the CPU defaults,
-where the method's knobs come from, the rules between flags, and reading the data they name.
+where the method's knobs come from, and reading the data they name.
 
 Every knob of the method comes from ``--config YAML`` (or the ``"trilemma_moe"`` section of the
 ``--deepspeed_config`` JSON); the structure flags (``--num-experts`` ...) override it. Without a
@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Any, Callable, Dict, Optional
+import sys
+from typing import Any, Callable, Dict, NoReturn, Optional
 
 import torch
 
@@ -120,9 +121,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a value its type refuses) print the usage, then the
+    line every input error prints: ``trilemma_moe.train: error: argument --lr: ...``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        usage_error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = CPU_MOE_DEFAULTS
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="trilemma-moe train",
         description="Train a small GPT whose FFNs are dense / switch / deepspeed / ours and its variants.",
         formatter_class=HelpFormatter)
@@ -290,45 +300,6 @@ def check_shift_flags(args: argparse.Namespace) -> None:
     if args.shift_ramp < 0 or args.shift_step + args.shift_ramp > args.steps:
         raise ValueError(f"--shift-ramp {args.shift_ramp}: must be >= 0 and end by the last step "
                          f"(--shift-step {args.shift_step} + ramp <= --steps {args.steps})")
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """The rules between flags (each value was checked when parsed): a ``usage_error`` naming them."""
-    if args.task == "sst2":
-        if args.deepspeed_config:
-            usage_error("--task sst2 runs without --deepspeed_config (plain torch backend only)")
-        if args.max_train_tokens is not None:
-            usage_error("--max-train-tokens applies to --task lm only")
-        if args.test:
-            usage_error("--test applies to --task lm only (GLUE's SST-2 test labels are not public)")
-    for flag, given in (("--save-every", args.save_every), ("--resume", args.resume)):
-        if given and not args.save_dir:
-            usage_error(f"{flag} needs --save-dir")
-    if args.d_model % args.heads:
-        usage_error(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
-    if (not args.deepspeed_config and torch.device(args.device).type == "cuda"
-            and not torch.cuda.is_available()):
-        usage_error(f"--device {args.device}: torch sees no CUDA device here")
-
-
-def _knob(args: argparse.Namespace, dest: str) -> str:
-    """Where a structure knob came from, for an error: its flag, the config file, or the CPU default."""
-    field = FLAG_TO_FIELD[dest]
-    if getattr(args, dest) is not None:
-        return "--" + dest.replace("_", "-")
-    if args.deepspeed_config or args.config:
-        which = "--deepspeed_config" if args.deepspeed_config else "--config"
-        return f"{which} {args.deepspeed_config or args.config}: {field}"
-    return f"{field} (the CPU default of --{dest.replace('_', '-')})"
-
-
-def check_config_flags(args: argparse.Namespace, cfg: TrilemmaMoEConfig) -> None:
-    """The method's knobs against the other flags."""
-    if cfg.ep_size > 1 and not args.deepspeed_config:
-        usage_error(f"{_knob(args, 'ep_size')} {cfg.ep_size} needs --deepspeed_config (and the deepspeed launcher)")
-    if args.ffn in OURS_VARIANTS and cfg.rank > min(args.d_model, args.d_ff):
-        usage_error(f"{_knob(args, 'rank')} {cfg.rank} must be <= min(--d-model {args.d_model}, --d-ff "
-                    f"{args.d_ff}): the rank of each expert matrix's factors")
 
 
 def check_corpus_length(args: argparse.Namespace, corpus: TokenCorpus, flag: str, spec: Optional[str]) -> None:
