@@ -4,22 +4,22 @@ Core never imports torch.distributed, DeepSpeed or an I/O library: the integrati
 layer objects with these shapes (``typing.Protocol``: any class with the members fits, no
 inheritance needed). One-process defaults live next to them.
 
-==========================  ===========================================  ===================================
-interface                   what it does                                  implementations
-==========================  ===========================================  ===================================
-:class:`ReplicaSync`        replicas of a layer agree before a regroup   :class:`LocalSync`,
-                                                                         ``integrations.DataParallelSync``,
-                                                                         ``parallel.ExpertParallelComm``
-:class:`ExpertParallel\     token all-to-all, reductions, the regroup    ``parallel.ExpertParallelComm``
-Exchange`                   coordinator's gathers and row fetches
-:class:`ParamIO`            regroup writes with their optimizer state    ``state_io.TorchParamIO``,
-                                                                         ``integrations.DeepSpeedParamIO``,
-                                                                         ``integrations.MegatronParamIO``
-:class:`OffloadTier`        where idle groups' stored form goes          ``offload.CPUTier``,
-                                                                         ``integrations.aio.AioTier``
-:class:`SlotView`           the compressed experts the fused path reads  ``experts.ExpertSlots``,
-                                                                         ``offload.StoredSlots``
-==========================  ===========================================  ===================================
+==================================  ===========================================  ===================================
+interface                           what it does                                 implementations
+==================================  ===========================================  ===================================
+:class:`ReplicaSync`                replicas of a layer agree before a regroup   :class:`LocalSync`,
+                                                                                 ``integrations.DataParallelSync``,
+                                                                                 ``parallel.ExpertParallelComm``
+:class:`ExpertParallelExchange`     token all-to-all, reductions, the regroup    ``parallel.ExpertParallelComm``
+                                    coordinator's gathers and row fetches
+:class:`ParamIO`                    regroup writes with their optimizer state    ``state_io.TorchParamIO``,
+                                                                                 ``integrations.DeepSpeedParamIO``,
+                                                                                 ``integrations.MegatronParamIO``
+:class:`OffloadTier`                where idle groups' stored form goes          ``offload.CPUTier``,
+                                                                                 ``integrations.aio.AioTier``
+:class:`SlotView`                   the compressed experts the fused path reads  ``experts.ExpertSlots``,
+                                                                                 ``offload.StoredSlots``
+==================================  ===========================================  ===================================
 """
 from __future__ import annotations
 

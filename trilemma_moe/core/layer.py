@@ -128,8 +128,8 @@ class ClusteredMoE(nn.Module):
 
     @property
     def skipped_steps_source(self) -> Optional[Callable[[], int]]:
-        """For a layer nobody tells of optimizer steps: a callable returning the engine's running
-        count of skipped steps (``engine.skipped_steps``); such a step is not counted here either."""
+        """A callable returning the engine's running count of skipped steps (``engine.skipped_steps``),
+        for a layer nobody tells of optimizer steps; such a step is not counted here either."""
         return self.schedule.skipped_steps_source
 
     @skipped_steps_source.setter
@@ -182,7 +182,7 @@ class ClusteredMoE(nn.Module):
 
     @property
     def compressed(self) -> bool:
-        """Experts are computed from bases + factors: clustered (unless ``low_rank=False``), or from the start."""
+        """Experts are computed from bases + factors, once clustered (unless ``low_rank=False``) or from the start."""
         return self.config.low_rank and (self.clustered or not self.experts.full_storage)
 
     @property
@@ -259,7 +259,7 @@ class ClusteredMoE(nn.Module):
         return serving.offload_stats(self._store)
 
     def memory_report(self) -> Dict[str, int]:
-        """Bytes per component held now and as stored (``serving.memory_report`` lists them)."""
+        """Bytes per component held now and as stored (:func:`~.serving.memory_report` lists them)."""
         return serving.memory_report(self)
 
     # --- forward: route -> dispatch -> compute -> combine ---------------------------------------

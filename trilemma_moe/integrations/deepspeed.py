@@ -39,7 +39,7 @@ __all__ = ["TrilemmaMoE", "moe_param_groups", "replace_moe_layers", "ensure_proc
 
 
 class TrilemmaMoE(DeepSpeedStyleMoE, _DeepSpeedMoE):
-    """Drop-in replacement for ``deepspeed.moe.layer.MoE``: :class:`DeepSpeedStyleMoE` (its
+    """Drop-in replacement for ``deepspeed.moe.layer.MoE``: :class:`~.deepspeed_layer.DeepSpeedStyleMoE` (its
     constructor arguments, forward and methods) with DeepSpeed's ``MoE`` as a base class, so that
     the engine treats it as an MoE layer. Without DeepSpeed installed it is a plain ``nn.Module``."""
 

@@ -168,6 +168,8 @@ class DeepSpeedStyleMoE(nn.Module):
         self.moe.sync = DataParallelSync(groups._get_expert_data_parallel_group(self.expert_group_name))
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        """``(output, l_aux, exp_counts)`` as DeepSpeed's ``MoE`` returns them (see the class);
+        ``used_token``: one bool per token, False rows get no expert output."""
         if not isinstance(self.moe.io, DeepSpeedParamIO) and _uses_deepspeed_partitions(self.moe):
             # Under ZeRO-1/2/3 or the bf16 optimizer, regroups must write through DeepSpeed.
             self.moe.set_param_io(deepspeed_param_io(self.moe))
@@ -175,26 +177,34 @@ class DeepSpeedStyleMoE(nn.Module):
 
     # --- delegation -------------------------------------------------------------------------
     def recluster(self, force: bool = False) -> bool:
+        """:meth:`.ClusteredMoE.recluster`, with ZeRO-3's partitioned parameters gathered first."""
         with gathered_parameters(self.moe.parameters()):   # ZeRO-3: between steps they are partitioned
             return self.moe.recluster(force=force)
 
     def group_assignment(self) -> torch.Tensor:
+        """:meth:`.ClusteredMoE.group_assignment`."""
         return self.moe.group_assignment()
 
     def stats(self) -> Dict[str, float]:
+        """:meth:`.ClusteredMoE.stats`."""
         return self.moe.stats()
 
     def attach_optimizer(self, optimizer) -> None:
+        """:meth:`.ClusteredMoE.attach_optimizer`."""
         self.moe.attach_optimizer(optimizer)
 
     def expert_parameter_count(self) -> int:
+        """:meth:`.ClusteredMoE.expert_parameter_count`."""
         return self.moe.expert_parameter_count()
 
     def comm_stats(self) -> Dict[str, float]:
+        """:meth:`.ClusteredMoE.comm_stats`."""
         return self.moe.comm_stats()
 
     def memory_report(self) -> Dict[str, int]:
+        """:meth:`.ClusteredMoE.memory_report`."""
         return self.moe.memory_report()
 
     def offload_stats(self) -> Dict[str, float]:
+        """:meth:`.ClusteredMoE.offload_stats`."""
         return self.moe.offload_stats()

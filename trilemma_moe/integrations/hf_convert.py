@@ -92,6 +92,8 @@ class ClusteredMoEBlock(nn.Module):
         self._router_logits = self.router_logits(args[0].reshape(-1, layer.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output (DeepSeek's shared experts added), shaped as ``hidden_states``;
+        the balance loss is kept in ``last_aux_loss`` for :func:`moe_aux_loss`."""
         y, l_aux, _ = self.moe(hidden_states)
         self.gate(self._router_logits)   # what transformers' output recorders read
         self._router_logits = None
@@ -195,7 +197,7 @@ def convert_moe_blocks(model: nn.Module, config: Optional[TrilemmaMoEConfig] = N
     """Replace every sparse MoE block of a transformers MoE model by a :class:`ClusteredMoEBlock`.
 
     ``config`` and ``knobs``: ours (``num_experts`` and ``top_k`` come from the model; ``num_groups``
-    and ``rank`` default to :func:`default_structure`; the router temperature stays 1, the scale the
+    and ``rank`` default to :func:`~.hf_convert.default_structure`; the router temperature stays 1, the scale the
     router rows were trained at; a ``config``'s fields left at their dataclass defaults take these
     defaults too); ``knobs`` override single fields. ``seed_from_block=False``
     builds the structure only (:func:`load_converted` fills it from a checkpoint). Under expert

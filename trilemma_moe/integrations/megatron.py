@@ -128,6 +128,9 @@ class TrilemmaMegatronMoE(MegatronModule):
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None, **unused: Any):
+        """``(output [s, b, h], None)``; padding tokens (``padding_mask`` True) get no expert output and
+        stay out of the statistics. In training, the balance and z losses go to the backward and to
+        Megatron's tracker."""
         if self.moe is None:
             raise RuntimeError("TrilemmaMegatronMoE was built without a layer number: call set_layer_number(n) "
                                "(Megatron's TransformerLayer does)")

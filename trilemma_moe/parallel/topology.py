@@ -42,10 +42,10 @@ def owner_of_group(group: torch.Tensor, num_groups: int, ep_size: int) -> torch.
 class ExpertParallelTopology:
     """The process groups one expert-parallel layer talks over.
 
-    ep_group:    ranks that split the layer's groups between them (the all-to-all runs here);
-    world_group: every rank training the layer (router gradients, centroid statistics and the
-                 coordinator's broadcast); None = the default group;
-    edp_group:   replicas of this rank's experts (None when the world is one expert-parallel group).
+    - ``ep_group``: ranks that split the layer's groups between them (the all-to-all runs here);
+    - ``world_group``: every rank training the layer (router gradients, centroid statistics and
+      the coordinator's broadcast); None = the default group;
+    - ``edp_group``: replicas of this rank's experts (None when the world is one expert-parallel group).
     """
 
     def __init__(self, ep_group, world_group=None, edp_group=None):
