@@ -153,7 +153,7 @@ class TrilemmaMoEConfig:
     ep_size: int = 1               # ranks one layer's groups are spread over; num_groups % ep_size == 0
     capacity_factor: Optional[float] = None  # None = dropless; else a rank sends each group at most
     #   max(min_capacity, ceil(capacity_factor * pairs / G)) of its (token, group) pairs, the rest dropped
-    min_capacity: int = 4          # floor of that cap: a rank may always send a group this many (token, group) pairs
+    min_capacity: int = 4          # floor of the capacity_factor cap: a rank may always send a group this many pairs
     comm_timeout_s: float = 600.0  # an expert-parallel collective waiting longer raises (a rank stopped answering)
 
     def __post_init__(self) -> None:
