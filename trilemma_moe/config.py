@@ -98,7 +98,7 @@ class TrilemmaMoEConfig:
     #   (memory: no full weights, gradients or optimizer moments at any step)
     dynamic_regroup: bool = False  # True: regroup checks after the first clustering (every recluster_interval steps,
     #   or on load drift). Off by default: no regroup rule beat clustering once, on stationary data or after a
-    #   distribution shift (docs/RESULTS.md, README "Dynamic regrouping: what we measured")
+    #   distribution shift (docs/results.md, "Dynamic regrouping: what we measured")
     # --- when a regroup check runs after the first clustering (ours; built for distribution shifts) ------
     regroup_trigger: str = "period"  # "period": every recluster_interval steps (the paper); "drift": when the
     #   per-expert load distribution (an EMA, reduced over every replica) has moved by more than drift_threshold

@@ -3,7 +3,7 @@
 - ``lm``: token streams for the language-model task (the generated topic corpus, WikiText,
   ``BatchSampler``, ``eval_batches``).
 - ``sst2``: GLUE SST-2 sentences and labels for the classification task (``load_sst2``, the
-  fixed stratified held-out slice, ``RowSampler``, ``sentence_batches``).
+  held-out slice of 872 whole sentences when there is no dev.tsv, ``RowSampler``, ``sentence_batches``).
 - ``shift``: a distribution shift in the LM task (``--data`` / ``--shift-data`` specs, one vocabulary
   over both corpora, the ``ShiftSampler`` schedule).
 """

@@ -150,7 +150,7 @@ def report(preset, runs, done, failed, records, agg, figures, raw, args, wall) -
               "tokens/s (in their JSON) are not compared.",
               "", "### Beside the paper", "",
               "Our default clusters once after burn-in (static): no regroup rule beat it, here or after a "
-              "distribution shift (README, \"Dynamic regrouping: what we measured\"). The paper's \"ours\" is its "
+              "distribution shift ([results at a glance](results.md#dynamic-regrouping-what-we-measured)). The paper's \"ours\" is its "
               "dynamic method; its row stands beside our default.", ""]
     lines += tables.beside_paper(agg)
     lines += ["", "### Paired with the default", "",

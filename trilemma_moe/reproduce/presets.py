@@ -87,9 +87,9 @@ CPU = Preset(
         "lm": ("--data", "{data}/wikitext-2", *_MODEL_CPU, *_MOE_CPU, "--seq-len", "64",
                "--batch-size", "8", "--steps", "320", "--burn-in", "100", "--recluster-interval", "50",
                "--eval-every", "40", "--eval-batches", "8", "--final-eval-batches", "128", "--test"),
-        # 800 steps of 32 phrases (the trainer's SST-2 recipe is 1,500: ~0.9 points better for ours,
-        # README); accuracy on 872 whole sentences held out of train.tsv, none of their phrases trained
-        # on (data/sst2.py; not GLUE's dev set)
+        # 800 steps of 32 phrases (the trainer's own SST-2 default is 1,500); accuracy on 872 whole
+        # sentences held out of train.tsv, none of their phrases trained on (data/sst2.py; not GLUE's
+        # dev set)
         "sst2": ("--task", "sst2", "--data", "{data}/sst2", *_MODEL_CPU, *_MOE_CPU, "--steps", "800",
                  "--batch-size", "32", "--lr", "1e-3", "--burn-in", "200", "--recluster-interval", "50",
                  "--eval-every", "100"),

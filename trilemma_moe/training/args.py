@@ -49,11 +49,11 @@ FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank
                  "drift_threshold": "drift_threshold", "drift_every": "drift_every"}
 
 DATA_HELP = ("--task lm: a WikiText-2/-103 directory holding wiki.train.tokens, wiki.valid.tokens and "
-             "wiki.test.tokens (the word-level release; download it, see README), a GLUE SST-2 directory "
+             "wiki.test.tokens (the word-level release; download it, see docs/reference/trainer.md), a GLUE SST-2 directory "
              "(its phrases as text), or synthetic[:key=value,...] (the built-in topic corpus; keys seed= "
              "(default --seed), topics=a-b (documents only from those topics), vocab= (512), num_topics= (8)); "
              "default: synthetic. --task sst2 (required): a GLUE SST-2 directory holding "
-             "train.tsv and optionally dev.tsv (else a fixed stratified 872-row slice of train is held out)")
+             "train.tsv and optionally dev.tsv (else 872 whole sentences of train.tsv are held out, none of their phrases trained on: not GLUE's dev set)")
 
 
 # --- argparse types: a number that can only be wrong is refused as it is parsed ------------------
