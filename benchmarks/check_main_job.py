@@ -25,7 +25,7 @@ GETTING_STARTED = ROOT / "docs" / "getting-started.md"
 COMMAND = [sys.executable, "-m", "trilemma_moe.train", "--no-progress"]   # the bar goes to stderr only
 TIMED = ("tokens/s", "train time (s)", "regroup wall time (s)")
 RULE = "-" * 56
-MINUTES = re.compile(r"about ([\d.]+) minutes on 2 idle cores")
+MINUTES = re.compile(r"about ([\d.]+) minutes? on 2 idle cores")
 DATE = re.compile(r"2 torch threads;\s*(\d{4}-\d{2}-\d{2})\)")
 
 
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
         if args.write:
             page = page[:a] + text.rstrip("\n") + "\n" + page[b:]
             page = DATE.sub(lambda m: m.group(0).replace(m.group(1), datetime.date.today().isoformat()), page)
-            page = MINUTES.sub(f"about {max(1.0, round(minutes * 2) / 2):g} minutes on 2 idle cores", page)
+            rounded = max(1.0, round(minutes * 2) / 2)
+            page = MINUTES.sub(f"about {rounded:g} minute{'' if rounded == 1 else 's'} on 2 idle cores", page)
             path.write_text(page)
             continue
         problems += [f"{path.name}: {d}" for d in differences(page[a:b], text, args.tolerance)]
