@@ -70,6 +70,16 @@ def test_readme_is_a_front_door():
         assert (ROOT / page).exists(), page
 
 
+def test_the_test_command_is_what_ci_runs():
+    command = re.compile(r"^pip install torch==\S+ -e '\.\[[a-z,]+\]' && python -m pytest -q tests$", re.M)
+    ci = command.findall((ROOT / ".ci" / "run").read_text())
+    assert len(ci) == 1
+    for page in [ROOT / "README.md", DOCS / "getting-started.md"]:
+        assert command.findall(page.read_text()) == ci, page.name
+    apt = re.search(r'APT_PACKAGES="([^"]+)"', (ROOT / ".ci" / "run").read_text()).group(1)
+    assert f"apt-get install {apt}" in (DOCS / "getting-started.md").read_text().replace("\n", " ")
+
+
 def test_no_page_sends_the_reader_to_an_issue_tracker_they_do_not_have():
     pages = [ROOT / "README.md", *DOCS.rglob("*.md")]
     for page in pages:
