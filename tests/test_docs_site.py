@@ -64,10 +64,18 @@ def test_troubleshooting_quotes_messages_the_code_still_raises():
 
 
 def test_readme_is_a_front_door():
+    """At most 200 lines, and every link into docs/ lands: the page exists and the anchor is one of
+    its headings (the slugs GitHub and MyST both give)."""
+    from myst_parser.mdit_to_docutils.base import default_slugify
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 200
-    for page in re.findall(r"\]\((docs/[^)#]+)", readme):
+    links = re.findall(r"\]\((docs/[^)#]+)(?:#([^)]+))?\)", readme)
+    assert len(links) >= 10
+    for page, anchor in links:
         assert (ROOT / page).exists(), page
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", (ROOT / page).read_text(), re.M)
+            assert anchor in {default_slugify(h) for h in headings}, f"{page}#{anchor}"
 
 
 def test_the_test_command_is_what_ci_runs():
