@@ -1,4 +1,4 @@
-"""A distribution shift in the language-model task (issue 24): ``--data`` until optimizer step N,
+"""A distribution shift in the language-model task: ``--data`` until optimizer step N,
 then ``--shift-data``, optionally mixed in over a ramp of K steps.
 
 - :func:`parse_data_spec`: what ``--data`` / ``--shift-data`` name: a directory (WikiText-format,

@@ -7,7 +7,7 @@
 - :class:`RunTrace`: per-expert token counts every ``every`` steps, the group of every expert
   at the start and after each clustering (group membership over time), and every regroup after
   the first clustering that moved experts (``regroup_events``).
-- :class:`ShiftTrack`: the summary keys of a distribution shift (``--shift-step``, issue 24).
+- :class:`ShiftTrack`: the summary keys of a distribution shift (``--shift-step``).
 """
 from __future__ import annotations
 
