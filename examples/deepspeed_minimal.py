@@ -27,3 +27,5 @@ for step in range(20):
 stats = model.moe.stats()
 print(f"loss {loss.item():.3f}, clustered {stats['clustered']}, "
       f"groups {model.moe.group_assignment().tolist()}")
+torch.distributed.barrier()                  # ranks leave together: gloo can abort a rank
+torch.distributed.destroy_process_group()    # torn down while a peer is still in a collective
