@@ -31,14 +31,19 @@ def check_choice(config: Any, name: str, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {getattr(config, name)!r}")
 
 
+def in_range(value: float, low: float, high: float, low_open: bool = False) -> bool:
+    """``value`` is finite and in ``[low, high]`` (``(low, high]`` with ``low_open``). NaN would pass
+    comparisons alone, and inf the open-ended ranges. The main job's number flags use it too."""
+    return math.isfinite(value) and low <= value <= high and not (low_open and value == low)
+
+
 def check_range(config: Any, name: str, low: float, high: float, low_open: bool = False) -> None:
     """A finite number (not a bool) in ``[low, high]``, or ``(low, high]`` with ``low_open``."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    # NaN passes every comparison below, and inf would pass the open-ended ranges.
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
-    if value < low or value > high or (low_open and value == low):
+    if not in_range(value, low, high, low_open):
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")

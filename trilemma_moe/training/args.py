@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, NoReturn, Optional
 import torch
 
 from ..config import TrilemmaMoEConfig
+from ..config_checks import in_range
 from ..data import (SentenceDataset, TokenCorpus, check_shift_pair, load_sst2, on_one_vocabulary, parse_data_spec,
                     read_lm_source)
 from ..models import FFN_KINDS, OURS_VARIANTS
@@ -49,11 +50,13 @@ FLAG_TO_FIELD = {"num_experts": "num_experts", "num_groups": "num_groups", "rank
                  "drift_threshold": "drift_threshold", "drift_every": "drift_every"}
 
 DATA_HELP = ("--task lm: a WikiText-2/-103 directory holding wiki.train.tokens, wiki.valid.tokens and "
-             "wiki.test.tokens (the word-level release; download it, see docs/reference/trainer.md), a GLUE SST-2 directory "
+             "wiki.test.tokens (the word-level release; download it, see docs/reference/trainer.md), a GLUE "
+             "SST-2 directory "
              "(its phrases as text), or synthetic[:key=value,...] (the built-in topic corpus; keys seed= "
              "(default --seed), topics=a-b (documents only from those topics), vocab= (512), num_topics= (8)); "
              "default: synthetic. --task sst2 (required): a GLUE SST-2 directory holding "
-             "train.tsv and optionally dev.tsv (else 872 whole sentences of train.tsv are held out, none of their phrases trained on: not GLUE's dev set)")
+             "train.tsv and optionally dev.tsv (else 872 whole sentences of train.tsv are held out, none of "
+             "their phrases trained on: not GLUE's dev set)")
 
 
 # --- argparse types: a number that can only be wrong is refused as it is parsed ------------------
@@ -84,7 +87,7 @@ def finite_float(low: float, high: float = math.inf, low_open: bool = False) -> 
             value = float(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and low <= value <= high and not (low_open and value == low)):
+        if not in_range(value, low, high, low_open):
             raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text!r}")
         return value
     parse.__name__ = f"float {span}"
